@@ -1,0 +1,108 @@
+"""`pocketlm VERB`: each verb parses its arguments and calls the library function of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tokenizer_train(args):
+    from pocketlm.data.corpus import read_documents
+    from pocketlm.tokenizer import Tokenizer
+
+    docs = read_documents(args.input, split_blank_lines=args.split_blank_lines, text_field=args.text_field)
+    tok = Tokenizer.train((d.text for d in docs), vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"trained byte-level BPE: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+
+
+def _prepare(args):
+    from pocketlm.data.prepare import prepare
+
+    prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
+            split_blank_lines=args.split_blank_lines, text_field=args.text_field, workers=args.workers)
+
+
+def _pretrain(args, extra):
+    from pocketlm.config import load_config, parse_overrides
+    from pocketlm.train.pretrain import pretrain
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    pretrain(cfg, args.data, args.out, resume=args.resume, max_steps=args.max_steps, max_minutes=args.max_minutes)
+
+
+def _generate(args):
+    from pocketlm.infer.generate import generate_cli
+
+    generate_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pocketlm", description="Train, fine-tune, evaluate and serve small language models.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add_corpus_args(sp):
+        sp.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files, directories or globs")
+        sp.add_argument("--split-blank-lines", action="store_true", help="in .txt files, each blank-line-separated block is a document")
+        sp.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default: text)")
+
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tk_sub = tk.add_subparsers(dest="action", required=True)
+    tt = tk_sub.add_parser("train", help="train on text files")
+    add_corpus_args(tt)
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tt.set_defaults(func=_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token shards")
+    add_corpus_args(pr)
+    pr.add_argument("--tokenizer", required=True, help="tokenizer directory (or a model/run that has one)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus (its end) held out for validation")
+    pr.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
+    pr.set_defaults(func=_prepare)
+
+    pt = sub.add_parser("pretrain", help="next-token pre-training (also under torchrun)",
+                        epilog="Any config key can be overridden: --train.lr=3e-4 --model.n_layer=6 (or --lr=3e-4).")
+    pt.add_argument("--config", help="YAML file with model: and train: sections (see configs/)")
+    pt.add_argument("--data", required=True, help="directory written by `pocketlm prepare`")
+    pt.add_argument("--out", required=True, help="run directory")
+    pt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    pt.add_argument("--max-steps", type=int)
+    pt.add_argument("--max-minutes", type=float)
+    pt.set_defaults(func=_pretrain, takes_overrides=True)
+
+    ge = sub.add_parser("generate", help="sample text from a model (streams to stdout)")
+    ge.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
+    ge.add_argument("--prompt", default="", help="text to continue (or the user message with --chat)")
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ge.add_argument("--system", help="system message (with --chat)")
+    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.func(args, extra)
+        else:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:  # our errors are ValueErrors that name the file/field
+        print(f"pocketlm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The transformer: one decoder-only class for both GPT-2 style and Llama style models.
+
+`arch="gpt2"`: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
+`arch="llama"`: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional QKV bias (Qwen2).
+Module names follow Hugging Face's Llama naming (q_proj, gate_proj, ...) so that import,
+export and PEFT adapters map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    vocab_size: int = 4096
+    block_size: int = 256          # longest context the model is built for
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None   # None: same as n_head (no GQA)
+    n_embd: int = 128
+    head_dim: int | None = None    # None: n_embd // n_head
+    intermediate_size: int | None = None  # None: 4*d (gelu) or ~8/3*d rounded to 32 (swiglu)
+    qkv_bias: bool = False         # llama only; gpt2 always has biases
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0           # embedding, attention and residual dropout
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch: expected one of {ARCHS}, got {self.arch!r}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.intermediate_size is None:
+            if self.arch == "gpt2":
+                self.intermediate_size = 4 * self.n_embd
+            else:
+                self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = set(d) - valid
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device=None):
+    """cos/sin tables of shape (length, head_dim), in the 'rotate half' layout HF Llama uses."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer; `lengths[b]` is how many positions row b holds.
+
+    Rows advance independently, which is what continuous batching needs.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def reset(self, rows=None):
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        bias = cfg.arch == "gpt2"
+        qkv_bias = bias or cfg.qkv_bias
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache: KVCache | None, mask):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = self._update_cache(cache, k, v)
+        dropout = cfg.dropout if self.training else 0.0
+        gqa = cfg.n_kv_head != cfg.n_head
+        if mask is None:  # training / full prefill from position 0: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+    def _update_cache(self, cache, k, v):
+        T = k.size(2)
+        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        B = k.size(0)
+        if B == 1:
+            start = int(cache.lengths[0])
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            return ck[:, :, :start + T], cv[:, :, :start + T]
+        pos = cache.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None]
+        ck[rows, :, pos] = k.transpose(1, 2)
+        cv[rows, :, pos] = v.transpose(1, 2)
+        end = int((cache.lengths.max()) + T)
+        return ck[:, :, :end], cv[:, :, :end]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        bias = cfg.arch == "gpt2"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache, mask):
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "gpt2":
+            self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope_cache = None
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if self.cfg.arch == "gpt2":
+                n -= self.embed_positions.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N (forward + backward matmuls, lm_head included) + attention."""
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def _rope(self, positions, device):
+        need = int(positions.max()) + 1
+        if self._rope_cache is None or self._rope_cache[0].size(0) < need or self._rope_cache[0].device != device:
+            length = max(need, self.cfg.block_size)
+            self._rope_cache = rope_tables(self.cfg, length, device)
+        cos, sin = self._rope_cache
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None):
+        """idx: (B, T) token ids. With a cache, the new tokens start at cache.lengths[b] in row b
+        and the cache is advanced. Returns logits, or (logits, mean loss) when targets are given.
+        Targets equal to -100 are ignored."""
+        B, T = idx.shape
+        device = idx.device
+        if cache is None:
+            positions = torch.arange(T, device=device).unsqueeze(0)
+            mask = None
+        else:
+            positions = cache.lengths[:, None] + torch.arange(T, device=device)
+            mask = self._cache_mask(cache, positions)
+        if int(positions.max()) >= self.cfg.block_size and self.cfg.arch == "gpt2":
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.embed_positions(positions)
+        else:
+            rope = self._rope(positions, device)
+        x = self.embed_dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, cache, mask)
+        if cache is not None:
+            cache.lengths += T
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _cache_mask(cache: KVCache, positions):
+        B, T = positions.shape
+        if B == 1 and (T == 1 or int(cache.lengths[0]) == 0):
+            return None  # one new token sees every cached key; a fresh prefill is plain causal
+        end = int(cache.lengths.max()) + T
+        keys = torch.arange(end, device=positions.device)
+        # a query at position p sees keys 0..p of its own row
+        return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None):
+        """Plain sampling loop (greedy when temperature == 0); the serving engine lives in pocketlm.infer."""
+        cache = KVCache(self.cfg, idx.size(0), idx.size(1) + max_new_tokens,
+                        dtype=self.embed_tokens.weight.dtype, device=idx.device) if use_cache else None
+        out, step_in = idx, idx
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else out, cache=cache)[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            out = torch.cat((out, nxt), dim=1)
+            step_in = nxt
+        return out

@@ -1,0 +1,162 @@
+"""Tokenizer: byte-level BPE trained and run by Hugging Face `tokenizers`, plus the chat template.
+
+A tokenizer directory holds `tokenizer.json` (the HF tokenizers file) and `tokenizer_config.json`
+(bos/eos tokens and the Jinja chat template), the same two files a Hugging Face model folder has,
+so our own tokenizers and imported ones are one class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+# GPT-4's pre-tokenization split (letters, 1-3 digit groups, punctuation runs, whitespace runs)
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+BOS = "<|endoftext|>"  # also the document boundary between documents in a token stream
+SPECIAL_TOKENS = [BOS, "<|im_start|>", "<|im_end|>", "<|pad|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_text(tok) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts."""
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer, config: dict | None = None):
+        self.hf = hf
+        self.config = dict(config or {})
+        self._template = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts, vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+        """Train byte-level BPE on an iterable of strings."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
+        hf = HFTokenizer(models.BPE(byte_fallback=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        config = {"bos_token": BOS, "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+                  "chat_template": CHATML_TEMPLATE, "model_max_length": 1 << 30,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        return cls(hf, config)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise TokenizerError(f"{file}: no tokenizer.json found (train one with `pocketlm tokenizer train`)")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from e
+        config = {}
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.exists():
+            try:
+                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        return cls(hf, config)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    # ---- encode / decode ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return _token_text(self.config.get("bos_token"))
+
+    @property
+    def eos_token(self) -> str | None:
+        return _token_text(self.config.get("eos_token"))
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token) if self.bos_token else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a reply: eos plus the end-of-turn/document tokens the vocabulary has."""
+        ids = {self.eos_id}
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+            ids.add(self.token_id(tok))
+        return sorted(i for i in ids if i is not None)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer JSON: data shards record it to catch a tokenizer mismatch."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    # ---- chat ---------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str:
+        return self.config.get("chat_template") or CHATML_TEMPLATE
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """Render messages with the model's Jinja template in a sandbox (templates ship with
+        downloaded models, so they are untrusted code)."""
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(self.chat_template)
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TokenizerError(f"messages[{i}]: expected {{'role': str, 'content': str}}, got {m!r}")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+
+def _raise_template_error(message):
+    raise TemplateError(message)
