@@ -37,6 +37,24 @@ def _generate(args):
     generate_cli(args)
 
 
+def _merge(args):
+    from pocketlm.model import save_checkpoint
+    from pocketlm.model.lora import load_model_with_adapter
+
+    model, tok = load_model_with_adapter(args.model, args.adapter)
+    save_checkpoint(args.out, model, tok)
+    print(f"merged {args.adapter} into {args.model} -> {args.out}")
+
+
+def _add_adapter_verbs(sub):
+    """finetune / eval / merge (LoRA adapters are PEFT-format folders)."""
+    me = sub.add_parser("merge", help="fold a LoRA adapter into the model's weights")
+    me.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    me.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    me.add_argument("--out", required=True, help="checkpoint directory for the merged model")
+    me.set_defaults(func=_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pocketlm", description="Train, fine-tune, evaluate and serve small language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -83,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=1.0)
     ge.add_argument("--seed", type=int, default=None)
     ge.set_defaults(func=_generate)
+    _add_adapter_verbs(sub)
     return p
 
 
