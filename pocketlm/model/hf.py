@@ -6,8 +6,10 @@ model.safetensors.index.json) and tokenizer.json/tokenizer_config.json, and maps
     Llama, Mistral, Qwen2   model.layers.N.self_attn.q_proj   ->  layers.N.attn.q_proj  (same layout)
     GPT-2                   h.N.attn.c_attn (Conv1D, fused)   ->  layers.N.attn.{q,k,v}_proj (split, transposed)
 
-Export writes the reverse: a folder transformers loads with no custom code (LlamaForCausalLM,
-Qwen2ForCausalLM when the model has a QKV bias, or GPT2LMHeadModel).
+Export writes the reverse: a folder transformers loads with no custom code (LlamaForCausalLM or
+GPT2LMHeadModel). A QKV bias (Qwen2) is exported as Llama's attention_bias with a zero o_proj bias,
+not as Qwen2: transformers 5 loads any model_type "qwen2" folder with its own Qwen2Tokenizer, whose
+pre-tokenizer replaces the one in tokenizer.json, so a pocketlm-trained tokenizer would silently change.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def config_from_hf(raw: dict, file) -> ModelConfig:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(f"RoPE scaling {rope}", "rope_type 'default'")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        refuse("attention_bias/mlp_bias=true (biases on o_proj or the MLP)", "false")
+    if raw.get("mlp_bias"):
+        refuse("mlp_bias=true", "false")
     window = raw.get("sliding_window")
     uses_window = raw.get("use_sliding_window", True) if model_type == "qwen2" else window is not None
     if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
@@ -88,7 +90,7 @@ def config_from_hf(raw: dict, file) -> ModelConfig:
         arch="llama", vocab_size=vocab, block_size=raw.get("max_position_embeddings", 2048), n_layer=n_layer,
         n_head=n_head, n_kv_head=raw.get("num_key_value_heads") or n_head, n_embd=hidden,
         head_dim=raw.get("head_dim") or hidden // n_head, intermediate_size=inter,
-        qkv_bias=model_type == "qwen2", tie_embeddings=raw.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")), tie_embeddings=raw.get("tie_word_embeddings", False),
         rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         norm_eps=raw.get("rms_norm_eps", 1e-6))
 
@@ -106,20 +108,14 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "torch_dtype": "float32", **ids}
-    # Qwen2 is Llama plus a bias on q/k/v only, which is exactly our qkv_bias flag
-    name, model_type = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
-    out = {"architectures": [name], "model_type": model_type, "vocab_size": cfg.vocab_size,
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
            # rope_theta for transformers 4.x, rope_parameters for 5.x
            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout, "torch_dtype": "float32", **ids}
-    if model_type == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None)
-    return out
+    return {**out, "attention_bias": cfg.qkv_bias, "mlp_bias": False}
 
 
 # ---- weights ------------------------------------------------------------------------------
@@ -149,11 +145,15 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def state_from_hf(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_from_hf(sd: dict, cfg: ModelConfig, source) -> dict[str, torch.Tensor]:
     out = {}
     if cfg.arch == "llama":
         for name, t in sd.items():
             if name.endswith("rotary_emb.inv_freq"):  # recomputed from rope_theta
+                continue
+            if name.endswith("o_proj.bias"):  # Llama's attention_bias covers o_proj too; ours must be zero
+                if t.any():
+                    raise CheckpointError(f"{source}: {name} is non-zero; pocketlm supports a bias on q/k/v only")
                 continue
             name = name.removeprefix("model.")
             for hf_part, ours in LLAMA_RENAMES:
@@ -194,6 +194,8 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
                     name = name.replace(ours, hf_part)
                 name = "model." + name
             out[name] = t.contiguous()
+            if name.endswith("q_proj.bias"):  # attention_bias also declares an o_proj bias
+                out[name.replace("q_proj", "o_proj")] = torch.zeros(cfg.n_embd, dtype=t.dtype)
         return out
     out = {}
     for name, t in sd.items():
@@ -263,7 +265,7 @@ def load_hf(folder, device="cpu", dtype=torch.float32) -> tuple[GPT, Tokenizer]:
         raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
     cfg = config_from_hf(raw, file)
     tokenizer = load_hf_tokenizer(folder)
-    model = model_from_state(cfg, state_from_hf(read_safetensors(folder), cfg), folder, device, dtype)
+    model = model_from_state(cfg, state_from_hf(read_safetensors(folder), cfg, folder), folder, device, dtype)
     return model, tokenizer
 
 
