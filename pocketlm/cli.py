@@ -7,10 +7,11 @@ import sys
 
 
 def _tokenizer_train(args):
-    from pocketlm.data.corpus import read_documents
+    from pocketlm.data.corpus import read_documents, split_train_val
     from pocketlm.tokenizer import Tokenizer
 
     docs = read_documents(args.input, split_blank_lines=args.split_blank_lines, text_field=args.text_field)
+    docs = split_train_val(docs, args.val_fraction)[0]  # never learn merges from validation text
     tok = Tokenizer.train((d.text for d in docs), vocab_size=args.vocab_size)
     tok.save(args.out)
     print(f"trained byte-level BPE: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
@@ -46,6 +47,33 @@ def _merge(args):
     print(f"merged {args.adapter} into {args.model} -> {args.out}")
 
 
+def _eval(args):
+    import json
+    from pathlib import Path
+
+    from pocketlm.data.sft import parse_labels
+    from pocketlm.eval import evaluate
+
+    methods = ("likelihood", "generation") if args.method == "both" else (args.method,)
+    spec = {"labels": parse_labels(args.labels), "instruction": args.instruction, "system": args.system,
+            "no_answer": args.no_answer}
+    result = evaluate(args.model, args.task, args.data, adapter=args.adapter, limit=args.limit, spec_overrides=spec,
+                      batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, methods=methods)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+def _add_task_args(sp):
+    """How rows become prompts (saved in task.json by finetune; eval reads it back)."""
+    sp.add_argument("--labels", help="classification: RAW=WORD pairs, e.g. 0=negative,1=positive (default: labels as written)")
+    sp.add_argument("--instruction", help="classification/QA: instruction put before the text")
+    sp.add_argument("--system", help="system message of every conversation")
+    sp.add_argument("--no-answer", help="QA: the reply meaning the context has no answer (default: unanswerable)")
+
+
 def _add_adapter_verbs(sub):
     """finetune / eval / merge (LoRA adapters are PEFT-format folders)."""
     me = sub.add_parser("merge", help="fold a LoRA adapter into the model's weights")
@@ -53,6 +81,21 @@ def _add_adapter_verbs(sub):
     me.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     me.add_argument("--out", required=True, help="checkpoint directory for the merged model")
     me.set_defaults(func=_merge)
+
+    ev = sub.add_parser("eval", help="evaluate a model: lm (bits per byte), classification, qa; prints JSON")
+    ev.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
+    ev.add_argument("--adapter", help="LoRA adapter folder to apply (PEFT format)")
+    ev.add_argument("--task", required=True, choices=("lm", "classification", "qa"))
+    ev.add_argument("--data", required=True, help="lm: .txt/.jsonl text; classification/qa: .jsonl/.json/.csv/.tsv")
+    ev.add_argument("--limit", type=int, help="at most N examples (lm: N windows)")
+    ev.add_argument("--out", help="also write the JSON here")
+    ev.add_argument("--method", choices=("likelihood", "generation", "both"), default="both",
+                    help="classification: score each label's likelihood, generate, or both (default)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seq-len", type=int, default=1024, help="lm: tokens per window")
+    ev.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    _add_task_args(ev)
+    ev.set_defaults(func=_eval)
 
 
 def _import(args):
@@ -119,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tk_sub.add_parser("train", help="train on text files")
     add_corpus_args(tt)
     tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold out the corpus's last share, as `prepare --val-fraction` does (default: 0)")
     tt.add_argument("--out", required=True, help="directory for tokenizer.json")
     tt.set_defaults(func=_tokenizer_train)
 

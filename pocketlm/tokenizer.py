@@ -135,6 +135,18 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each token stands for (0 for special tokens): the denominator of bits-per-byte."""
+        special = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        byte_level = "ByteLevel" in str(self.hf.decoder)
+        out = [0] * self.vocab_size
+        for piece, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if piece in special or i >= len(out):
+                continue
+            # in a byte-level vocabulary every character of a token is one byte
+            out[i] = len(piece) if byte_level else len(self.decode([i]).encode("utf-8"))
+        return out
+
     def fingerprint(self) -> str:
         """sha256 of the canonical tokenizer JSON: data shards record it to catch a tokenizer mismatch."""
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]

@@ -1,0 +1,217 @@
+"""The one training loop behind `pretrain` and `finetune`.
+
+It takes a model, a TrainConfig and two batch sources, and owns everything a run needs: AdamW or
+Muon, warmup + cosine / WSD schedule (stretched to a time budget), gradient accumulation and
+clipping, bf16 autocast, optional torch.compile, DDP under torchrun, periodic validation
+(loss, bits per byte), early stopping with the best checkpoint kept, atomic checkpoints and exact resume.
+
+Batch sources:
+    train_data.next_batch() -> (inputs, targets)   int64 (B, T); targets are -100 where not scored
+    train_data.state_dict() / load_state_dict(d)   the data cursor, saved in every checkpoint
+    val_data(max_batches=None) -> iterator of (inputs, targets)   a fresh pass each call
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pocketlm.config import TrainConfig
+from pocketlm.model.checkpoint import list_checkpoints, load_weights, save_checkpoint, WEIGHTS
+from pocketlm.train.dist import DistInfo, all_reduce_mean, barrier
+from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
+from pocketlm.train.optim import build_optimizers, lr_factor, set_lr
+
+
+def autocast_ctx(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+class Checkpointer:
+    """Writes step-N checkpoints (and `best`) on rank 0, keeps the newest few, and restores a run.
+    `save_weights(path, model)` replaces the full-weights save (LoRA runs save only the adapter)."""
+
+    def __init__(self, run_dir: Path, model, tokenizer, optimizers, train_data, cfg: TrainConfig, dist: DistInfo,
+                 extra_config: dict | None = None, save_weights=None):
+        self.dir = run_dir / "checkpoints"
+        self.model, self.tokenizer, self.optimizers, self.train_data = model, tokenizer, optimizers, train_data
+        self.cfg, self.dist, self.extra_config, self.save_weights = cfg, dist, extra_config, save_weights
+
+    def save(self, step: int, state: dict, name: str | None = None) -> None:
+        if self.dist.is_main:
+            path = self.dir / (name or f"step-{step:06d}")
+            full_state = {**state, "step": step, "data": self.train_data.state_dict(), "rng": _rng_state()}
+            optim = {"optimizers": [o.state_dict() for o in self.optimizers]}
+            save_checkpoint(path, self.model, self.tokenizer, state=full_state, optimizer_state=optim,
+                            extra_config=self.extra_config)
+            if self.save_weights is not None:
+                self.save_weights(path, self.model)
+            if name is None:
+                for old in list_checkpoints(self.dir.parent)[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+        barrier()
+
+    def restore(self) -> dict | None:
+        found = list_checkpoints(self.dir.parent)
+        if not found:
+            return None
+        path = found[-1]
+        load_weights(self.model, path / WEIGHTS)
+        optim = torch.load(path / "optim.pt", weights_only=True)
+        for opt, sd in zip(self.optimizers, optim["optimizers"]):
+            opt.load_state_dict(sd)
+        state = json.loads((path / "state.json").read_text())
+        self.train_data.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        return state
+
+
+def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, resume: bool = False,
+          dist: DistInfo | None = None, extra_config: dict | None = None, save_weights=None,
+          run_config: dict | None = None) -> dict:
+    dist = dist or DistInfo()
+    run_dir = Path(out_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_config is not None:
+            (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    torch.manual_seed(cfg.seed + dist.rank)
+    model.to(dist.device).train()
+    optimizers = build_optimizers(model, cfg)
+    ckpt = Checkpointer(run_dir, model, tokenizer, optimizers, train_data, cfg, dist, extra_config, save_weights)
+    log = MetricsLog(run_dir, enabled=dist.is_main)
+
+    state = {"elapsed": 0.0, "best_val": float("inf"), "bad_evals": 0, "tokens": 0}
+    step = 0
+    if resume:
+        restored = ckpt.restore()
+        if restored is not None:
+            step = restored.pop("step")
+            state.update({k: restored[k] for k in state if k in restored})
+            log.truncate_after(step)
+            if dist.is_main:
+                print(f"resumed from step {step}")
+    elif dist.is_main and log.file.exists():
+        log.file.unlink()  # a fresh run starts a fresh log
+
+    step_model = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        step_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    autocast = autocast_ctx(cfg, dist.device)
+    byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), device=dist.device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
+    flops_per_step = model.flops_per_token(cfg.seq_len) * tokens_per_step
+    peak = measured_peak_flops(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, dist.device) * dist.world_size
+    budget = cfg.max_minutes * 60
+
+    def run_eval(step: int) -> dict:
+        if val_data is None:
+            return {}
+        result = evaluate_lm(model, val_data, byte_lengths, autocast, cfg.eval_batches)
+        for k in ("val_loss", "val_bpb"):
+            result[k] = all_reduce_mean(torch.tensor(result[k], device=dist.device)).item()
+        return result
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
+    t_start = time.perf_counter() - state["elapsed"]
+    t_window, window_steps = time.perf_counter(), 0
+    last_eval: dict = {}
+    stop_reason = "max_steps"
+    while step < cfg.max_steps:
+        elapsed = time.perf_counter() - t_start
+        if budget and elapsed >= budget:
+            stop_reason = "time budget"
+            break
+        progress = max(step / cfg.max_steps, elapsed / budget if budget else 0.0)
+        set_lr(optimizers, cfg, lr_factor(cfg, progress, step))
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(dist.device) for t in train_data.next_batch())
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or dist.world_size == 1 else step_model.no_sync()
+            with sync:
+                with autocast:
+                    _, loss = step_model(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        state["tokens"] += tokens_per_step
+        loss_value = all_reduce_mean(torch.tensor(loss_sum / cfg.grad_accum)).item() if dist.world_size > 1 else loss_sum / cfg.grad_accum
+        state["elapsed"] = time.perf_counter() - t_start
+
+        if step % cfg.log_every == 0 or step == 1:
+            dt = time.perf_counter() - t_window
+            tok_s = window_steps * tokens_per_step / dt
+            mfu = window_steps * flops_per_step / dt / peak
+            t_window, window_steps = time.perf_counter(), 0
+            log.write({"step": step, "loss": loss_value, "lr": optimizers[0].param_groups[0]["lr"],
+                       "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": state["elapsed"]})
+            left = f"{max(0, budget - state['elapsed']) / 60:.1f}m" if budget else ""
+            bar.set_postfix_str(f"loss {loss_value:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}" + (f" | budget left {left}" if left else ""))
+        bar.update(1)
+
+        last = step == cfg.max_steps
+        if step % cfg.eval_every == 0 and not last:
+            last_eval = run_eval(step)
+            if last_eval:
+                log.write({"step": step, **last_eval})
+                bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, val bpb {last_eval['val_bpb']:.4f}")
+                log.plot()
+                if last_eval["val_loss"] < state["best_val"]:
+                    state["best_val"], state["bad_evals"] = last_eval["val_loss"], 0
+                    if cfg.early_stopping_patience:
+                        ckpt.save(step, state, name="best")
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                        stop_reason = f"early stopping (no val improvement in {state['bad_evals']} evals)"
+                        break
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not last:
+            ckpt.save(step, state)
+    bar.close()
+
+    final = run_eval(step)
+    if final:
+        log.write({"step": step, **final})
+        if cfg.early_stopping_patience and final["val_loss"] < state["best_val"]:
+            state["best_val"] = final["val_loss"]
+            ckpt.save(step, state, name="best")
+    ckpt.save(step, state)
+    log.plot()
+    result = {"step": step, "stop_reason": stop_reason, "elapsed_s": round(state["elapsed"], 1),
+              "tokens": state["tokens"], **final}
+    if cfg.early_stopping_patience and state["best_val"] < float("inf"):
+        result["best_val_loss"] = state["best_val"]
+    if dist.is_main:
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from pocketlm.model.gpt import GPT, KVCache, ModelConfig
+
+
+@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", 2), ("llama", 1)])
+def test_kv_cache_generation_equals_cacheless(arch, kv):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=97, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=64,
+                      qkv_bias=arch == "llama")
+    model = GPT(cfg).eval()
+    prompt = torch.randint(0, 97, (1, 7))
+    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
+    without = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_rows_of_a_batched_cache_advance_independently():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=64)
+    model = GPT(cfg).eval()
+    a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 4))
+    cache = KVCache(cfg, 2, 32)
+    # row 0 prefills 5 tokens while row 1 prefills 4; then row 0 adds 4 more while row 1 adds nothing useful
+    cache.lengths[:] = 0
+    padded = torch.cat([a[:, :5], torch.cat([b, torch.zeros(1, 1, dtype=torch.long)], 1)])
+    model(padded, cache=cache)
+    cache.lengths[1] = 4  # row 1's fifth token was padding
+    step = torch.cat([a[:, 5:6], torch.zeros(1, 1, dtype=torch.long)])
+    logits = model(step, cache=cache)
+    ref = model(a[:, :6])[:, -1]
+    assert torch.allclose(logits[0, -1], ref[0], atol=1e-5)
+
+
+def test_param_count_and_flops():
+    cfg = ModelConfig(arch="gpt2", vocab_size=100, n_layer=2, n_head=2, n_embd=16, block_size=8)
+    model = GPT(cfg)
+    per_layer = 4 * (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16) + 2 * 2 * 16
+    assert model.num_params() == 2 * per_layer + 2 * 16
+    assert model.flops_per_token(8) == 6 * (model.num_params() + 100 * 16) + 12 * 2 * 16 * 8
+
+
+@pytest.mark.parametrize("kwargs,match", [({"arch": "bert"}, "arch"), ({"n_head": 4, "n_kv_head": 3}, "multiple"),
+                                          ({"dropout": 1.5}, "dropout")])
+def test_bad_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+    x = torch.randint(0, 50, (2, 8))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
