@@ -152,7 +152,8 @@ def write_gguf(model, tok, path, qtype: str = "F32", pre: str = "qwen2", tokeniz
     for name, t in _gguf_tensors(model):
         t = np.ascontiguousarray(t, dtype=np.float32)
         if name == unsupported:
-            w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // 32 * 36), np.uint8), raw_dtype=q.Q8_1)
+            block, size = gguf.GGML_QUANT_SIZES[q.Q8_1]
+            w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // block * size), np.uint8), raw_dtype=q.Q8_1)
         elif t.ndim == 1 or qtype == "F32":
             w.add_tensor(name, t)
         elif qtype == "F16":
