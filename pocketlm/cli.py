@@ -38,6 +38,52 @@ def _generate(args):
     generate_cli(args)
 
 
+def _add_sampling_args(sp, max_new_tokens=200):
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    sp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set reaching this probability (1: off)")
+    sp.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (1: off)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="weights and KV cache precision")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+
+
+def _chat(args):
+    from pocketlm.infer.generate import chat_cli
+
+    chat_cli(args)
+
+
+def _serve(args):
+    from pocketlm.serve.app import serve
+
+    serve(args)
+
+
+def _add_serving_verbs(sub):
+    """chat / serve: the engine behind a terminal and behind HTTP."""
+    ch = sub.add_parser("chat", help="talk to a model in the terminal (streaming; /reset, /system, /quit)")
+    ch.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
+    ch.add_argument("--system", help="system prompt")
+    _add_sampling_args(ch, max_new_tokens=512)
+    ch.set_defaults(func=_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page at /")
+    sv.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
+    sv.add_argument("--model-name", help="the id clients pass as `model` (default: the file or folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $POCKETLM_API_KEY, else none)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
+    sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    sv.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    sv.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    sv.set_defaults(func=_serve)
+
+
 def _merge(args):
     from pocketlm.model import save_checkpoint
     from pocketlm.model.lora import load_model_with_adapter
@@ -190,12 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", default="", help="text to continue (or the user message with --chat)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ge.add_argument("--system", help="system message (with --chat)")
-    ge.add_argument("--max-new-tokens", type=int, default=200)
-    ge.add_argument("--temperature", type=float, default=0.8)
-    ge.add_argument("--top-k", type=int, default=0)
-    ge.add_argument("--top-p", type=float, default=1.0)
-    ge.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(ge)
     ge.set_defaults(func=_generate)
+    _add_serving_verbs(sub)
     _add_adapter_verbs(sub)
     _add_checkpoint_verbs(sub)
     return p

@@ -1,0 +1,1 @@
+"""Inference: the engine (prefill, decode, continuous batching, streaming), sampling, and the terminal front ends."""

@@ -1,0 +1,143 @@
+"""`pocketlm generate` and `pocketlm chat`: the engine behind a terminal.
+
+    pocketlm generate --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 100
+    pocketlm chat --model SmolLM2-135M-Instruct.Q4_1.gguf --system "You are terse."
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+import torch
+
+from pocketlm.infer.engine import Engine
+from pocketlm.infer.sampling import SamplingParams
+from pocketlm.tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_engine(source, *, dtype: str = "bf16", max_batch: int = 1, max_seq_len: int | None = None,
+                compile: bool = False, threads: int | None = None) -> Engine:
+    """An Engine over a run, checkpoint, Hugging Face folder or .gguf file."""
+    from pocketlm.model import load_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(source)
+    if tokenizer is None:
+        raise ValueError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
+    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype], compile=compile)
+
+
+def encode_completion(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a plain-text prompt. Like training documents it starts with BOS, unless the
+    tokenizer's config says otherwise (many Hugging Face models add none)."""
+    return tokenizer.encode(text, add_bos=bool(tokenizer.config.get("add_bos_token", True)))
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ending where the assistant speaks."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=getattr(args, "min_p", 0.0),
+                          repetition_penalty=getattr(args, "repetition_penalty", 1.0), seed=args.seed)
+
+
+def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO) -> str:
+    """Print the reply as it is decoded; return it whole. Ctrl-C ends the reply early."""
+    text = []
+    events = engine.stream(ids, params)
+    try:
+        for event in events:
+            out.write(event.text)
+            out.flush()
+            text.append(event.text)
+    except KeyboardInterrupt:
+        events.close()  # cancels the request
+        out.write(" [stopped]")
+    return "".join(text)
+
+
+def generate_cli(args) -> None:
+    engine = load_engine(args.model, dtype=getattr(args, "dtype", "bf16"), compile=getattr(args, "compile", False))
+    params = sampling_from_args(args)
+    tok = engine.tokenizer
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        ids = encode_chat(tok, messages)
+    else:
+        if args.system:
+            raise ValueError("--system needs --chat (it is a chat message)")
+        ids = encode_completion(tok, args.prompt)
+        sys.stdout.write(args.prompt)
+    stream_to(engine, ids, params, sys.stdout)
+    sys.stdout.write("\n")
+
+
+HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"
+
+
+def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
+              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict]:
+    """A terminal conversation: each turn is sent with the whole history; returns the history."""
+    history: list[dict] = []
+    out.write(f"chatting with a {engine.model.num_params() / 1e6:.0f}M-parameter model. {HELP}\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return history
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return history
+        if cmd == "/reset":
+            history.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if cmd == "/system":
+            system = rest.strip() or None
+            out.write(f"(system prompt {'set' if system else 'cleared'})\n")
+            continue
+        if cmd.startswith("/"):
+            out.write(f"unknown command {cmd}; {HELP}\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = _fit_history(engine, system, history, params.max_tokens)
+        if ids is None:
+            history.pop()
+            out.write(f"(that message alone does not fit the {engine.max_seq_len}-token context)\n")
+            continue
+        out.write("bot> ")
+        reply = stream_to(engine, ids, params, out)
+        out.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -> list[int] | None:
+    """The prompt for the conversation, dropping the oldest turns until it leaves room for a reply."""
+    budget = engine.max_seq_len - min(max_tokens, engine.max_seq_len // 2)
+    while history:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = encode_chat(engine.tokenizer, messages)
+        if len(ids) <= budget:
+            return ids
+        if len(history) == 1:
+            return None
+        del history[:2]  # one user turn and its reply
+    return None
+
+
+def chat_cli(args) -> None:
+    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile)
+    chat_repl(engine, sampling_from_args(args), system=args.system)

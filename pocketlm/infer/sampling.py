@@ -1,0 +1,112 @@
+"""Turning next-token logits into a token: repetition penalty, temperature, top-k, top-p, min-p.
+
+The order follows Hugging Face's logits processors, so the same settings mean the same thing there:
+penalty on the raw logits, then temperature, then the three truncations (top-k, top-p, min-p),
+then one draw from what is left. Temperature 0 means greedy (argmax), with no randomness at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingError(ValueError):
+    pass
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0         # 0: greedy
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0               # 1: off
+    min_p: float = 0.0               # 0: off; drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # 1: off; >1 makes tokens already in prompt or reply less likely
+    seed: int | None = None          # same seed, same prompt, same settings: the same reply
+    stop: list[str] = field(default_factory=list)            # strings that end the reply (not included)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra tokens that end it (beside the tokenizer's)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SamplingError naming the field and the accepted range."""
+        def number(name, lo, hi, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SamplingError(f"{name}: expected a number, got {v!r}")
+            if v < lo or (lo_open and v == lo) or v > hi:
+                bracket = "(" if lo_open else "["
+                raise SamplingError(f"{name}: expected a value in {bracket}{lo}, {hi}], got {v}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens: expected a positive integer, got {self.max_tokens!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"top_k: expected an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        number("temperature", 0.0, 100.0)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, 100.0, lo_open=True)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SamplingError(f"seed: expected an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError(f"stop: expected non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()  # fresh OS entropy
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (as in HF): a seen token's logit is divided by `penalty` when positive and
+    multiplied when negative, so it always moves toward less likely. `seen` is a (V,) bool mask."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set the logits of tokens outside the top-k / nucleus / min-p sets to -inf. logits: (V,), already
+    divided by the temperature. The most likely token always survives."""
+    neg_inf = torch.tensor(-float("inf"), dtype=logits.dtype)
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = torch.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p on their own
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+        logits = torch.where(drop, neg_inf, logits)
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = torch.where(probs < min_p * probs.max(), neg_inf, logits)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                 seen: torch.Tensor | None = None) -> int:
+    """One token id from a (V,) row of logits."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(logits.argmax())
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -1,0 +1,67 @@
+"""A tiny language model that has seen some Shakespeare, for the engine and server tests.
+
+A few hundred optimizer steps on 100 kB are enough for it to write mostly-English letters and
+spaces (so replies decode to readable text, not stray bytes) while staying fast to build."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from pocketlm.model.gpt import GPT, ModelConfig
+from pocketlm.tokenizer import Tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "pocketlm" / "data" / "bundled" / "tinyshakespeare.txt"
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train([SHAKESPEARE.read_text()[:100_000]], vocab_size=384)
+
+
+def tiny_lm(arch: str = "llama", steps: int = 150, seed: int = 0, block_size: int = 256) -> tuple[GPT, Tokenizer]:
+    return _trained(arch, steps, seed, block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(arch, steps, seed, block_size):
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch=arch, vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
+                      n_kv_head=2 if arch == "llama" else None, n_embd=64)
+    model = GPT(cfg)
+    data = torch.tensor(tok.encode(SHAKESPEARE.read_text()[:100_000]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and immune to a busy machine
+    try:
+        _train(model, opt, data, g, steps)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), tok
+
+
+def _train(model, opt, data, g, steps):
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=g)
+        batch = torch.stack([data[s:s + 65] for s in starts.tolist()])
+        _, loss = model(batch[:, :-1], targets=batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def clone(model: GPT) -> GPT:
+    """A private copy (engines may cast a model to bf16 in place)."""
+    copy = GPT(model.cfg)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def reference_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by recomputing the whole sequence each step (no KV cache)."""
+    out = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=False)
+    return out[0, len(ids):].tolist()
