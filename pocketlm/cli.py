@@ -168,7 +168,8 @@ def _download(args):
         from huggingface_hub import snapshot_download
     except ImportError:
         raise OSError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
-    patterns = args.include or ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.gguf"]
+    # not *.gguf by default: GGUF repos hold one file per quantization, pick one with --include
+    patterns = args.include or ["*.json", "*.safetensors", "*.jinja", "*.txt"]
     path = snapshot_download(args.repo_id, local_dir=args.out, revision=args.revision, allow_patterns=patterns)
     print(f"downloaded {args.repo_id} -> {path}\nuse it with: pocketlm generate --model {path} --chat --prompt ...")
 
@@ -190,7 +191,8 @@ def _add_checkpoint_verbs(sub):
     dl.add_argument("repo_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     dl.add_argument("--out", required=True, help="local folder")
     dl.add_argument("--revision", help="branch, tag or commit")
-    dl.add_argument("--include", nargs="+", help="file patterns to fetch (default: config, tokenizer, safetensors, gguf)")
+    dl.add_argument("--include", nargs="+", help="file patterns to fetch (default: *.json *.safetensors *.jinja *.txt; "
+                    "for a GGUF repo name the file, e.g. '*Q4_1.gguf')")
     dl.set_defaults(func=_download)
 
 

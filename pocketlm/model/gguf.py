@@ -61,7 +61,7 @@ class GGUFFile:
         self.path = path
         try:
             self.reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, KeyError, IndexError) as e:
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
 

@@ -83,7 +83,7 @@ def config_from_hf(raw: dict, file) -> ModelConfig:
     if raw.get("mlp_bias"):
         refuse("mlp_bias=true", "false")
     window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", True) if model_type == "qwen2" else window is not None
+    uses_window = raw.get("use_sliding_window", False) if model_type == "qwen2" else window is not None
     if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
         refuse(f"sliding-window attention (sliding_window={window})", "sliding_window null")
     return ModelConfig(
@@ -96,8 +96,10 @@ def config_from_hf(raw: dict, file) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    pad = tokenizer.config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-           "pad_token_id": tokenizer.token_id(tokenizer.config.get("pad_token") or "") if tokenizer.config.get("pad_token") else None}
+           "pad_token_id": tokenizer.token_id(pad) if pad else None}
     if cfg.arch == "gpt2":
         if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd:
             raise CheckpointError("GPT-2 export needs n_kv_head == n_head and head_dim * n_head == n_embd "
