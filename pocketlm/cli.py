@@ -48,6 +48,7 @@ def _add_sampling_args(sp, max_new_tokens=200):
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="weights and KV cache precision")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 
 
 def _chat(args):
@@ -81,6 +82,7 @@ def _add_serving_verbs(sub):
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
     sv.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    sv.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     sv.set_defaults(func=_serve)
 
 

@@ -72,6 +72,12 @@ def test_greedy_and_top_k_1_are_argmax():
         assert sample_token(x, SamplingParams(temperature=1.5, top_k=1), make_generator(0)) == int(x.argmax())
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    """Found by the server fuzz test: logits / 5e-324 overflowed to inf and the softmax to nan."""
+    for x in rows(3):
+        assert sample_token(x, SamplingParams(temperature=5e-324), make_generator(0)) == int(x.argmax())
+
+
 def test_samples_stay_inside_the_filtered_set_and_follow_the_distribution():
     x = rows(1, seed=3)[0]
     params = SamplingParams(temperature=0.7, top_k=10, top_p=0.9)

@@ -5,9 +5,16 @@ spaces (so replies decode to readable text, not stray bytes) while staying fast 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from pocketlm.model.gpt import GPT, ModelConfig
@@ -65,3 +72,36 @@ def reference_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
     """n greedy tokens by recomputing the whole sequence each step (no KV cache)."""
     out = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=False)
     return out[0, len(ids):].tolist()
+
+
+@contextlib.contextmanager
+def running_server(checkpoint: Path, *extra_args: str, timeout: float = 120.0):
+    """`pocketlm serve` on a free loopback port, in its own process; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pocketlm.cli", "serve", "--model", str(checkpoint), "--model-name", "tiny",
+           "--port", str(port), "--dtype", "fp32", "--threads", "1", *extra_args]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

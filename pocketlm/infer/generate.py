@@ -66,7 +66,7 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 
 
 def generate_cli(args) -> None:
-    engine = load_engine(args.model, dtype=getattr(args, "dtype", "bf16"), compile=getattr(args, "compile", False))
+    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile, threads=args.threads)
     params = sampling_from_args(args)
     tok = engine.tokenizer
     if args.chat:
@@ -139,5 +139,5 @@ def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -
 
 
 def chat_cli(args) -> None:
-    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile)
+    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile, threads=args.threads)
     chat_repl(engine, sampling_from_args(args), system=args.system)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MIN_TEMPERATURE = 1e-4  # below this, logits / temperature can overflow to inf: treat it as greedy
+
+
 class SamplingError(ValueError):
     pass
 
@@ -20,7 +23,7 @@ class SamplingError(ValueError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0         # 0: greedy
+    temperature: float = 1.0         # 0 (or below MIN_TEMPERATURE): greedy
     top_k: int = 0                   # 0: off
     top_p: float = 1.0               # 1: off
     min_p: float = 0.0               # 0: off; drop tokens below min_p x the top token's probability
@@ -59,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(seed: int | None) -> torch.Generator:
