@@ -114,6 +114,21 @@ def _eval(args):
     print(text)
 
 
+def _finetune(args, extra):
+    from pocketlm.config import parse_overrides
+    from pocketlm.train.finetune import finetune
+
+    flags = {"lora": True if args.lora else None, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+             "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets, "labels": args.labels,
+             "instruction": args.instruction, "system": args.system, "no_answer": args.no_answer}
+    overrides = parse_overrides(extra)
+    for key in ("max_steps", "max_minutes"):
+        if getattr(args, key) is not None:
+            overrides[f"train.{key}"] = getattr(args, key)
+    finetune(args.model, args.data, args.out, val_data=args.val_data, config_path=args.config, overrides=overrides,
+             flags=flags, resume=args.resume, adapter=args.adapter)
+
+
 def _add_task_args(sp):
     """How rows become prompts (saved in task.json by finetune; eval reads it back)."""
     sp.add_argument("--labels", help="classification: RAW=WORD pairs, e.g. 0=negative,1=positive (default: labels as written)")
@@ -129,6 +144,27 @@ def _add_adapter_verbs(sub):
     me.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     me.add_argument("--out", required=True, help="checkpoint directory for the merged model")
     me.set_defaults(func=_merge)
+
+    ft = sub.add_parser("finetune", help="supervised fine-tuning, full or LoRA (also under torchrun)",
+                        epilog="Data formats: chat (messages), prompt/completion (or instruction/output), "
+                               "classification (text, label), QA (context, question, answers); .jsonl/.json/.csv/.tsv. "
+                               "Any config key can be overridden: --train.lr=1e-4 --model.dropout=0.1 --finetune.val_fraction=0.1")
+    ft.add_argument("--model", required=True, help="base model: run, checkpoint, Hugging Face folder or .gguf file")
+    ft.add_argument("--data", required=True, help="training file")
+    ft.add_argument("--val-data", help="validation file (default: hold out finetune.val_fraction of --data)")
+    ft.add_argument("--out", required=True, help="run directory")
+    ft.add_argument("--config", help="YAML with train:, finetune: (and model: dropout) sections, e.g. configs/finetune_*.yaml")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    ft.add_argument("--lora-rank", type=int)
+    ft.add_argument("--lora-alpha", type=float)
+    ft.add_argument("--lora-dropout", type=float)
+    ft.add_argument("--lora-targets", help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (or all/attn/mlp)")
+    ft.add_argument("--adapter", help="start from this adapter (continued LoRA training, or merged before full fine-tuning)")
+    ft.add_argument("--max-steps", type=int)
+    ft.add_argument("--max-minutes", type=float)
+    _add_task_args(ft)
+    ft.set_defaults(func=_finetune, takes_overrides=True)
 
     ev = sub.add_parser("eval", help="evaluate a model: lm (bits per byte), classification, qa; prints JSON")
     ev.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")

@@ -24,6 +24,8 @@ import torch
 FORMATS = ("chat", "prompt_completion", "classification", "qa")
 ROLES = ("system", "user", "assistant")
 TEXT_FIELDS = ("text", "sentence", "content")
+FIELDS = {"chat": "messages", "prompt_completion": "prompt+completion, or instruction(+input)+output/response",
+          "classification": "text+label", "qa": "context+question+answers"}
 
 
 class SFTDataError(ValueError):
@@ -141,6 +143,12 @@ def detect_format(row: dict, where: str) -> str:
                        "context+question+answers (QA)")
 
 
+def detect_file_format(path) -> str:
+    for where, row in read_rows(path):
+        return detect_format(row, where)
+    raise SFTDataError(f"{path}: no rows")
+
+
 def _text(row, key, where, allow_empty=False) -> str:
     v = row.get(key)
     if not isinstance(v, str) or (not allow_empty and not v.strip()):
@@ -232,8 +240,13 @@ def load_examples(path, spec: TaskSpec | None = None, limit: int | None = None) 
     elif spec.format != fmt:
         raise SFTDataError(f"{rows[0][0]}: this file is {fmt} data, but the task is {spec.format}")
     for where, row in rows:  # every row must be of the same format
-        if detect_format(row, where) != fmt:
-            raise SFTDataError(f"{where}: fields {sorted(row)} are not {fmt} data like the first row")
+        try:
+            same = detect_format(row, where) == fmt
+        except SFTDataError:
+            same = False
+        if not same:
+            raise SFTDataError(f"{where}: fields {sorted(row)} are not {fmt} data like the first row "
+                               f"(expected {FIELDS[fmt]})")
     if fmt == "classification" and not spec.labels:
         seen = sorted({str(r["label"]).strip() for _, r in rows if str(r.get("label", "")).strip()})
         spec.labels = {x: x for x in seen}

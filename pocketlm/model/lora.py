@@ -203,6 +203,15 @@ def save_adapter(model: GPT, out, base_model: str | None = None, extra_files: di
     return out
 
 
+def resolve_adapter(path) -> Path:
+    """An adapter folder, or a LoRA fine-tuning run (its adapter/ folder)."""
+    path = Path(path)
+    for p in (path, path / "adapter"):
+        if (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists():
+            return p
+    return path  # _read_adapter names what is missing
+
+
 def _read_adapter(path: Path):
     cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not cfg_file.exists() or not weights.exists():
@@ -238,7 +247,7 @@ def _scaling(config, hf_module: str, rank: int) -> float:
 def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) -> GPT:
     """Load a PEFT-format LoRA adapter onto `model`. merge=True folds it into the weights (inference);
     merge=False leaves trainable LoRALinear modules (to continue training)."""
-    path = Path(path)
+    path = resolve_adapter(path)
     config, tensors, meta = _read_adapter(path)
     cfg = model.cfg
     # GPT-2 adapters we wrote say which of q/k/v are stacked in c_attn; a PEFT-trained one is dense

@@ -1,0 +1,217 @@
+"""`pocketlm eval`: language modelling (bits per byte, perplexity), classification and extractive QA.
+
+Classification is scored two ways: by likelihood (the label whose reply, end-of-turn token included,
+the model finds most probable) and by generation (greedy reply matched against the label words).
+QA is generation only: the reply is compared with the gold answers; replying the task's no-answer
+phrase counts as saying "no answer".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pocketlm.data.sft import TaskSpec, encode_example, load_examples, pad_batch
+from pocketlm.eval.metrics import classification_report, normalize_answer, qa_report
+from pocketlm.model.gpt import KVCache
+
+TASKS = ("lm", "classification", "qa")
+
+
+def autocast(dtype: str):
+    if dtype == "bf16":
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def sequence_logprobs(model, rows, pad_id: int) -> list[float]:
+    """Sum of log p(token) over each row's scored tokens (labels != -100), for (ids, labels) rows."""
+    x, y = pad_batch(rows, pad_id)
+    x, y = x.to(_device(model)), y.to(_device(model))
+    logits, _ = model(x, y)  # the head runs only on the scored positions: (n_scored, V)
+    scored = y != -100
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y[scored].unsqueeze(-1)).squeeze(-1)
+    row = scored.nonzero()[:, 0]
+    return torch.zeros(len(rows), device=logp.device).index_add_(0, row, logp).tolist()
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, batch_size: int = 8,
+                    progress=None) -> list[list[int]]:
+    """Greedy replies to token prompts of different lengths. Each prompt is prefilled alone, then the
+    batch decodes together with one KV cache whose rows sit at different positions."""
+    cfg, device = model.cfg, _device(model)
+    dtype = model.embed_tokens.weight.dtype
+    if torch.is_autocast_enabled(device.type):  # keep the cache in the dtype the keys are computed in
+        dtype = torch.get_autocast_dtype(device.type)
+    stop, out = set(stop_ids), []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        cache = KVCache(cfg, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype=dtype, device=device)
+        first = []
+        for b, p in enumerate(chunk):
+            one = KVCache(cfg, 1, len(p), dtype=dtype, device=device)
+            first.append(model(torch.tensor([p], device=device), cache=one)[0, -1].argmax())
+            cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)] = one.k[:, 0], one.v[:, 0]
+            cache.lengths[b] = len(p)
+        nxt = torch.stack(first)
+        replies = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        for step in range(max_new_tokens):
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    replies[b].append(t)
+                    done[b] = t in stop
+            if all(done) or step == max_new_tokens - 1:
+                break
+            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+        out += [r[:-1] if r and r[-1] in stop else r for r in replies]
+        if progress is not None:
+            progress.update(len(chunk))
+    return out
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """The conversation without its last (assistant) message, ending in the generation prompt."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True))
+
+
+# ---- tasks --------------------------------------------------------------------------------------
+
+def eval_lm(model, tokenizer, path, limit: int | None = None, seq_len: int = 1024, batch_size: int = 4,
+            dtype: str = "bf16") -> dict:
+    """Next-token loss over a text file (.txt/.md/.jsonl), in windows of seq_len tokens: each document
+    starts with the BOS token, every later token is a target once."""
+    from pocketlm.data.corpus import read_documents
+    from pocketlm.train.metrics import evaluate_lm
+
+    docs = read_documents([path])
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    stream = [t for d in docs for t in bos + tokenizer.encode(d.text)]
+    seq_len = min(seq_len, model.cfg.block_size)
+    n_windows = max(0, (len(stream) - 1) // seq_len)
+    if n_windows == 0:  # a short text: one window of what there is
+        if len(stream) < 2:
+            raise ValueError(f"{path}: fewer than 2 tokens of text")
+        n_windows, seq_len = 1, len(stream) - 1
+    if limit:
+        n_windows = min(n_windows, limit)
+    windows = torch.tensor(stream[:n_windows * seq_len + 1])
+
+    def batches(max_batches=None):
+        for i in tqdm(range(0, n_windows, batch_size), desc="eval lm", unit="batch", leave=False):
+            rows = [windows[w * seq_len:(w + 1) * seq_len + 1] for w in range(i, min(i + batch_size, n_windows))]
+            t = torch.stack(rows)
+            yield t[:, :-1], t[:, 1:]
+
+    lengths = torch.tensor(tokenizer.token_byte_lengths(), device=_device(model))
+    r = evaluate_lm(model, batches, lengths, autocast(dtype))
+    model.eval()
+    return {"loss": r["val_loss"], "perplexity": r["val_ppl"], "bits_per_byte": r["val_bpb"],
+            "tokens": r["val_tokens"], "windows": n_windows, "seq_len": seq_len}
+
+
+def _match_label(text: str, names: list[str]) -> str | None:
+    t = text.strip().strip(string.punctuation + " ").lower()
+    for name in names:
+        if t == name.lower():
+            return name
+    starts = [n for n in names if t.startswith(n.lower())]
+    return max(starts, key=len) if starts else None
+
+
+def eval_classification(model, tokenizer, spec: TaskSpec, examples, batch_size: int = 8, dtype: str = "bf16",
+                        methods=("likelihood", "generation")) -> dict:
+    names = spec.label_names()
+    gold = [spec.labels[ex.label] for ex in examples]
+    pad = tokenizer.eos_id or 0
+    result = {"labels": names}
+    with autocast(dtype):
+        if "likelihood" in methods:
+            preds = []
+            for i in tqdm(range(0, len(examples), batch_size), desc="eval classification (likelihood)", unit="batch"):
+                chunk = examples[i:i + batch_size]
+                rows = []
+                for ex in chunk:
+                    for name in names:
+                        ids, scored = encode_example(tokenizer, ex.messages[:-1] + [{"role": "assistant", "content": name}])
+                        rows.append((ids, [t if s else -100 for t, s in zip(ids, scored)]))
+                scores = sequence_logprobs(model, rows, pad)
+                for j in range(len(chunk)):
+                    s = scores[j * len(names):(j + 1) * len(names)]
+                    preds.append(names[max(range(len(names)), key=s.__getitem__)])
+            result["likelihood"] = classification_report(gold, preds, names)
+        if "generation" in methods:
+            longest = max(len(tokenizer.encode(n)) for n in names)
+            prompts = [prompt_ids(tokenizer, ex.messages) for ex in examples]
+            with tqdm(total=len(prompts), desc="eval classification (generation)", unit="ex") as bar:
+                replies = greedy_generate(model, prompts, longest + 2, tokenizer.stop_ids, batch_size, bar)
+            preds = [_match_label(tokenizer.decode(r, skip_special_tokens=True), names) for r in replies]
+            result["generation"] = classification_report(gold, preds, names)
+    return result
+
+
+def eval_qa(model, tokenizer, spec: TaskSpec, examples, batch_size: int = 8, dtype: str = "bf16",
+            max_new_tokens: int = 32, keep_predictions: int = 20) -> dict:
+    prompts = [prompt_ids(tokenizer, ex.messages) for ex in examples]
+    with autocast(dtype), tqdm(total=len(prompts), desc="eval qa", unit="ex") as bar:
+        replies = greedy_generate(model, prompts, max_new_tokens, tokenizer.stop_ids, batch_size, bar)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+    no_answer = normalize_answer(spec.no_answer)
+    preds = ["" if normalize_answer(t) == no_answer else t for t in texts]
+    report = qa_report([ex.answers for ex in examples], preds)
+    report["examples"] = [{"question": ex.messages[-2]["content"].rsplit("Question: ", 1)[-1], "gold": ex.answers,
+                           "prediction": t} for ex, t in list(zip(examples, texts))[:keep_predictions]]
+    return report
+
+
+def find_task_spec(*places) -> TaskSpec | None:
+    """task.json saved by `pocketlm finetune` beside an adapter or a fine-tuned model."""
+    for place in places:
+        if place is None:
+            continue
+        p = Path(place)
+        for candidate in (p / "task.json", p.parent / "task.json", p.parent.parent / "task.json"):
+            if p.is_dir() and candidate.exists():
+                return TaskSpec.from_file(candidate)
+    return None
+
+
+def evaluate(model_source, task: str, data, adapter=None, limit: int | None = None, spec_overrides: dict | None = None,
+             batch_size: int = 8, seq_len: int = 1024, dtype: str = "bf16", methods=("likelihood", "generation")) -> dict:
+    from pocketlm.model.lora import load_model_with_adapter
+
+    if task not in TASKS:
+        raise ValueError(f"--task: expected one of {TASKS}, got {task!r}")
+    model, tokenizer = load_model_with_adapter(model_source, adapter)
+    if tokenizer is None:
+        raise ValueError(f"{model_source}: has no tokenizer")
+    model.eval()
+    result = {"task": task, "model": str(model_source), "adapter": str(adapter) if adapter else None, "data": str(data)}
+    if task == "lm":
+        # whole-vocabulary logits of long windows are large: few windows per batch
+        return {**result, **eval_lm(model, tokenizer, data, limit, seq_len, min(batch_size, 2), dtype)}
+    spec = find_task_spec(adapter, model_source)
+    if spec is not None and spec.format != task:
+        spec = None  # a model fine-tuned on another task: start from this file's defaults
+    spec = spec or TaskSpec(format=task)
+    for k, v in (spec_overrides or {}).items():
+        if v is not None and v != {}:
+            setattr(spec, k, v)
+    examples, spec = load_examples(data, spec, limit=limit)
+    result["task_spec"] = {"instruction": spec.instruction, "system": spec.system,
+                           **({"labels": spec.labels} if task == "classification" else {"no_answer": spec.no_answer})}
+    if task == "classification":
+        return {**result, **eval_classification(model, tokenizer, spec, examples, batch_size, dtype, methods)}
+    return {**result, **eval_qa(model, tokenizer, spec, examples, batch_size, dtype)}
