@@ -251,7 +251,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None):
         """idx: (B, T) token ids. With a cache, the new tokens start at cache.lengths[b] in row b
         and the cache is advanced. Returns logits, or (logits, mean loss) when targets are given.
-        Targets equal to -100 are ignored."""
+        Targets equal to -100 are ignored; when some are (fine-tuning scores only the replies), the
+        head runs only where there is a target and the logits returned are those rows, (n_scored, V)."""
         B, T = idx.shape
         device = idx.device
         if cache is None:
@@ -276,6 +277,9 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
+        scored = targets != -100
+        if not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
+            x, targets = x[scored], targets[scored]
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
