@@ -94,7 +94,7 @@ def test_errors_have_openai_shape(client, server):
         client.chat.completions.create(model="tiny", messages=HELLO, temperature=-1)
     assert e.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 1100}])
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=10**9)

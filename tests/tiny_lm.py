@@ -28,7 +28,7 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train([SHAKESPEARE.read_text()[:100_000]], vocab_size=384)
 
 
-def tiny_lm(arch: str = "llama", steps: int = 150, seed: int = 0, block_size: int = 256) -> tuple[GPT, Tokenizer]:
+def tiny_lm(arch: str = "llama", steps: int = 150, seed: int = 0, block_size: int = 1024) -> tuple[GPT, Tokenizer]:
     return _trained(arch, steps, seed, block_size)
 
 

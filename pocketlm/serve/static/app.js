@@ -27,6 +27,7 @@ async function loadModel() {
     const body = await r.json();
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
     model = body.data[0].id;
+    if (body.data[0].max_model_len) els.maxTokens.max = body.data[0].max_model_len;
     els.modelName.textContent = model;
     els.dot.className = "dot ok";
   } catch (e) {
