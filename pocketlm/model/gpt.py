@@ -240,35 +240,36 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
-    def _rope(self, positions, device):
-        need = int(positions.max()) + 1
+    def _rope(self, positions, T: int, device):
+        """cos/sin for the positions: a slice when they are 0..T-1 (training), a gather otherwise."""
+        need = T if positions is None else int(positions.max()) + 1
         if self._rope_cache is None or self._rope_cache[0].size(0) < need or self._rope_cache[0].device != device:
-            length = max(need, self.cfg.block_size)
-            self._rope_cache = rope_tables(self.cfg, length, device)
+            self._rope_cache = rope_tables(self.cfg, max(need, self.cfg.block_size), device)
         cos, sin = self._rope_cache
+        if positions is None:
+            return cos[None, None, :T], sin[None, None, :T]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
         """idx: (B, T) token ids. With a cache, the new tokens start at cache.lengths[b] in row b
         and the cache is advanced. Returns logits, or (logits, mean loss) when targets are given.
         Targets equal to -100 are ignored; when some are (fine-tuning scores only the replies), the
         head runs only where there is a target and the logits returned are those rows, (n_scored, V)."""
         B, T = idx.shape
         device = idx.device
-        if cache is None:
-            positions = torch.arange(T, device=device).unsqueeze(0)
-            mask = None
-        else:
+        positions = mask = None  # no cache: positions 0..T-1, plain causal attention (compile-friendly)
+        if cache is not None:
             positions = cache.lengths[:, None] + torch.arange(T, device=device)
             mask = self._cache_mask(cache, positions)
-        if int(positions.max()) >= self.cfg.block_size and self.cfg.arch == "gpt2":
-            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds block_size {self.cfg.block_size}")
+        end = T if cache is None else int(positions.max()) + 1
+        if end > self.cfg.block_size and self.cfg.arch == "gpt2":
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.arch == "gpt2":
-            x = x + self.embed_positions(positions)
+            x = x + (self.embed_positions.weight[:T] if cache is None else self.embed_positions(positions))
         else:
-            rope = self._rope(positions, device)
+            rope = self._rope(positions, T, device)
         x = self.embed_dropout(x)
         for layer in self.layers:
             x = layer(x, rope, cache, mask)

@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmark scripts: the machine banner and interleaved timing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or "unknown"
+    flags = []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))]
+                break
+    except OSError:
+        pass
+    import os
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads}
+
+
+def print_machine(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    info = machine_info(threads)
+    print("machine:", json.dumps(info))
+    return info
+
+
+def interleaved(runners: dict, reps: int = 5) -> dict:
+    """Time each runner `reps` times in A B A B order (after the caller's warm-up);
+    returns {name: {"median": s, "min": s, "max": s}}."""
+    times = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {n: {"median": statistics.median(t), "min": min(t), "max": max(t)} for n, t in times.items()}
