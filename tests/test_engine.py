@@ -205,3 +205,48 @@ def test_compiled_decode_step_gives_the_same_tokens(lm):
             pass
         engine.outputs = [r.output_ids for r in reqs]
     assert plain.outputs == compiled.outputs
+
+
+# ---- the terminal front ends: `pocketlm generate` and `pocketlm chat` ------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(lm, tmp_path_factory):
+    from pocketlm.model import save_checkpoint
+
+    model, tok = lm
+    return save_checkpoint(tmp_path_factory.mktemp("cli") / "tiny", model, tok)
+
+
+def test_generate_verb_streams_the_continuation(lm, checkpoint, capsys):
+    from pocketlm.cli import main
+    from pocketlm.infer.generate import encode_completion
+
+    model, tok = lm
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "ROMEO:", "--temperature", "0",
+                 "--max-new-tokens", "25", "--dtype", "fp32"]) == 0
+    expected = tok.decode(reference_greedy(model, encode_completion(tok, "ROMEO:"), 25))
+    assert capsys.readouterr().out == "ROMEO:" + expected + "\n"
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_chat_verb_keeps_history_and_obeys_commands(lm, checkpoint, capsys, monkeypatch):
+    import io
+
+    from pocketlm.cli import main
+    from pocketlm.infer.generate import encode_chat
+
+    model, tok = lm
+
+    def reply(messages):
+        return tok.decode(reference_greedy(model, encode_chat(tok, messages), 15))
+
+    lines = ["Good morrow.", "And to you?", "/system Speak in verse.", "/reset", "Hail!", "/nonsense", "/quit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "15", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    first = reply([{"role": "user", "content": "Good morrow."}])
+    second = reply([{"role": "user", "content": "Good morrow."}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "And to you?"}])
+    third = reply([{"role": "system", "content": "Speak in verse."}, {"role": "user", "content": "Hail!"}])
+    assert out.index(first) < out.index(second) < out.index("(conversation cleared)") < out.index(third)
+    assert "unknown command /nonsense" in out

@@ -86,8 +86,9 @@ HELP = "commands: /reset clears the conversation, /system TEXT sets the system p
 
 
 def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
-              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict]:
+              read: Callable[[str], str] = input, out: TextIO | None = None) -> list[dict]:
     """A terminal conversation: each turn is sent with the whole history; returns the history."""
+    out = out or sys.stdout
     history: list[dict] = []
     out.write(f"chatting with a {engine.model.num_params() / 1e6:.0f}M-parameter model. {HELP}\n")
     while True:
