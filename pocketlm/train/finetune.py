@@ -153,6 +153,7 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
     val_enc, val_dropped = encode_examples(tokenizer, val_ex, max_len)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
+    torch.manual_seed(train_cfg.seed)  # the adapters' initial A matrices: the same on every rank and every run
     if ft.lora:
         if adapter:  # continue training an existing adapter
             apply_adapter(model, adapter, merge=False, dropout=ft.lora_dropout)

@@ -1,0 +1,111 @@
+"""`pocketlm finetune` end to end on tiny models: learning, LoRA adapters on disk, exact resume,
+early stopping with the best adapter kept, full fine-tuning, config errors."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocketlm.cli import main
+from pocketlm.model import GPT, ModelConfig, load_model, save_checkpoint
+from pocketlm.model.lora import lora_modules
+from pocketlm.tokenizer import Tokenizer
+
+FAST = ["--train.batch_size=8", "--train.seq_len=64", "--train.log_every=1", "--train.dtype=fp32", "--train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    tok = Tokenizer.load(tokenizer_dir)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48, block_size=128))
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    save_checkpoint(path, model, tok)
+    return path
+
+
+def keyword_data(path, n, seed=0, flip=False):
+    """The label is told by one word of the text: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = rng.random() < 0.5
+        word = rng.choice(["sweet", "fair", "gentle"] if good else ["foul", "vile", "base"])
+        label = "pos" if good != flip else "neg"
+        rows.append({"text": word, "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def finetune(*args):
+    assert main(["finetune", *map(str, args)]) == 0
+
+
+def test_full_finetune_learns_a_classification_task_and_eval_reads_its_task(base, tmp_path, capsys):
+    train, dev = keyword_data(tmp_path / "train.jsonl", 200), keyword_data(tmp_path / "dev.jsonl", 40, seed=1)
+    run = tmp_path / "run"
+    finetune("--model", base, "--data", train, "--val-data", dev, "--out", run, "--max-steps", 100,
+             "--labels", "neg=no,pos=yes", "--train.lr=1e-2", "--train.batch_size=16", "--train.eval_every=40", *FAST)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--task", "classification", "--data", str(dev), "--dtype", "fp32"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["task_spec"]["labels"] == {"neg": "no", "pos": "yes"}  # from run/task.json
+    assert r["likelihood"]["accuracy"] >= 0.9
+    assert r["generation"]["accuracy"] >= 0.9
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert val[-1] < val[0] and (run / "loss.png").exists()
+
+
+def test_lora_run_writes_a_peft_adapter_and_resumes_exactly(base, tmp_path):
+    train = keyword_data(tmp_path / "train.jsonl", 60)
+    common = ["--model", base, "--data", train, "--lora", "--lora-rank", 4, "--train.schedule=constant",
+              "--train.eval_every=100", *FAST]
+    finetune(*common, "--out", tmp_path / "straight", "--max-steps", 6)
+    finetune(*common, "--out", tmp_path / "resumed", "--max-steps", 3)
+    finetune(*common, "--out", tmp_path / "resumed", "--max-steps", 6, "--resume")
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained
+    cfg = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+    assert (tmp_path / "straight" / "adapter" / "task.json").exists()
+    # the base weights did not move: only the adapters were trained
+    model, _ = load_model(base)
+    from pocketlm.model.lora import apply_adapter
+    adapted = apply_adapter(model, tmp_path / "straight", merge=False)
+    assert len(lora_modules(adapted)) == 2 * 7
+
+
+def test_early_stopping_keeps_the_best_adapter(base, tmp_path):
+    # validation labels are the opposite of training's: the better the fit, the worse validation gets
+    train = keyword_data(tmp_path / "train.jsonl", 120)
+    val = keyword_data(tmp_path / "val.jsonl", 24, seed=5, flip=True)
+    run = tmp_path / "run"
+    finetune("--model", base, "--data", train, "--val-data", val, "--out", run, "--lora", "--max-steps", 200,
+             "--train.lr=1e-2", "--train.eval_every=3", "--train.early_stopping_patience=2", *FAST)
+    result = json.loads((run / "results.json").read_text())
+    assert "early stopping" in result["stop_reason"] and result["step"] < 200
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert result["best_val_loss"] == pytest.approx(min(val_losses))
+    best = load_file(str(run / "checkpoints" / "best" / "adapter_model.safetensors"))
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_dropout_override_and_config_errors(base, tmp_path, capsys):
+    train = keyword_data(tmp_path / "train.jsonl", 40)
+    run = tmp_path / "run"
+    finetune("--model", base, "--data", train, "--out", run, "--max-steps", 2, "--model.dropout=0.2", *FAST)
+    assert json.loads((run / "config.json").read_text())["dropout"] == 0.2
+    args = ["finetune", "--model", str(base), "--data", str(train), "--out", str(tmp_path / "x")]
+    assert main(args + ["--model.n_layer=3"]) == 2
+    assert "only model.dropout applies" in capsys.readouterr().err
+    assert main(args + ["--finetune.lora_rnk=3"]) == 2
+    assert "unknown finetune keys ['lora_rnk']" in capsys.readouterr().err
+    assert main(args + ["--lora", "--lora-targets", "q_proj,wq"]) == 2
+    assert "lora target 'wq'" in capsys.readouterr().err
