@@ -136,7 +136,10 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             result[k] = all_reduce_mean(torch.tensor(result[k], device=dist.device)).item()
         return result
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
+    # a time-budgeted run shows its progress in seconds of the budget, otherwise in steps
+    bar = tqdm(total=round(budget) if budget else cfg.max_steps, initial=round(state["elapsed"]) if budget else step,
+               unit="s" if budget else "step", desc="train", disable=not dist.is_main, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     t_start = time.perf_counter() - state["elapsed"]
     t_window, window_steps = time.perf_counter(), 0
     last_eval: dict = {}
@@ -176,9 +179,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             t_window, window_steps = time.perf_counter(), 0
             log.write({"step": step, "loss": loss_value, "lr": optimizers[0].param_groups[0]["lr"],
                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": state["elapsed"]})
-            left = f"{max(0, budget - state['elapsed']) / 60:.1f}m" if budget else ""
-            bar.set_postfix_str(f"loss {loss_value:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}" + (f" | budget left {left}" if left else ""))
-        bar.update(1)
+            bar.set_postfix_str(f"step {step} | loss {loss_value:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}")
+        bar.update(min(round(state["elapsed"]), bar.total) - bar.n if budget else 1)
 
         last = step == cfg.max_steps
         if step % cfg.eval_every == 0 and not last:
