@@ -116,3 +116,13 @@ def test_eval_errors(tiny, tmp_path, capsys):
     assert "bad.jsonl:2: field 'text'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny), "--task", "qa", "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "classification data, but the task is qa" in capsys.readouterr().err
+
+
+def test_generated_replies_are_matched_to_label_words():
+    from pocketlm.eval.tasks import _match_label
+
+    names = ["negative", "positive"]
+    assert _match_label(" Positive.", names) == "positive"
+    assert _match_label("The sentiment of this review is negative.", names) == "negative"
+    assert _match_label("It is not positive, it is negative", names) is None  # both words: undecided
+    assert _match_label("meh", names) is None

@@ -128,7 +128,12 @@ def _match_label(text: str, names: list[str]) -> str | None:
         if t == name.lower():
             return name
     starts = [n for n in names if t.startswith(n.lower())]
-    return max(starts, key=len) if starts else None
+    if starts:
+        return max(starts, key=len)
+    # a sentence ("The sentiment of this review is positive."): the one label word it contains
+    words = set(t.translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
+    found = [n for n in names if n.lower() in words]
+    return found[0] if len(found) == 1 else None
 
 
 def eval_classification(model, tokenizer, spec: TaskSpec, examples, batch_size: int = 8, dtype: str = "bf16",
@@ -153,7 +158,8 @@ def eval_classification(model, tokenizer, spec: TaskSpec, examples, batch_size: 
                     preds.append(names[max(range(len(names)), key=s.__getitem__)])
             result["likelihood"] = classification_report(gold, preds, names)
         if "generation" in methods:
-            longest = max(len(tokenizer.encode(n)) for n in names)
+            # room for a short sentence around the label: a model that was not fine-tuned rarely says one word
+            longest = max(max(len(tokenizer.encode(n)) for n in names), 10)
             prompts = [prompt_ids(tokenizer, ex.messages) for ex in examples]
             with tqdm(total=len(prompts), desc="eval classification (generation)", unit="ex") as bar:
                 replies = greedy_generate(model, prompts, longest + 2, tokenizer.stop_ids, batch_size, bar)
