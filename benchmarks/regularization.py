@@ -2,7 +2,7 @@
 training set (64 sentences), once without regularization and once with dropout, weight decay and
 early stopping; plots train and validation loss of both runs and scores each final adapter on dev.
 
-    .venv/bin/python benchmarks/regularization.py [--out runs/regularization] [--steps 120]
+    .venv/bin/python benchmarks/regularization.py [--out runs/regularization] [--steps 60]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def plot(runs: dict, file: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for (name, run), color in zip(runs.items(), ("tab:red", "tab:blue")):
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
@@ -53,13 +53,16 @@ def plot(runs: dict, file: Path):
         result = json.loads((run / "results.json").read_text())
         if "best_val_loss" in result:
             best = min(val, key=lambda v: v[1])
-            axes[1].annotate("best (kept)", best, textcoords="offset points", xytext=(0, -18), ha="center", color=color)
-    axes[0].set_title("train loss (per micro-batch)")
+            axes[1].plot(*best, "*", color=color, ms=14)
+            axes[1].annotate("kept (best)", best, textcoords="offset points", xytext=(0, 10), ha="center", color=color)
+    axes[0].set_yscale("log")
+    axes[0].set_title("train loss (per micro-batch, log scale)")
     axes[1].set_title("validation loss")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats per reply token)")
+    axes[1].set_ylabel("loss (nats per reply token)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file)
@@ -69,9 +72,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(GGUF))
     ap.add_argument("--out", default=str(REPO / "runs" / "regularization"))
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--train-size", type=int, default=64)
-    ap.add_argument("--dev-limit", type=int, default=300)
+    ap.add_argument("--dev-limit", type=int, default=200)
     ap.add_argument("--plot", default=str(REPO / "docs" / "regularization.png"))
     args = ap.parse_args()
     print_machine(2)
@@ -86,8 +89,8 @@ def main():
         run = out / f"run{i}"
         argv = ["finetune", "--model", args.model, "--data", str(train), "--val-data", str(val), "--out", str(run),
                 "--lora", "--lora-rank", "16", "--lora-alpha", "32", "--max-steps", str(args.steps), *TASK,
-                "--train.batch_size=8", "--train.lr=2e-3", "--train.eval_every=10", "--train.eval_batches=16",
-                "--train.warmup_steps=10", "--train.log_every=2", "--train.schedule=constant", *extra]
+                "--train.batch_size=8", "--train.lr=2e-3", f"--train.eval_every={max(1, args.steps // 12)}",
+                "--train.eval_batches=16", "--train.warmup_steps=5", "--train.log_every=1", "--train.schedule=constant", *extra]
         assert cli(argv) == 0
         runs[name] = run
         r = json.loads((run / "results.json").read_text())

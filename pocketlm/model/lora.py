@@ -57,9 +57,12 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # cast the input once, not once per matmul
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         y = F.linear(x, self.weight, self.bias)
-        z = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + z * self.scaling
+        # the scaling goes into the small B matrix rather than over the (tokens x out) result
+        z = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), (self.lora_B * self.scaling).to(x.dtype))
+        return y + z
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
