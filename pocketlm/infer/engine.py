@@ -75,13 +75,20 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
 
 
-@dataclass
 class CacheRows:
-    """Rows start:end of a KVCache, as views: the model fills them in place, in the cache's memory."""
-    k: torch.Tensor
-    v: torch.Tensor
-    lengths: torch.Tensor
-    max_len: int
+    """Rows start:stop of the engine's KVCache, as views the model fills in place. The engine keeps
+    every row's length in Python too, so the cache's shape questions (end, mask, update: the same
+    code as KVCache's) are answered without reading a tensor back: the decode step compiles whole."""
+    end, mask, update = KVCache.end, KVCache.mask, KVCache.update
+
+    def __init__(self, cache: KVCache, start: int, stop: int, lengths: list[int]):
+        self.k, self.v = cache.k[:, start:stop], cache.v[:, start:stop]
+        self.lengths = cache.lengths[start:stop]
+        self.max_len = cache.max_len
+        self.known = lengths
+
+    def host_lengths(self) -> list[int]:
+        return self.known
 
 
 _ids = itertools.count()
@@ -132,16 +139,27 @@ class Engine:
         self.device = param.device
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
+        self.lengths = [0] * max_batch  # positions each cache row holds (the cache's lengths, host side)
         self.waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.forward = torch.compile(model, dynamic=True) if compile else model
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
+        # weights frozen into the compiled graph: inductor prepacks them for oneDNN (the fast bf16 path)
+        self.forward = torch.compile(model, options={"freezing": True}) if compile else model
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.cache.k.numel() * self.cache.k.element_size() * 2
+
+    def warmup(self) -> None:
+        """Run a few throwaway requests so a compiled decode step is compiled now, for one row and for
+        several (the second shape makes torch.compile generalise), not during the first real request."""
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        for n in sorted({1, min(2, self.max_batch)}):
+            for _ in range(n):
+                self.submit([0, 1], params)
+            while self.step():
+                pass
 
     # ---- submitting ----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams,
@@ -232,9 +250,8 @@ class Engine:
             if r is not None and r.cancelled and not r.finished:
                 self._finish(r, "cancelled")
 
-    def _rows(self, start: int, end: int) -> "CacheRows":
-        c = self.cache
-        return CacheRows(c.k[:, start:end], c.v[:, start:end], c.lengths[start:end], c.max_len)
+    def _rows(self, start: int, stop: int) -> CacheRows:
+        return CacheRows(self.cache, start, stop, self.lengths[start:stop])
 
     def _prefill(self, req: Request):
         p = req.params
@@ -243,25 +260,24 @@ class Engine:
         if p.repetition_penalty != 1.0:
             req._seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
             req._seen[req.prompt_ids] = True
-        self.cache.lengths[req.slot] = 0
-        row = self._rows(req.slot, req.slot + 1)
+        self.cache.lengths[req.slot] = self.lengths[req.slot] = 0
         ids = torch.tensor([req.prompt_ids], device=self.device)
         for start in range(0, ids.size(1), PREFILL_CHUNK):
-            logits = self.model(ids[:, start:start + PREFILL_CHUNK], cache=row)
-        self.stats["prompt_tokens"] += len(req.prompt_ids)
+            chunk = ids[:, start:start + PREFILL_CHUNK]
+            logits = self.model(chunk, cache=self._rows(req.slot, req.slot + 1))
+            self.lengths[req.slot] += chunk.size(1)
         self._accept(req, self._sample(req, logits[0, -1]))
 
     def _decode(self, running: list[Request]):
         n = max(r.slot for r in running) + 1  # rows 0..n-1; idle rows among them compute a throwaway token
-        tokens = torch.zeros(n, 1, dtype=torch.long)
-        idle = torch.ones(n, dtype=torch.bool)
+        tokens = [0] * n
         for r in running:
-            tokens[r.slot, 0] = r.output_ids[-1]
-            idle[r.slot] = False
-        lengths = self.cache.lengths[:n]
-        lengths.masked_fill_(idle, 0)  # keep idle rows at position 0 so they never run off the end
-        logits = self.forward(tokens.to(self.device), cache=self._rows(0, n))[:, -1]
-        self.stats["steps"] += 1
+            tokens[r.slot] = r.output_ids[-1]
+        for i in set(range(n)) - {r.slot for r in running}:
+            self.cache.lengths[i] = self.lengths[i] = 0  # idle rows stay at position 0, never run off the end
+        logits = self.forward(torch.tensor(tokens, device=self.device)[:, None], cache=self._rows(0, n))[:, -1]
+        for i in range(n):
+            self.lengths[i] += 1
         greedy = [r for r in running if r.params.greedy and r._seen is None]
         if greedy:
             best = logits.argmax(-1).tolist()
@@ -277,11 +293,10 @@ class Engine:
         if req.t_first_token is None:
             req.t_first_token = time.perf_counter()
         req.output_ids.append(token)
-        self.stats["completion_tokens"] += 1
         if req._seen is not None:
             req._seen[token] = True
         p = req.params
-        if token in self.stop_ids or token in p.stop_token_ids:
+        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
             req.text += req._decoder.flush()
             if p.stop:
                 self._cut_at_stop(req)
@@ -309,7 +324,6 @@ class Engine:
     def _finish(self, req: Request, reason: str):
         req.finish_reason = reason
         req.t_done = time.perf_counter()
-        self.stats["requests"] += 1
         if req.slot >= 0 and self.slots[req.slot] is req:
             self.slots[req.slot] = None
         self._emit(req, req.text[req._sent:] if reason in ("stop", "length") else "", reason)

@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None          # same seed, same prompt, same settings: the same reply
     stop: list[str] = field(default_factory=list)            # strings that end the reply (not included)
     stop_token_ids: list[int] = field(default_factory=list)  # extra tokens that end it (beside the tokenizer's)
+    ignore_eos: bool = False         # run past the tokenizer's end tokens (benchmarks want fixed lengths)
 
     def __post_init__(self):
         self.validate()

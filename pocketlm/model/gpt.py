@@ -114,6 +114,40 @@ class KVCache(nn.Module):
         else:
             self.lengths[rows] = 0
 
+    def host_lengths(self) -> list[int]:
+        """`lengths` as Python ints. The shapes below depend on them; the serving engine, which tracks
+        them itself, overrides this so a compiled decode step never reads a tensor back."""
+        return self.lengths.tolist()
+
+    def end(self, T: int) -> int:
+        """Positions attention covers once T new tokens are written: the longest row's length + T."""
+        return max(self.host_lengths()) + T
+
+    def mask(self, positions):
+        """(B, 1, T, end) bool: a query at position p sees keys 0..p of its own row; None when plain
+        causal attention is right (one row, and one new token or a prefill from position 0)."""
+        B, T = positions.shape
+        if B == 1 and (T == 1 or self.host_lengths()[0] == 0):
+            return None
+        keys = torch.arange(self.end(T), device=positions.device)
+        return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def update(self, layer: int, k, v):
+        """Write new keys/values (B, H, T, D) at each row's own positions; return what attention reads."""
+        B, T = k.size(0), k.size(2)
+        ck, cv = self.k[layer], self.v[layer]
+        if B == 1:
+            start = self.host_lengths()[0]
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            return ck[:, :, :start + T], cv[:, :, :start + T]
+        pos = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None]
+        ck[rows, :, pos] = k.transpose(1, 2)
+        cv[rows, :, pos] = v.transpose(1, 2)
+        end = self.end(T)
+        return ck[:, :, :end], cv[:, :, :end]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -136,7 +170,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = self._update_cache(cache, k, v)
+            k, v = cache.update(self.layer_idx, k, v)
         dropout = cfg.dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
         if mask is None:  # training / full prefill from position 0: the fused causal kernel
@@ -145,22 +179,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
         return self.resid_dropout(self.o_proj(y))
-
-    def _update_cache(self, cache, k, v):
-        T = k.size(2)
-        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        B = k.size(0)
-        if B == 1:
-            start = int(cache.lengths[0])
-            ck[:, :, start:start + T] = k
-            cv[:, :, start:start + T] = v
-            return ck[:, :, :start + T], cv[:, :, :start + T]
-        pos = cache.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
-        rows = torch.arange(B, device=k.device)[:, None]
-        ck[rows, :, pos] = k.transpose(1, 2)
-        cv[rows, :, pos] = v.transpose(1, 2)
-        end = int((cache.lengths.max()) + T)
-        return ck[:, :, :end], cv[:, :, :end]
 
 
 class MLP(nn.Module):
@@ -240,14 +258,13 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
-    def _rope(self, positions, T: int, device):
-        """cos/sin for the positions: a slice when they are 0..T-1 (training), a gather otherwise."""
-        need = T if positions is None else int(positions.max()) + 1
-        if self._rope_cache is None or self._rope_cache[0].size(0) < need or self._rope_cache[0].device != device:
-            self._rope_cache = rope_tables(self.cfg, max(need, self.cfg.block_size), device)
+    def _rope(self, positions, end: int, device):
+        """cos/sin for the positions (all < end): a slice when they are 0..end-1 (training), a gather otherwise."""
+        if self._rope_cache is None or self._rope_cache[0].size(0) < end or self._rope_cache[0].device != device:
+            self._rope_cache = rope_tables(self.cfg, max(end, self.cfg.block_size), device)
         cos, sin = self._rope_cache
         if positions is None:
-            return cos[None, None, :T], sin[None, None, :T]
+            return cos[None, None, :end], sin[None, None, :end]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
@@ -260,8 +277,8 @@ class GPT(nn.Module):
         positions = mask = None  # no cache: positions 0..T-1, plain causal attention (compile-friendly)
         if cache is not None:
             positions = cache.lengths[:, None] + torch.arange(T, device=device)
-            mask = self._cache_mask(cache, positions)
-        end = T if cache is None else int(positions.max()) + 1
+            mask = cache.mask(positions)
+        end = T if cache is None else cache.end(T)
         if end > self.cfg.block_size and self.cfg.arch == "gpt2":
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
         x = self.embed_tokens(idx)
@@ -269,7 +286,7 @@ class GPT(nn.Module):
         if self.cfg.arch == "gpt2":
             x = x + (self.embed_positions.weight[:T] if cache is None else self.embed_positions(positions))
         else:
-            rope = self._rope(positions, T, device)
+            rope = self._rope(positions, end, device)
         x = self.embed_dropout(x)
         for layer in self.layers:
             x = layer(x, rope, cache, mask)
@@ -284,16 +301,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
-
-    @staticmethod
-    def _cache_mask(cache: KVCache, positions):
-        B, T = positions.shape
-        if B == 1 and (T == 1 or int(cache.lengths[0]) == 0):
-            return None  # one new token sees every cached key; a fresh prefill is plain causal
-        end = int(cache.lengths.max()) + T
-        keys = torch.arange(end, device=positions.device)
-        # a query at position p sees keys 0..p of its own row
-        return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
