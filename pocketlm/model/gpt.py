@@ -296,7 +296,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)
         scored = targets != -100
-        if not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
+        # (a compiled graph keeps the full head rather than break on a data-dependent branch)
+        if not torch.compiler.is_compiling() and not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
             x, targets = x[scored], targets[scored]
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
