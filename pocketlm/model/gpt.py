@@ -294,7 +294,7 @@ class GPT(nn.Module):
             cache.lengths += T
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x)
+            return self.lm_head(x.to(self.lm_head.weight.dtype))  # the engine may keep the head in fp32
         scored = targets != -100
         # (a compiled graph keeps the full head rather than break on a data-dependent branch)
         if not torch.compiler.is_compiling() and not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
