@@ -178,6 +178,24 @@ def test_oversized_body_gets_413(app_client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def test_a_chat_template_that_refuses_the_messages_gives_400(lm):
+    from fastapi.testclient import TestClient
+
+    from pocketlm.tokenizer import Tokenizer
+
+    model, tok = lm
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('a conversation starts with a user turn') }}"
+                "{% endif %}{{ messages[0]['content'] }}")
+    strict = Tokenizer(tok.hf, {**tok.config, "chat_template": template})
+    with TestClient(create_app(Engine(model, strict, max_batch=1, max_seq_len=48), "tiny")) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                 "messages": [{"role": "assistant", "content": "Hi"}]})
+        assert r.status_code == 400 and "starts with a user turn" in r.json()["error"]["message"]
+        ok = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+        assert ok.status_code == 200
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=30),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)

@@ -30,7 +30,11 @@ def load_engine(source, *, dtype: str = "bf16", max_batch: int = 1, max_seq_len:
     model, tokenizer = load_model(source)
     if tokenizer is None:
         raise ValueError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
-    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype], compile=compile)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype], compile=compile)
+    if compile:
+        print("compiling the decode step (a minute or more on a small CPU)...", file=sys.stderr, flush=True)
+        engine.warmup()
+    return engine
 
 
 def encode_completion(tokenizer: Tokenizer, text: str) -> list[int]:

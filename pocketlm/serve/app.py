@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -188,7 +189,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = encode_chat(engine.tokenizer, messages)
-        except (TokenizerError, ValueError) as e:  # the model's template refused these messages
+        except (TokenizerError, TemplateError, ValueError) as e:  # the model's template refused these messages
             raise APIError(400, f"messages: {e}", param="messages") from None
         params = prepare(body, ids, body.max_completion_tokens or body.max_tokens)
         return await respond(body, ids, params, request, chat=True)
