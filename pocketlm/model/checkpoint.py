@@ -13,6 +13,7 @@ leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,23 +40,22 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_checkpoint(path, model: GPT, tokenizer: Tokenizer | None, state: dict | None = None,
-                    optimizer_state: dict | None = None, extra_config: dict | None = None) -> Path:
-    path = Path(path)
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield a temporary sibling directory; on success its files are fsynced and it replaces `path`
+    by rename, so readers see the old directory or the complete new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **(extra_config or {})}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optim.pt")
-    if state is not None:
-        (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
@@ -63,6 +63,20 @@ def save_checkpoint(path, model: GPT, tokenizer: Tokenizer | None, state: dict |
         shutil.rmtree(old)
     else:
         tmp.rename(path)
+
+
+def save_checkpoint(path, model: GPT, tokenizer: Tokenizer | None, state: dict | None = None,
+                    optimizer_state: dict | None = None, extra_config: dict | None = None) -> Path:
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **(extra_config or {})}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optim.pt")
+        if state is not None:
+            (tmp / "state.json").write_text(json.dumps(state))
     return path
 
 

@@ -15,17 +15,14 @@ pre-tokenizer replaces the one in tokenizer.json, so a pocketlm-trained tokenize
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pocketlm.model.checkpoint import CheckpointError
+from pocketlm.model.checkpoint import CheckpointError, atomic_dir
 from pocketlm.model.gpt import GPT, ModelConfig
 from pocketlm.tokenizer import Tokenizer
 
@@ -271,26 +268,6 @@ def load_hf(folder, device="cpu", dtype=torch.float32) -> tuple[GPT, Tokenizer]:
     return model, tokenizer
 
 
-@contextmanager
-def _atomic_dir(path: Path):
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-
-
 def export_hf(model: GPT, tokenizer: Tokenizer, out) -> Path:
     """Write a folder that transformers' Auto classes load with no custom code."""
     if tokenizer is None:
@@ -301,7 +278,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out) -> Path:
     stops = tokenizer.stop_ids
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else tokenizer.eos_id,
                   "pad_token_id": config["pad_token_id"]}
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({k: v.float() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2))
