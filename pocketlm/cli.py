@@ -46,7 +46,8 @@ def _add_sampling_args(sp, max_new_tokens=200):
     sp.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
     sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (1: off)")
     sp.add_argument("--seed", type=int, default=None)
-    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="weights and KV cache precision")
+    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="weights and KV cache precision (one stream: fp32 decodes faster on CPU; see benchmarks/decode_speed.py)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
     sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 
@@ -80,7 +81,7 @@ def _add_serving_verbs(sub):
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
-    sv.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    sv.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16: half the memory, 2x fp32 when batching")
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     sv.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     sv.set_defaults(func=_serve)

@@ -18,7 +18,7 @@ from pocketlm.tokenizer import Tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_engine(source, *, dtype: str = "bf16", max_batch: int = 1, max_seq_len: int | None = None,
+def load_engine(source, *, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None,
                 compile: bool = False, threads: int | None = None) -> Engine:
     """An Engine over a run, checkpoint, Hugging Face folder or .gguf file."""
     from pocketlm.model import load_model
