@@ -94,7 +94,7 @@ def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
     """A terminal conversation: each turn is sent with the whole history; returns the history."""
     out = out or sys.stdout
     history: list[dict] = []
-    out.write(f"chatting with a {engine.model.num_params() / 1e6:.0f}M-parameter model. {HELP}\n")
+    out.write(f"chatting with a {engine.model.num_params(non_embedding=False) / 1e6:.0f}M-parameter model. {HELP}\n")
     while True:
         try:
             line = read("you> ")
