@@ -90,6 +90,15 @@ def engine_decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> tupl
     return len(prompts) * (n - 1) / (t_n - t_1), run(n)[0].output_ids
 
 
+def bytes_read_per_token(model) -> int:
+    """Every weight is read once per decoded token, except the embedding table (one row), unless it
+    is also the LM head (tied): the engine keeps an fp32 head beside bf16 weights."""
+    params = {id(p): p for p in model.parameters()}
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        params.pop(id(model.embed_tokens.weight))
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
 
@@ -122,10 +131,14 @@ def main():
     results = {}
     for name in args.dtypes:
         dtype = DTYPES[name]
-        model = copy.deepcopy(base).to(dtype)
-        engines = {"pocketlm": Engine(model, tok, max_batch=1, max_seq_len=max_len)}
+
+        def make_engine(**kw):  # each on its own copy, prepared as `pocketlm serve --dtype` prepares it
+            return Engine(copy.deepcopy(base), tok, max_seq_len=max_len, dtype=dtype, **kw)
+
+        engines = {"pocketlm": make_engine(max_batch=1)}
         if args.compile:
-            engines["pocketlm+compile"] = Engine(model, tok, max_batch=1, max_seq_len=max_len, compile=True)
+            engines["pocketlm+compile"] = make_engine(max_batch=1, compile=True)
+        model = engines["pocketlm"].model
         hf = copy.deepcopy(hf_base).to(dtype) if hf_base is not None else None
         rates = {k: [] for k in (["transformers"] if hf is not None else []) + list(engines)}
         tokens = {}
@@ -145,10 +158,10 @@ def main():
                     rates[k].append(rate)
                 print(f"[{name}] rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
             best = max(engines, key=lambda k: statistics.median(rates[k]))
-            batch = Engine(model, tok, max_batch=args.streams, max_seq_len=max_len, compile=best != "pocketlm")
+            batch = make_engine(max_batch=args.streams, compile=best != "pocketlm")
             engine_decode_rate(batch, prompts, 8)
             streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+        weight_bytes = bytes_read_per_token(model)
         kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * dtype.itemsize * \
             (len(prompts[0]) + args.new_tokens / 2)
         res = {k: summary(v) for k, v in rates.items()}
