@@ -56,3 +56,18 @@ def test_dropout_only_in_training():
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_rows_equal_separate_examples(arch):
+    """Two examples packed in one row with doc_ids give the logits each gives alone: no attention
+    across the boundary, positions restart at the second example."""
+    torch.manual_seed(0)
+    kv = 2 if arch == "llama" else None
+    m = GPT(ModelConfig(arch=arch, vocab_size=100, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=32)).eval()
+    a, b = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 7))
+    packed = m(torch.cat([a, b], 1), doc_ids=torch.tensor([[0] * 5 + [1] * 7]))
+    torch.testing.assert_close(packed[:, :5], m(a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[:, 5:], m(b), atol=1e-5, rtol=0)
+    unpacked = m(torch.cat([a, b], 1))
+    assert not torch.allclose(unpacked[:, 5:], m(b), atol=1e-3)  # without doc_ids the second example sees the first

@@ -94,6 +94,19 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def packed_positions_and_mask(doc_ids):
+    """For rows packed with several examples: each token's position within its example, and a
+    (B, 1, T, T) mask letting a token see earlier tokens of its own example only."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # index where each token's example starts
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return idx - first, (same & causal).unsqueeze(1)
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values for every layer; `lengths[b]` is how many positions row b holds.
 
@@ -267,24 +280,30 @@ class GPT(nn.Module):
             return cos[None, None, :end], sin[None, None, :end]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, doc_ids=None):
         """idx: (B, T) token ids. With a cache, the new tokens start at cache.lengths[b] in row b
         and the cache is advanced. Returns logits, or (logits, mean loss) when targets are given.
         Targets equal to -100 are ignored; when some are (fine-tuning scores only the replies), the
-        head runs only where there is a target and the logits returned are those rows, (n_scored, V)."""
+        head runs only where there is a target and the logits returned are those rows, (n_scored, V).
+        doc_ids (B, T), for packed rows: which example each token belongs to (non-decreasing along a
+        row). Tokens attend only within their own example and positions restart at each example."""
         B, T = idx.shape
         device = idx.device
         positions = mask = None  # no cache: positions 0..T-1, plain causal attention (compile-friendly)
         if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed rows) is for training and scoring, not with a KV cache")
             positions = cache.lengths[:, None] + torch.arange(T, device=device)
             mask = cache.mask(positions)
+        elif doc_ids is not None:
+            positions, mask = packed_positions_and_mask(doc_ids)
         end = T if cache is None else cache.end(T)
         if end > self.cfg.block_size and self.cfg.arch == "gpt2":
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.arch == "gpt2":
-            x = x + (self.embed_positions.weight[:T] if cache is None else self.embed_positions(positions))
+            x = x + (self.embed_positions.weight[:T] if positions is None else self.embed_positions(positions))
         else:
             rope = self._rope(positions, end, device)
         x = self.embed_dropout(x)
