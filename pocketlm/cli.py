@@ -38,7 +38,13 @@ def _generate(args):
     generate_cli(args)
 
 
+def _add_adapter_arg(sp):
+    sp.add_argument("--adapter", help="LoRA adapter folder (PEFT format, or a LoRA fine-tuning run) applied on top "
+                                      "of --model; merged into the weights at load, so it costs nothing per token")
+
+
 def _add_sampling_args(sp, max_new_tokens=200):
+    _add_adapter_arg(sp)
     sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     sp.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     sp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -74,6 +80,7 @@ def _add_serving_verbs(sub):
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page at /")
     sv.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
+    _add_adapter_arg(sv)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the file or folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)

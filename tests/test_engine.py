@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from tiny_lm import clone, reference_greedy, tiny_lm
+from tiny_lm import clone, reference_greedy, tiny_adapter, tiny_lm
 
 from pocketlm.infer.engine import ContextLengthError, Engine, StreamDecoder
 from pocketlm.infer.sampling import SamplingParams
@@ -228,6 +228,31 @@ def test_generate_verb_streams_the_continuation(lm, checkpoint, capsys):
     assert capsys.readouterr().out == "ROMEO:" + expected + "\n"
     assert main(["generate", "--model", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_generate_and_chat_apply_an_adapter(lm, checkpoint, tmp_path, capsys, monkeypatch):
+    import io
+
+    from pocketlm.cli import main
+    from pocketlm.infer.generate import encode_chat, encode_completion
+
+    model, tok = lm
+    adapter, merged = tiny_adapter(model, tmp_path / "adapter")
+    ids = encode_completion(tok, "ROMEO:")
+    args = ["generate", "--model", str(checkpoint), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--adapter", str(adapter)]) == 0
+    adapted = capsys.readouterr().out
+    assert adapted == "ROMEO:" + tok.decode(reference_greedy(merged, ids, 20)) + "\n"
+    assert adapted != plain
+    monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow.\n/quit\n"))
+    assert main(["chat", "--model", str(checkpoint), "--adapter", str(adapter), "--temperature", "0",
+                 "--max-new-tokens", "15"]) == 0
+    messages = [{"role": "user", "content": "Good morrow."}]
+    assert tok.decode(reference_greedy(merged, encode_chat(tok, messages), 15)) in capsys.readouterr().out
+    assert main(args + ["--adapter", str(tmp_path / "missing")]) == 2
+    assert "not an adapter directory" in capsys.readouterr().err
 
 
 def test_chat_verb_keeps_history_and_obeys_commands(lm, checkpoint, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_lm import reference_greedy, running_server, tiny_lm
+from tiny_lm import reference_greedy, running_server, tiny_adapter, tiny_lm
 
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.generate import encode_chat, encode_completion
@@ -125,6 +125,18 @@ def test_two_concurrent_streams(server, lm):
     assert text_a == chat_reference(lm, conversations[0], 40)
     assert text_b == chat_reference(lm, conversations[1], 40)
     assert times_b[0] < times_a[-1] and times_a[0] < times_b[-1]  # decoded side by side, not one after the other
+
+
+def test_serve_applies_an_adapter(lm, server, tmp_path):
+    model, tok = lm
+    ckpt = save_checkpoint(tmp_path / "tiny", model, tok)
+    adapter, merged = tiny_adapter(model, tmp_path / "adapter")
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0}
+    with running_server(ckpt, "--adapter", str(adapter)) as url:
+        adapted = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    plain = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert adapted == tok.decode(reference_greedy(merged, encode_completion(tok, "ROMEO:"), 12))
+    assert adapted != plain
 
 
 def test_client_that_disconnects_frees_its_slot(server):

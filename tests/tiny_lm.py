@@ -68,6 +68,20 @@ def clone(model: GPT) -> GPT:
     return copy.eval()
 
 
+def tiny_adapter(model: GPT, out: Path, scale: float = 0.3) -> tuple[Path, GPT]:
+    """A PEFT-format LoRA adapter for `model` with random (nonzero) updates on every projection,
+    saved to `out`; returns its path and the merged model (base + adapter) to compare against."""
+    from pocketlm.model.lora import add_lora, apply_adapter, lora_modules, save_adapter
+
+    adapted = add_lora(clone(model), rank=4, alpha=8, targets="all")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(adapted).values():  # B starts at zero (a no-op); make it change the output
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * scale)
+    save_adapter(adapted, out)
+    return out, apply_adapter(clone(model), out).eval()
+
+
 def reference_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
     """n greedy tokens by recomputing the whole sequence each step (no KV cache)."""
     out = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=False)

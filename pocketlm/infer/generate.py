@@ -18,16 +18,17 @@ from pocketlm.tokenizer import Tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_engine(source, *, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None,
+def load_engine(source, *, adapter=None, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None,
                 compile: bool = False, threads: int | None = None) -> Engine:
-    """An Engine over a run, checkpoint, Hugging Face folder or .gguf file."""
-    from pocketlm.model import load_model
+    """An Engine over a run, checkpoint, Hugging Face folder or .gguf file, with an optional LoRA
+    adapter (PEFT format) folded into the weights, so it costs nothing per token."""
+    from pocketlm.model.lora import load_model_with_adapter
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model_with_adapter(source, adapter)
     if tokenizer is None:
         raise ValueError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype], compile=compile)
@@ -70,7 +71,7 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 
 
 def generate_cli(args) -> None:
-    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile, threads=args.threads)
+    engine = load_engine(args.model, adapter=args.adapter, dtype=args.dtype, compile=args.compile, threads=args.threads)
     params = sampling_from_args(args)
     tok = engine.tokenizer
     if args.chat:
@@ -144,5 +145,5 @@ def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -
 
 
 def chat_cli(args) -> None:
-    engine = load_engine(args.model, dtype=args.dtype, compile=args.compile, threads=args.threads)
+    engine = load_engine(args.model, adapter=args.adapter, dtype=args.dtype, compile=args.compile, threads=args.threads)
     chat_repl(engine, sampling_from_args(args), system=args.system)

@@ -359,7 +359,7 @@ def serve(args) -> None:
     from pocketlm.infer.generate import load_engine
 
     api_key = args.api_key or os.environ.get("POCKETLM_API_KEY") or None
-    engine = load_engine(args.model, dtype=args.dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+    engine = load_engine(args.model, adapter=args.adapter, dtype=args.dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                          compile=args.compile, threads=args.threads)
     name = args.model_name or Path(args.model).name
     print(f"pocketlm serve: {name}, {engine.max_batch} slots x {engine.max_seq_len} positions "
