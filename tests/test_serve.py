@@ -139,6 +139,24 @@ def test_serve_applies_an_adapter(lm, server, tmp_path):
     assert adapted != plain
 
 
+def test_chunked_body_over_the_limit_gets_413_and_is_not_read_to_the_end(server):
+    from pocketlm.serve.app import MAX_BODY_BYTES
+
+    sent = 0
+
+    def body():  # 256 MiB in chunks, with no Content-Length: the server must count and stop reading
+        nonlocal sent
+        for _ in range(4096):
+            sent += 65536
+            yield b" " * 65536
+
+    r = httpx.post(server + "/v1/completions", content=body(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert sent < 16 * MAX_BODY_BYTES  # the limit plus what socket buffers took, far from 256 MiB
+    ok = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
 def test_client_that_disconnects_frees_its_slot(server):
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0.8, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:

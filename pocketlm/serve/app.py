@@ -39,6 +39,12 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 2 * 1024 * 1024  # far beyond any prompt a 2k-token context can hold
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self):
+        # closing the connection is what makes the server stop reading; otherwise it drains the rest
+        super().__init__(413, f"the request body is over {MAX_BODY_BYTES} bytes", headers={"Connection": "close"})
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
@@ -141,8 +147,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
             return JSONResponse(error_body(f"the body could not be read as UTF-8 JSON ({e.detail})", code="invalid_json"),
                                 status_code=400)
-        return JSONResponse(error_body(str(e.detail), code={404: "not_found", 405: "method_not_allowed"}.get(e.status_code)),
-                            status_code=e.status_code)
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return JSONResponse(error_body(str(e.detail), code=codes.get(e.status_code)), status_code=e.status_code,
+                            headers=e.headers)
 
     app.add_middleware(Guard, api_key=api_key, metrics=metrics)
 
@@ -332,19 +339,34 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        received = 0
+
+        async def receive_within_limit():
+            # A chunked body has no Content-Length to refuse up front: count it as it arrives and stop
+            # reading at the limit (the route's body parsing turns this into the 413 response).
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise BodyTooLarge()
+            return message
+
         try:
             length = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             length = 0
         if length > MAX_BODY_BYTES:
-            refusal = JSONResponse(error_body(f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large"), 413)
+            too_large = BodyTooLarge()
+            refusal = JSONResponse(error_body(too_large.detail, code="request_too_large"), too_large.status_code,
+                                   headers=too_large.headers)
         elif self.api_key and path.startswith("/v1") and not self._authorized(headers):
             refusal = JSONResponse(error_body("missing or incorrect API key (send `Authorization: Bearer KEY`)",
                                               code="invalid_api_key"), 401)
         else:
             refusal = None
         try:
-            await (refusal or self.app)(scope, receive, send_and_note)
+            await (refusal or self.app)(scope, receive_within_limit, send_and_note)
         finally:
             self.metrics.request_done(path if path in KNOWN_PATHS else "other", status[0])
 
