@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pocketlm.model.gpt import GPT, KVCache, ModelConfig
+from pocketlm.model.gpt import GPT, CausalAttention, KVCache, ModelConfig, gelu_tanh
 
 
 @pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", 2), ("llama", 1)])
@@ -71,3 +71,23 @@ def test_packed_rows_equal_separate_examples(arch):
     torch.testing.assert_close(packed[:, 5:], m(b), atol=1e-5, rtol=0)
     unpacked = m(torch.cat([a, b], 1))
     assert not torch.allclose(unpacked[:, 5:], m(b), atol=1e-3)  # without doc_ids the second example sees the first
+
+
+def test_causal_attention_backward_matches_sdpa():
+    """The compiled-training attention (flash forward, matmul backward) has SDPA's values and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 37, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    out = CausalAttention.apply(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_forms_agree():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    compiled = torch.compile(gelu_tanh, backend="eager")(x)  # takes the sigmoid form
+    torch.testing.assert_close(compiled, torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-12, rtol=0)

@@ -107,6 +107,41 @@ def packed_positions_and_mask(doc_ids):
     return idx - first, (same & causal).unsqueeze(1)
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal attention for compiled CPU training: the fused flash kernel forward, and a backward
+    that rebuilds the probabilities from the saved log-sum-exp with batched matmuls. Inductor fuses
+    the element-wise part; that runs ~1.8x faster than the CPU flash backward at T=256 (measured)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, T = q.size(-1) ** -0.5, q.size(-2)
+        p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).float() * scale - lse.unsqueeze(-1))
+        p = p.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), 0.0)
+        dv = p.to(dout.dtype).transpose(-1, -2) @ dout
+        dp = (dout @ v.transpose(-1, -2)).float()
+        delta = (dout.float() * out.float()).sum(-1, keepdim=True)
+        ds = (p * (dp - delta) * scale).to(q.dtype)
+        return ds @ k, ds.transpose(-1, -2) @ q, dv
+
+
+GELU_C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x):
+    # GPT-2's tanh GELU. Compiled, the identical sigmoid form is ~2x faster here (tanh vectorizes
+    # poorly on this CPU); eager, aten's fused kernel wins over the five ops.
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_C * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values for every layer; `lengths[b]` is how many positions row b holds.
 
@@ -186,7 +221,13 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         dropout = cfg.dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
-        if mask is None:  # training / full prefill from position 0: the fused causal kernel
+        if (mask is None and T > 1 and dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
+                and torch.compiler.is_compiling()):
+            if gqa:
+                rep = cfg.n_head // cfg.n_kv_head
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = CausalAttention.apply(q, k, v)
+        elif mask is None:  # training / full prefill from position 0: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
@@ -209,7 +250,7 @@ class MLP(nn.Module):
         if self.swiglu:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")
+            h = gelu_tanh(self.up_proj(x))
         return self.dropout(self.down_proj(h))
 
 

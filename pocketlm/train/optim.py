@@ -32,7 +32,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
         adam = torch.optim.AdamW([{"params": others, "weight_decay": 0.0}], lr=cfg.lr, betas=betas, fused=False)
         return [muon, adam] if others else [muon]
     groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas)]
+    # fused: one kernel per step instead of a dozen foreach passes (torch supports it on CPU and CUDA)
+    return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas, fused=True)]
 
 
 def lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
