@@ -7,8 +7,8 @@ import torch
 
 from pocketlm.cli import main
 from pocketlm.model import GPT, ModelConfig, load_model, save_checkpoint
-from pocketlm.model.lora import (AdapterError, LoRALinear, add_lora, apply_adapter, load_model_with_adapter,
-                                 lora_modules, merge_lora, save_adapter)
+from pocketlm.model.lora import (AdapterError, LoRALinear, add_lora, apply_adapter, load_adapter_weights,
+                                 load_model_with_adapter, lora_modules, merge_lora, save_adapter)
 from pocketlm.tokenizer import Tokenizer
 
 
@@ -72,6 +72,25 @@ def test_save_then_load_gives_the_same_logits(arch, targets, tmp_path):
     merged = apply_adapter(clone(base), tmp_path / "ad")
     assert not lora_modules(merged)
     assert torch.allclose(merged(IDS), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", "all"), ("gpt2", "q_proj,v_proj,down_proj")])
+def test_reloading_a_saved_adapter_into_the_same_modules_is_exact(arch, targets, tmp_path):
+    """What a LoRA run's resume does: the adapter comes back bit for bit into the very parameters
+    the optimizer holds (GPT-2's stacked c_attn adapter included), and a mismatch is refused."""
+    model = add_lora(tiny(arch), rank=4, alpha=16, targets=targets)
+    randomize(model)
+    save_adapter(model, tmp_path / "ad")
+    torch.manual_seed(5)
+    other = add_lora(tiny(arch), rank=4, alpha=16, targets=targets)
+    params = {n: p for n, p in other.named_parameters() if p.requires_grad}
+    load_adapter_weights(other, tmp_path / "ad")
+    assert all(torch.equal(p, model.get_parameter(n)) and p is other.get_parameter(n) for n, p in params.items())
+    with pytest.raises(AdapterError, match="does not fit this model's"):
+        load_adapter_weights(add_lora(tiny(arch), rank=8, alpha=16, targets=targets), tmp_path / "ad")
+    q_only = save_adapter(add_lora(tiny(arch), rank=4, alpha=16, targets="q_proj"), tmp_path / "q")
+    with pytest.raises(AdapterError, match="no adapter weights for"):
+        load_adapter_weights(add_lora(tiny(arch), rank=4, alpha=16, targets=targets), q_only)
 
 
 def test_peft_key_names_for_llama(tmp_path):

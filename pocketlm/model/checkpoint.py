@@ -7,6 +7,9 @@
       optim.pt              optimizer state (torch.save; loaded with weights_only=True)
       state.json            step, RNG states, data cursor, metrics
 
+A LoRA run's checkpoints hold the adapter (adapter_config.json + adapter_model.safetensors, PEFT's
+format) in place of model.safetensors: the base model is read again from where it came from.
+
 A checkpoint is written under a temporary name and renamed into place, so a killed run never
 leaves a half-written checkpoint behind.
 """
@@ -24,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pocketlm.model.gpt import GPT, ModelConfig
+from pocketlm.model.lora import ADAPTER_WEIGHTS
 from pocketlm.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -66,10 +70,15 @@ def atomic_dir(path: Path):
 
 
 def save_checkpoint(path, model: GPT, tokenizer: Tokenizer | None, state: dict | None = None,
-                    optimizer_state: dict | None = None, extra_config: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, extra_config: dict | None = None, save_weights=None) -> Path:
+    """save_weights(dir, model), if given, writes the model's weights instead of model.safetensors
+    (a LoRA run writes only its adapter), inside the same atomic directory."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if save_weights is None:
+            save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            save_weights(tmp, model)
         (tmp / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **(extra_config or {})}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -129,7 +138,8 @@ def list_checkpoints(run_dir) -> list[Path]:
     ckdir = Path(run_dir) / "checkpoints"
     if not ckdir.is_dir():
         return []
-    done = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / WEIGHTS).exists()]
+    done = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-")
+            and ((p / WEIGHTS).exists() or (p / ADAPTER_WEIGHTS).exists())]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -141,6 +151,9 @@ def resolve_checkpoint(path) -> Path:
     if (path / "checkpoints" / "best" / WEIGHTS).exists():
         return path / "checkpoints" / "best"
     found = list_checkpoints(path)
+    if (path / ADAPTER_WEIGHTS).exists() or (found and not (found[-1] / WEIGHTS).exists()):
+        raise CheckpointError(f"{path}: a LoRA run or adapter holds no model weights, only the adapter; "
+                              f"load its base model with it: --model BASE --adapter {path}")
     if not found:
         raise CheckpointError(f"{path}: no checkpoint found (expected {WEIGHTS} or checkpoints/step-N/)")
     return found[-1]

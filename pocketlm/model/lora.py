@@ -247,9 +247,9 @@ def _scaling(config, hf_module: str, rank: int) -> float:
     return alpha / rank
 
 
-def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) -> GPT:
-    """Load a PEFT-format LoRA adapter onto `model`. merge=True folds it into the weights (inference);
-    merge=False leaves trainable LoRALinear modules (to continue training)."""
+def adapter_updates(model: GPT, path):
+    """Read a PEFT-format LoRA adapter for `model`: its adapter_config.json and a list of
+    (module name, A, B, scaling), one per adapted projection, checked against the model's shapes."""
     path = resolve_adapter(path)
     config, tensors, meta = _read_adapter(path)
     cfg = model.cfg
@@ -259,8 +259,7 @@ def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) ->
     hf_to_ours: dict[str, list[str]] = {}
     for ours, _, _ in _target_modules(model, parse_targets("all", cfg)):
         hf_to_ours.setdefault(_hf_name(cfg, ours), []).append(ours)
-    used = set()
-    ranks = set()
+    used, updates = set(), []
     for hf, ours_list in hf_to_ours.items():
         ka, kb = f"base_model.model.{hf}.lora_A.weight", f"base_model.model.{hf}.lora_B.weight"
         if ka not in tensors:
@@ -272,10 +271,7 @@ def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) ->
         scaling = _scaling(config, hf, a.size(0))
         for ours in ours_list:
             proj = ours.rsplit(".", 1)[1]
-            parent = model.get_submodule(ours.rsplit(".", 1)[0])
-            base = getattr(parent, proj)
-            if isinstance(base, LoRALinear):
-                raise AdapterError(f"{ours} already has an adapter; merge it first")
+            base = model.get_submodule(ours)
             aa, bb = a, b
             if len(ours_list) > 1:  # GPT-2 fused c_attn: this projection's rows of B
                 rows = base.out_features  # c_attn stacks q, k, v of equal width
@@ -292,17 +288,32 @@ def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) ->
                                    f"{ours} ({base.in_features} -> {base.out_features}); was it trained on another model?")
             if len(ours_list) > 1 and not fused and not bb.any():
                 continue  # this projection was not a target
-            lin = LoRALinear(base, aa.size(0), scaling * aa.size(0), dropout)
-            with torch.no_grad():
-                lin.lora_A.copy_(aa)
-                lin.lora_B.copy_(bb)
-            setattr(parent, proj, lin)
-            ranks.add(aa.size(0))
+            updates.append((ours, aa, bb, scaling))
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensors {unknown[:3]} match no {cfg.arch} projection of this model")
     if not used:
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: no LoRA tensors found")
+    return config, updates
+
+
+def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) -> GPT:
+    """Load a PEFT-format LoRA adapter onto `model`. merge=True folds it into the weights (inference);
+    merge=False leaves trainable LoRALinear modules (to continue training)."""
+    config, updates = adapter_updates(model, path)
+    ranks = set()
+    for ours, a, b, scaling in updates:
+        parent_name, proj = ours.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, proj)
+        if isinstance(base, LoRALinear):
+            raise AdapterError(f"{ours} already has an adapter; merge it first")
+        lin = LoRALinear(base, a.size(0), scaling * a.size(0), dropout)
+        with torch.no_grad():
+            lin.lora_A.copy_(a)
+            lin.lora_B.copy_(b)
+        setattr(parent, proj, lin)
+        ranks.add(a.size(0))
     if merge:
         return merge_lora(model)
     targets = sorted({n.rsplit(".", 1)[1] for n in lora_modules(model)}, key=ALL_TARGETS.index)
@@ -310,6 +321,28 @@ def apply_adapter(model: GPT, path, merge: bool = True, dropout: float = 0.0) ->
         raise AdapterError(f"{path}: adapters of different ranks {sorted(ranks)} can be merged but not trained further")
     model.lora = {"rank": ranks.pop(), "alpha": config.get("lora_alpha", 8), "dropout": dropout, "targets": targets}
     return model
+
+
+def load_adapter_weights(model: GPT, path) -> None:
+    """Copy a saved adapter into the model's own LoRA modules, in place (an optimizer keeps holding
+    the same parameters): how a LoRA run resumes from a checkpoint that holds only its adapter.
+    The adapter must cover exactly those modules, at the same rank and scaling."""
+    mods = lora_modules(model)
+    loaded = set()
+    for ours, a, b, scaling in adapter_updates(model, path)[1]:
+        mod = mods.get(ours)
+        if mod is None or mod.lora_A.shape != a.shape or not math.isclose(mod.scaling, scaling, rel_tol=1e-6):
+            have = f"rank {mod.rank}, scaling {mod.scaling:g}" if mod else "no adapter"
+            raise AdapterError(f"{path}: the adapter for {ours} (rank {a.size(0)}, scaling {scaling:g}) does not fit "
+                               f"this model's ({have}); resume with the LoRA settings the run was started with")
+        with torch.no_grad():
+            mod.lora_A.copy_(a)
+            mod.lora_B.copy_(b)
+        loaded.add(ours)
+    missing = sorted(set(mods) - loaded)
+    if missing:
+        raise AdapterError(f"{path}: no adapter weights for {missing[:3]} ({len(missing)} modules); "
+                           "resume with the LoRA targets the run was started with")
 
 
 def load_model_with_adapter(source, adapter=None, device="cpu", merge: bool = True):

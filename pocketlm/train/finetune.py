@@ -3,8 +3,9 @@
 Resume, checkpoints, metrics.jsonl/loss.png, early stopping with the best checkpoint kept, and
 torchrun all come from pocketlm.train.loop. What is particular to fine-tuning:
   - the data: conversations rendered with the model's chat template, loss on the assistant's tokens;
-  - LoRA: the base is frozen, the optimizer sees only the adapters, every checkpoint also holds the
-    adapter in PEFT's format, and RUN/adapter/ is the final one (the best one with early stopping);
+  - LoRA: the base is frozen, the optimizer sees only the adapters, every checkpoint holds only the
+    adapter in PEFT's format (not the base weights), and RUN/adapter/ is the final one (the best one
+    with early stopping);
   - RUN/task.json records how rows became prompts, so `pocketlm eval` renders them the same way.
 
 A config file may have `model:` (only `dropout` applies: the architecture comes from --model),
@@ -28,7 +29,8 @@ from pocketlm.config import ConfigError, load_config
 from pocketlm.data.sft import (SFTBatches, SFTEvalBatches, TaskSpec, detect_file_format, encode_examples, load_examples,
                                parse_labels)
 from pocketlm.model import load_model
-from pocketlm.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, apply_adapter, lora_modules, save_adapter
+from pocketlm.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, apply_adapter, load_adapter_weights,
+                                 lora_modules, save_adapter)
 from pocketlm.train.dist import setup_distributed, teardown
 from pocketlm.train.loop import train
 
@@ -177,8 +179,16 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
                             group_by_length=ft.group_by_length, rank=dist.rank, world_size=dist.world_size)
     val = SFTEvalBatches(val_enc, train_cfg.batch_size, pad_id) if val_enc else None
 
+    # LoRA checkpoints hold only the adapter (PEFT format) beside the optimizer, RNG and data state:
+    # --resume reads the frozen base from --model again and the adapter into the modules added above.
     def save_lora(path, m):
         save_adapter(m, path, base_model=str(model_source), extra_files={"task.json": spec.to_json()})
+
+    def load_lora(path, m):
+        if not (path / ADAPTER_WEIGHTS).exists():
+            raise ConfigError(f"{path}: holds full model weights, no LoRA adapter; this run was not a LoRA run "
+                              "(resume it without --lora)")
+        load_adapter_weights(m, path)
 
     run_config = {"model": model.cfg.to_dict(), "base_model": str(model_source), "data": str(data), "val_data": str(val_data) if val_data else None,
                   "train": dataclasses.asdict(train_cfg), "finetune": dataclasses.asdict(ft),
@@ -191,7 +201,8 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
         kernels = [SDPBackend.MATH] if dist.device.type == "cpu" else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with sdpa_kernel(kernels):
             result = train(model, tokenizer, train_cfg, train_data, val, out_dir, resume=resume, dist=dist,
-                           save_weights=save_lora if ft.lora else None, run_config=run_config)
+                           save_weights=save_lora if ft.lora else None, load_weights=load_lora if ft.lora else None,
+                           run_config=run_config)
         if dist.is_main:
             if ft.lora:  # RUN/adapter: the best adapter when early stopping kept one, else the last
                 best = out_dir / "checkpoints" / "best"

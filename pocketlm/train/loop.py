@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pocketlm.config import TrainConfig
-from pocketlm.model.checkpoint import list_checkpoints, load_weights, save_checkpoint, WEIGHTS
+from pocketlm.model.checkpoint import CheckpointError, list_checkpoints, load_weights, save_checkpoint, WEIGHTS
 from pocketlm.train.dist import DistInfo, all_reduce_mean, barrier
 from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
 from pocketlm.train.optim import build_optimizers, lr_factor, set_lr
@@ -50,13 +50,15 @@ def _set_rng_state(state: dict) -> None:
 
 class Checkpointer:
     """Writes step-N checkpoints (and `best`) on rank 0, keeps the newest few, and restores a run.
-    `save_weights(path, model)` replaces the full-weights save (LoRA runs save only the adapter)."""
+    `save_weights(dir, model)` / `load_weights(dir, model)` replace the full-weights save and load
+    (a LoRA run saves and restores only its adapter; the frozen base is read from its source again)."""
 
     def __init__(self, run_dir: Path, model, tokenizer, optimizers, train_data, cfg: TrainConfig, dist: DistInfo,
-                 extra_config: dict | None = None, save_weights=None):
+                 extra_config: dict | None = None, save_weights=None, load_weights=None):
         self.dir = run_dir / "checkpoints"
         self.model, self.tokenizer, self.optimizers, self.train_data = model, tokenizer, optimizers, train_data
-        self.cfg, self.dist, self.extra_config, self.save_weights = cfg, dist, extra_config, save_weights
+        self.cfg, self.dist, self.extra_config = cfg, dist, extra_config
+        self.save_weights, self.load_weights = save_weights, load_weights
 
     def save(self, step: int, state: dict, name: str | None = None) -> None:
         if self.dist.is_main:
@@ -64,9 +66,7 @@ class Checkpointer:
             full_state = {**state, "step": step, "data": self.train_data.state_dict(), "rng": _rng_state()}
             optim = {"optimizers": [o.state_dict() for o in self.optimizers]}
             save_checkpoint(path, self.model, self.tokenizer, state=full_state, optimizer_state=optim,
-                            extra_config=self.extra_config)
-            if self.save_weights is not None:
-                self.save_weights(path, self.model)
+                            extra_config=self.extra_config, save_weights=self.save_weights)
             if name is None:
                 for old in list_checkpoints(self.dir.parent)[: -self.cfg.keep_checkpoints]:
                     shutil.rmtree(old)
@@ -77,7 +77,12 @@ class Checkpointer:
         if not found:
             return None
         path = found[-1]
-        load_weights(self.model, path / WEIGHTS)
+        if self.load_weights is not None:
+            self.load_weights(path, self.model)
+        elif (path / WEIGHTS).exists():
+            load_weights(self.model, path / WEIGHTS)
+        else:
+            raise CheckpointError(f"{path}: holds a LoRA adapter, not {WEIGHTS}; resume it as a LoRA run (--lora)")
         optim = torch.load(path / "optim.pt", weights_only=True)
         for opt, sd in zip(self.optimizers, optim["optimizers"]):
             opt.load_state_dict(sd)
@@ -88,7 +93,7 @@ class Checkpointer:
 
 
 def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, resume: bool = False,
-          dist: DistInfo | None = None, extra_config: dict | None = None, save_weights=None,
+          dist: DistInfo | None = None, extra_config: dict | None = None, save_weights=None, load_weights=None,
           run_config: dict | None = None) -> dict:
     dist = dist or DistInfo()
     run_dir = Path(out_dir)
@@ -99,7 +104,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     torch.manual_seed(cfg.seed + dist.rank)
     model.to(dist.device).train()
     optimizers = build_optimizers(model, cfg)
-    ckpt = Checkpointer(run_dir, model, tokenizer, optimizers, train_data, cfg, dist, extra_config, save_weights)
+    ckpt = Checkpointer(run_dir, model, tokenizer, optimizers, train_data, cfg, dist, extra_config, save_weights, load_weights)
     log = MetricsLog(run_dir, enabled=dist.is_main)
 
     state = {"elapsed": 0.0, "best_val": float("inf"), "bad_evals": 0, "tokens": 0}
