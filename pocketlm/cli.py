@@ -52,7 +52,7 @@ def _add_sampling_args(sp, max_new_tokens=200):
     sp.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
     sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (1: off)")
     sp.add_argument("--seed", type=int, default=None)
-    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+    sp.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
                     help="weights and KV cache precision (one stream: fp32 decodes faster on CPU; see benchmarks/decode_speed.py)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
     sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
@@ -88,7 +88,7 @@ def _add_serving_verbs(sub):
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
-    sv.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16: half the memory, 2x fp32 when batching")
+    sv.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="bf16", help="bf16: half the memory, 2x fp32 when batching")
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     sv.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     sv.set_defaults(func=_serve)
@@ -128,7 +128,8 @@ def _finetune(args, extra):
 
     flags = {"lora": True if args.lora else None, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
              "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets, "labels": args.labels,
-             "instruction": args.instruction, "system": args.system, "no_answer": args.no_answer}
+             "instruction": args.instruction, "system": args.system, "no_answer": args.no_answer,
+             "pack": True if args.pack else None}
     overrides = parse_overrides(extra)
     for key in ("max_steps", "max_minutes"):
         if getattr(args, key) is not None:
@@ -169,6 +170,8 @@ def _add_adapter_verbs(sub):
     ft.add_argument("--lora-dropout", type=float)
     ft.add_argument("--lora-targets", help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (or all/attn/mlp)")
     ft.add_argument("--adapter", help="start from this adapter (continued LoRA training, or merged before full fine-tuning)")
+    ft.add_argument("--pack", action="store_true", help="pack short examples into rows of up to seq_len tokens "
+                    "(no attention across examples; batch_size then counts rows)")
     ft.add_argument("--max-steps", type=int)
     ft.add_argument("--max-minutes", type=float)
     _add_task_args(ft)

@@ -1,8 +1,10 @@
-"""`pocketlm finetune` end to end on tiny models: learning, LoRA adapters on disk, exact resume,
-early stopping with the best adapter kept, full fine-tuning, config errors."""
+"""`pocketlm finetune` end to end on tiny models: learning, LoRA adapters on disk, exact resume
+(LoRA checkpoints hold only the adapter), packing, early stopping with the best adapter kept, full
+fine-tuning, config errors."""
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -59,16 +61,28 @@ def test_full_finetune_learns_a_classification_task_and_eval_reads_its_task(base
     assert val[-1] < val[0] and (run / "loss.png").exists()
 
 
-def test_lora_run_writes_a_peft_adapter_and_resumes_exactly(base, tmp_path):
-    train = keyword_data(tmp_path / "train.jsonl", 60)
-    common = ["--model", base, "--data", train, "--lora", "--lora-rank", 4, "--train.schedule=constant",
-              "--train.eval_every=100", *FAST]
-    finetune(*common, "--out", tmp_path / "straight", "--max-steps", 6)
-    finetune(*common, "--out", tmp_path / "resumed", "--max-steps", 3)
-    finetune(*common, "--out", tmp_path / "resumed", "--max-steps", 6, "--resume")
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_lora_run_writes_a_peft_adapter_and_resumes_exactly(base, tmp_path, pack):
+    train = keyword_data(tmp_path / "train.jsonl", 60 if not pack else 150)
+    # lora dropout: the resumed run must restore the RNG as well as the adapter, optimizer and data
+    common = ["--model", base, "--data", train, "--lora", "--lora-rank", 4, "--lora-dropout", 0.1, "--max-steps", 6,
+              "--train.ckpt_every=3", "--train.keep_checkpoints=5", "--train.eval_every=100", *FAST,
+              *(["--pack", "--train.seq_len=128"] if pack else [])]  # packed: 2 examples of ~50 tokens a row
+    finetune(*common, "--out", tmp_path / "straight")
+    finetune(*common, "--out", tmp_path / "resumed")
+    # checkpoints hold the adapter and the training state, not the (frozen) base weights
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step-000003"
+    assert {"adapter_config.json", "adapter_model.safetensors", "optim.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert not list((tmp_path / "resumed").rglob("model.safetensors"))
+    # as if killed after step 3: resume from that checkpoint
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000006")
+    finetune(*common, "--out", tmp_path / "resumed", "--resume")
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+              for run in ("straight", "resumed")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained
     cfg = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
@@ -109,3 +123,47 @@ def test_dropout_override_and_config_errors(base, tmp_path, capsys):
     assert "unknown finetune keys ['lora_rnk']" in capsys.readouterr().err
     assert main(args + ["--lora", "--lora-targets", "q_proj,wq"]) == 2
     assert "lora target 'wq'" in capsys.readouterr().err
+
+
+def test_a_lora_checkpoint_resumes_only_as_the_lora_run_it_was(base, tmp_path, capsys):
+    train = keyword_data(tmp_path / "train.jsonl", 40)
+    run = tmp_path / "run"
+    common = ["--model", base, "--data", train, "--out", run, *FAST]
+    finetune(*common, "--lora", "--lora-rank", 4, "--max-steps", 2)
+    capsys.readouterr()
+    assert main(["finetune", *map(str, common), "--max-steps", "4", "--resume"]) == 2
+    assert "resume it as a LoRA run (--lora)" in capsys.readouterr().err
+    assert main(["finetune", *map(str, common), "--lora", "--lora-rank", "8", "--max-steps", "4", "--resume"]) == 2
+    assert "(rank 4, scaling 4) does not fit this model's (rank 8, scaling 2)" in capsys.readouterr().err
+    assert main(["generate", "--model", str(run), "--prompt", "x"]) == 2
+    assert f"--model BASE --adapter {run}" in capsys.readouterr().err
+
+
+def test_the_loop_passes_packed_rows_to_the_model_and_counts_only_real_tokens(base, tmp_path):
+    """The first logged loss of packed rows is the unpacked loss of the same examples (so doc_ids
+    reached the model), and the run's token count is the real tokens, not rows x seq_len."""
+    from pocketlm.config import load_config
+    from pocketlm.data.sft import encode_examples, load_examples, pack_batch, pack_rows, pad_batch
+    from pocketlm.train.loop import train
+
+    model, tok = load_model(base)
+    enc, _ = encode_examples(tok, load_examples(keyword_data(tmp_path / "d.jsonl", 24))[0], 129)
+    rows = pack_rows([len(ids) - 1 for ids, _ in enc], 128)
+    batch = pack_batch([[enc[i] for i in row] for row in rows], pad_id=0)
+    assert len(rows) < len(enc)
+    with torch.no_grad():
+        _, unpacked = model(*pad_batch(enc, pad_id=0))
+
+    class SameBatch:
+        def next_batch(self):
+            return batch
+
+        def state_dict(self):
+            return {}
+
+    cfg = load_config(None, {"train.max_steps": 2, "train.dtype": "fp32", "train.log_every": 1, "train.seq_len": 128,
+                             "train.batch_size": len(rows)}).train
+    result = train(model, tok, cfg, SameBatch(), None, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(unpacked.item(), abs=1e-5)
+    assert result["tokens"] == 2 * batch[3] < 2 * len(rows) * 128

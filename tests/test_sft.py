@@ -1,13 +1,15 @@
 """Fine-tuning data: format detection, validation errors that name the line, the assistant-only loss mask."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from pocketlm.cli import main
 from pocketlm.data.sft import (SFTBatches, SFTDataError, TaskSpec, assistant_spans, encode_example, encode_examples,
-                               load_examples, pad_batch, parse_labels)
+                               load_examples, pack_batch, pack_rows, pad_batch, parse_labels)
+from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import Tokenizer
 
 
@@ -144,10 +146,10 @@ def test_batches_resume_exactly_and_group_lengths(tok):
     want = [a.next_batch() for _ in range(5)]
     b = SFTBatches(rows, 4, pad_id=0, seed=3)
     b.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(want, [b.next_batch() for _ in range(5)]):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    for (x1, y1, d1, n1), (x2, y2, d2, n2) in zip(want, [b.next_batch() for _ in range(5)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and d1 is d2 is None and n1 == n2
     # grouped by length: a batch's rows differ little in length, so padding is small
-    x, y = a.next_batch()
+    x, y, _, _ = a.next_batch()
     lengths = (y != -100).nonzero()[:, 1] + 1
     assert int(lengths.max() - lengths.min()) < 10
 
@@ -162,3 +164,77 @@ def test_spans_refuse_templates_that_rewrite_earlier_turns(tok):
     t = Tokenizer(tok.hf, {**tok.config, "chat_template": "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"})
     with pytest.raises(SFTDataError, match="prefix"):
         assistant_spans(t, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+def varied_examples(tok, n, seed=0):
+    """Chat examples of assorted lengths, with multi-turn replies so the loss mask has several spans."""
+    import random
+    rng = random.Random(seed)
+    words = "thou art the king of Denmark and I thy humble servant my lord".split()
+    rows = []
+    for _ in range(n):
+        msgs = []
+        for _ in range(rng.randint(1, 2)):
+            msgs += [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 12)))},
+                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))}]
+        rows.append({"messages": msgs})
+    enc, dropped = encode_examples(tok, load_examples_from_rows(tok, rows), max_len=1000)
+    assert dropped == 0
+    return enc
+
+
+def test_packer_never_splits_an_example_and_fills_rows(tok):
+    enc = varied_examples(tok, 60)
+    lengths = [len(ids) - 1 for ids, _ in enc]
+    cap = 2 * max(lengths)
+    rows = pack_rows(lengths, cap)
+    assert sorted(i for row in rows for i in row) == list(range(len(enc)))  # every example once, whole
+    assert all(sum(lengths[i] for i in row) <= cap for row in rows)
+    assert len(rows) <= 11 / 9 * math.ceil(sum(lengths) / cap) + 1  # best-fit decreasing's bound
+    # each batch: every doc_ids segment is one whole example, inputs and loss mask as it had alone
+    data = SFTBatches(enc, 2, pad_id=0, seed=1, pack_len=cap)
+    by_inputs = {tuple(ids[:-1]): labels[1:] for ids, labels in enc}
+    seen = 0
+    for _ in range(data.steps_per_epoch()):
+        x, y, doc, real = data.next_batch()
+        assert (doc[:, 1:] >= doc[:, :-1]).all()
+        for b in range(x.size(0)):
+            n_docs = int(doc[b].max()) + 1
+            for k in range(n_docs):
+                at = doc[b] == k
+                if k == n_docs - 1 and (y[b, at] == -100).all() and tuple(x[b, at].tolist()) not in by_inputs:
+                    continue  # the row's padding
+                assert y[b, at].tolist() == by_inputs[tuple(x[b, at].tolist())]
+                seen += 1
+        assert real == sum(int((doc[b] < len(data.rows[r])).sum()) for b, r in enumerate(data._order[data.index - 1]))
+    assert seen >= len(enc) - 2 * max(map(len, data.rows))  # all but the ragged last batch's
+    with pytest.raises(SFTDataError, match="more than a packed row"):
+        pack_rows([3, 9], 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_loss_equals_the_unpacked_loss(tok, arch):
+    """The mean loss over the scored tokens, and its gradient, are the same whether the examples sit
+    one per padded row or packed several to a row: nothing leaks across examples in a row."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=128))
+    enc = varied_examples(tok, 12, seed=2)
+    x, y = pad_batch(enc, pad_id=0)
+    rows = pack_rows([len(ids) - 1 for ids, _ in enc], 96)
+    assert len(rows) < len(enc)
+    px, py, doc, real = pack_batch([[enc[i] for i in row] for row in rows], pad_id=0)
+    assert real == sum(len(ids) - 1 for ids, _ in enc) and px.numel() < x.numel()
+
+    def loss_and_grad(*args, **kw):
+        model.zero_grad()
+        _, loss = model(*args, **kw)
+        loss.backward()
+        return loss, model.layers[0].attn.q_proj.weight.grad.clone()
+
+    loss, grad = loss_and_grad(x, y)
+    packed_loss, packed_grad = loss_and_grad(px, py, doc_ids=doc)
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed_grad, grad, atol=1e-9, rtol=1e-4)  # the gradient is ~1e-4 here
+    # the same rows without doc_ids: later examples see earlier ones, and the gradient shows it
+    _, leaky_grad = loss_and_grad(px, py)
+    assert (leaky_grad - grad).abs().max() > 100 * (packed_grad - grad).abs().max()

@@ -6,6 +6,7 @@ torchrun all come from pocketlm.train.loop. What is particular to fine-tuning:
   - LoRA: the base is frozen, the optimizer sees only the adapters, every checkpoint holds only the
     adapter in PEFT's format (not the base weights), and RUN/adapter/ is the final one (the best one
     with early stopping);
+  - packing (finetune.pack): short examples share rows of up to seq_len tokens, attention kept apart;
   - RUN/task.json records how rows became prompts, so `pocketlm eval` renders them the same way.
 
 A config file may have `model:` (only `dropout` applies: the architecture comes from --model),
@@ -51,6 +52,7 @@ class FinetuneConfig:
     val_fraction: float = 0.05      # held out of the training file when there is no --val-data
     max_val_examples: int = 500
     group_by_length: bool = True    # batch examples of similar length (less padding)
+    pack: bool = False              # pack short examples into rows of up to seq_len tokens (batch_size counts rows)
     system: str | None = None
     instruction: str | None = None
     labels: str | None = None       # classification: "0=negative,1=positive"
@@ -175,8 +177,12 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "task.json").write_text(spec.to_json())
 
-    train_data = SFTBatches(train_enc, train_cfg.batch_size, pad_id, seed=train_cfg.seed,
-                            group_by_length=ft.group_by_length, rank=dist.rank, world_size=dist.world_size)
+    train_data = SFTBatches(train_enc, train_cfg.batch_size, pad_id, seed=train_cfg.seed, group_by_length=ft.group_by_length,
+                            rank=dist.rank, world_size=dist.world_size, pack_len=max_len - 1 if ft.pack else 0)
+    if dist.is_main:
+        print(f"batches: {train_cfg.batch_size * dist.world_size} "
+              + (f"rows packed with up to {max_len - 1} tokens ({len(train_enc) / len(train_data.rows):.1f} examples per row)"
+                 if ft.pack else "examples") + f"; {train_data.steps_per_epoch():,} micro-steps per epoch")
     val = SFTEvalBatches(val_enc, train_cfg.batch_size, pad_id) if val_enc else None
 
     # LoRA checkpoints hold only the adapter (PEFT format) beside the optimizer, RNG and data state:

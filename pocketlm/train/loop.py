@@ -6,7 +6,10 @@ clipping, bf16 autocast, optional torch.compile, DDP under torchrun, periodic va
 (loss, bits per byte), early stopping with the best checkpoint kept, atomic checkpoints and exact resume.
 
 Batch sources:
-    train_data.next_batch() -> (inputs, targets)   int64 (B, T); targets are -100 where not scored
+    train_data.next_batch() -> (inputs, targets[, doc_ids, real_tokens])
+        int64 (B, T); targets are -100 where not scored. doc_ids (B, T) or None: packed rows, see
+        GPT.forward. real_tokens: the tokens that are not padding (default B*T); tokens/s and MFU count
+        only those.
     train_data.state_dict() / load_state_dict(d)   the data cursor, saved in every checkpoint
     val_data(max_batches=None) -> iterator of (inputs, targets)   a fresh pass each call
 """
@@ -14,6 +17,7 @@ Batch sources:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -33,6 +37,15 @@ def autocast_ctx(cfg: TrainConfig, device: torch.device):
     if cfg.dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _unpack(batch, device):
+    """(inputs, targets, doc_ids or None, real tokens) on `device`, from either form of batch."""
+    x, y = batch[0].to(device), batch[1].to(device)
+    if len(batch) == 2:
+        return x, y, None, x.numel()
+    doc_ids, real = batch[2], batch[3]
+    return x, y, (None if doc_ids is None else doc_ids.to(device)), real
 
 
 def _rng_state() -> dict:
@@ -128,8 +141,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         step_model = torch.compile(step_model)
     autocast = autocast_ctx(cfg, dist.device)
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), device=dist.device)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
-    flops_per_step = model.flops_per_token(cfg.seq_len) * tokens_per_step
+    flops_per_token = functools.lru_cache(model.flops_per_token)
     peak = measured_peak_flops(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, dist.device) * dist.world_size
     budget = cfg.max_minutes * 60
 
@@ -146,7 +158,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
                unit="s" if budget else "step", desc="train", disable=not dist.is_main, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     t_start = time.perf_counter() - state["elapsed"]
-    t_window, window_steps = time.perf_counter(), 0
+    t_window, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
     last_eval: dict = {}
     stop_reason = "max_steps"
     while step < cfg.max_steps:
@@ -156,15 +168,18 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             break
         progress = max(step / cfg.max_steps, elapsed / budget if budget else 0.0)
         set_lr(optimizers, cfg, lr_factor(cfg, progress, step))
-        loss_sum = 0.0
+        loss_sum = step_tokens = step_flops = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = (t.to(dist.device) for t in train_data.next_batch())
+            x, y, doc_ids, real = _unpack(train_data.next_batch(), dist.device)
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or dist.world_size == 1 else step_model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = step_model(x, y)
+                    _, loss = step_model(x, y, doc_ids=doc_ids)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
+            # model FLOPs of the real tokens, with the attention width this batch ran at
+            step_tokens += real
+            step_flops += real * flops_per_token(x.size(1))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for opt in optimizers:
@@ -172,16 +187,20 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         step += 1
-        window_steps += 1
-        state["tokens"] += tokens_per_step
-        loss_value = all_reduce_mean(torch.tensor(loss_sum / cfg.grad_accum)).item() if dist.world_size > 1 else loss_sum / cfg.grad_accum
+        totals = torch.tensor([loss_sum / cfg.grad_accum, step_tokens, step_flops], dtype=torch.float64)
+        if dist.world_size > 1:  # the loss is the ranks' mean; their tokens and FLOPs add up
+            totals = all_reduce_mean(totals.to(dist.device)).cpu()
+            totals[1:] *= dist.world_size
+        loss_value, step_tokens, step_flops = totals.tolist()
+        window_tokens += step_tokens
+        window_flops += step_flops
+        state["tokens"] += round(step_tokens)
         state["elapsed"] = time.perf_counter() - t_start
 
         if step % cfg.log_every == 0 or step == 1:
             dt = time.perf_counter() - t_window
-            tok_s = window_steps * tokens_per_step / dt
-            mfu = window_steps * flops_per_step / dt / peak
-            t_window, window_steps = time.perf_counter(), 0
+            tok_s, mfu = window_tokens / dt, window_flops / dt / peak
+            t_window, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
             log.write({"step": step, "loss": loss_value, "lr": optimizers[0].param_groups[0]["lr"],
                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": state["elapsed"]})
             bar.set_postfix_str(f"step {step} | loss {loss_value:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}")
