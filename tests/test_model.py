@@ -91,3 +91,11 @@ def test_gelu_forms_agree():
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     compiled = torch.compile(gelu_tanh, backend="eager")(x)  # takes the sigmoid form
     torch.testing.assert_close(compiled, torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-12, rtol=0)
+
+
+def test_attention_dropout_can_be_set_apart():
+    cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.2)
+    assert cfg.attention_dropout == 0.2  # follows dropout unless set
+    assert ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.2, attn_dropout=0.0).attention_dropout == 0.0
+    with pytest.raises(ValueError, match="attn_dropout"):
+        ModelConfig(attn_dropout=1.5)

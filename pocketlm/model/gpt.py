@@ -34,6 +34,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0           # embedding, attention and residual dropout
+    attn_dropout: float | None = None  # attention-probability dropout alone; None: same as dropout.
+    # (0 keeps compiled CPU training on the fast causal-attention path: measured ~1.8x a step here)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -47,8 +49,14 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+        for key in ("dropout", "attn_dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{key}: expected a value in [0, 1), got {value}")
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +227,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        dropout = cfg.dropout if self.training else 0.0
+        dropout = cfg.attention_dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
         if (mask is None and T > 1 and dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
                 and torch.compiler.is_compiling()):

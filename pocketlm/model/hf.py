@@ -105,7 +105,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
                 "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                 "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout,
                 "torch_dtype": "float32", **ids}
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
@@ -113,7 +113,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
            # rope_theta for transformers 4.x, rope_parameters for 5.x
            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout, "torch_dtype": "float32", **ids}
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.attention_dropout, "torch_dtype": "float32", **ids}
     return {**out, "attention_bias": cfg.qkv_bias, "mlp_bias": False}
 
 
