@@ -53,6 +53,8 @@ def test_nucleus_keeps_exactly_the_smallest_set_reaching_p():
     assert kept(filter_logits(logits, top_p=0.5)).tolist() == [True, False, False, False]
     assert kept(filter_logits(logits, top_p=0.96)).tolist() == [True, True, True, True]
     assert kept(filter_logits(logits, min_p=0.2)).tolist() == [True, True, True, False]  # 0.05 < 0.2 * 0.5
+    # found by the server fuzz test: a top_p that rounds to 0 in float32 dropped every token (NaN softmax)
+    assert kept(filter_logits(logits, top_p=1e-146)).tolist() == [True, False, False, False]
 
 
 def test_greedy_and_top_k_1_are_argmax():
@@ -92,6 +94,7 @@ def test_seed_makes_sampling_reproducible():
 @pytest.mark.parametrize("field,value,expected", [
     ("temperature", -0.1, "temperature"), ("temperature", float("nan"), "temperature"), ("top_p", 0.0, "top_p"),
     ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k"), ("min_p", 2.0, "min_p"), ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("repetition_penalty", 1e-146, "repetition_penalty"),  # would turn a logit into inf, then NaN probabilities
     ("max_tokens", 0, "max_tokens"), ("max_tokens", 2.5, "max_tokens"), ("seed", "x", "seed"), ("stop", [""], "stop"),
 ])
 def test_bad_settings_name_the_field(field, value, expected):

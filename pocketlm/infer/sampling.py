@@ -14,6 +14,7 @@ import torch
 
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature can overflow to inf: treat it as greedy
+MIN_PENALTY = 0.01      # logits / a far smaller penalty overflow to inf (and sampling gets NaNs)
 
 
 class SamplingError(ValueError):
@@ -53,7 +54,7 @@ class SamplingParams:
         number("temperature", 0.0, 100.0)
         number("top_p", 0.0, 1.0, lo_open=True)
         number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, 100.0, lo_open=True)
+        number("repetition_penalty", MIN_PENALTY, 100.0)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingError(f"seed: expected an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
@@ -96,6 +97,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p on their own
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[0] = False  # even when top_p rounds to 0 in the logits' dtype
         drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
         logits = torch.where(drop, neg_inf, logits)
     if min_p > 0.0:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.generate import encode_chat, encode_completion
-from pocketlm.infer.sampling import SamplingError, SamplingParams
+from pocketlm.infer.sampling import MIN_PENALTY, SamplingError, SamplingParams
 from pocketlm.serve.metrics import Metrics
 from pocketlm.tokenizer import TokenizerError
 
@@ -85,7 +85,7 @@ class _Generation(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)                          # not OpenAI's; the name vLLM uses
     min_p: float = Field(0.0, ge=0, le=1)                # idem
-    repetition_penalty: float = Field(1.0, gt=0, le=10)  # idem
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=10)  # idem
     seed: int | None = None
     stop: str | list[str] | None = Field(None)
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
