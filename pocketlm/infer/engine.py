@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from pocketlm.infer.fused import ACTIVATIONS, FusedGPT
 from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
 from pocketlm.model.gpt import GPT, KVCache
 from pocketlm.tokenizer import Tokenizer
@@ -124,23 +125,18 @@ class Engine:
     background thread runs) or start() a thread that steps whenever there is work (the server)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 dtype: torch.dtype | None = None, compile: bool = False):
+                 precision: str = "fp32", compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
-        self.model = model.eval()
-        if dtype is not None:
-            self.model.to(dtype)
-        if dtype == torch.bfloat16:
-            # bf16 logits round to steps of 0.125 near 25 and flip close greedy choices (SmolLM2 answers
-            # "L'Étoile" instead of "The capital ... Paris"); an fp32 head costs ~17% of decode speed.
-            self.model.lm_head.weight = torch.nn.Parameter(self.model.lm_head.weight.detach().float(), requires_grad=False)
+        # the engine runs its own copy of the weights, fused and laid out for `precision` (see fused.py)
+        self.model = FusedGPT(model, precision, compiled=compile)
+        self.precision = precision
         self.tokenizer = tokenizer
         cfg = model.cfg
         self.max_seq_len = min(max_seq_len or 2048, cfg.block_size)
         self.max_batch = max_batch
-        param = next(model.parameters())
-        self.cache = KVCache(cfg, max_batch, self.max_seq_len, dtype=param.dtype, device=param.device)
-        self.device = param.device
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(cfg, max_batch, self.max_seq_len, dtype=ACTIVATIONS[precision], device=self.device)
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
         self.lengths = [0] * max_batch  # positions each cache row holds (the cache's lengths, host side)
@@ -148,10 +144,10 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Compiling fuses the ~40 small ops per layer between the matmuls (weights frozen in as constants).
-        # Measured on 2 cores with SmolLM2-135M: +10% at bf16 batch 1, nothing at fp32, and 1-5 minutes
-        # of compiling; so it is opt-in (benchmarks/decode_speed.py --compile).
-        self.forward = torch.compile(model, options={"freezing": True}) if compile else model
+        # Compiling fuses the small ops between the matmuls (weights frozen in as constants). Measured on
+        # 2 cores with SmolLM2-135M at batch 1: +30% at int8 and fp32, nothing at bf16 (its matmuls
+        # dominate), for 1-2 minutes of compiling; so it is opt-in (benchmarks/decode_speed.py --compile).
+        self.forward = torch.compile(self.model, options={"freezing": True}) if compile else self.model
 
     @property
     def kv_cache_bytes(self) -> int:

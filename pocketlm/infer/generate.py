@@ -12,26 +12,26 @@ from typing import Callable, TextIO
 import torch
 
 from pocketlm.infer.engine import Engine
+from pocketlm.infer.fused import PRECISIONS
 from pocketlm.infer.sampling import SamplingParams
 from pocketlm.tokenizer import Tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-
-def load_engine(source, *, adapter=None, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None,
+def load_engine(source, *, adapter=None, dtype: str = "int8", max_batch: int = 1, max_seq_len: int | None = None,
                 compile: bool = False, threads: int | None = None) -> Engine:
     """An Engine over a run, checkpoint, Hugging Face folder or .gguf file, with an optional LoRA
     adapter (PEFT format) folded into the weights, so it costs nothing per token."""
     from pocketlm.model.lora import load_model_with_adapter
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype: expected one of {', '.join(PRECISIONS)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model_with_adapter(source, adapter)
     if tokenizer is None:
         raise ValueError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype], compile=compile)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, precision=dtype, compile=compile)
+    del model  # the engine holds its own fused copy of the weights
     if compile:
         print("compiling the decode step (a minute or more on a small CPU)...", file=sys.stderr, flush=True)
         engine.warmup()
@@ -95,7 +95,7 @@ def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
     """A terminal conversation: each turn is sent with the whole history; returns the history."""
     out = out or sys.stdout
     history: list[dict] = []
-    out.write(f"chatting with a {engine.model.num_params(non_embedding=False) / 1e6:.0f}M-parameter model. {HELP}\n")
+    out.write(f"chatting with a {engine.model.n_params / 1e6:.0f}M-parameter model. {HELP}\n")
     while True:
         try:
             line = read("you> ")

@@ -1,0 +1,89 @@
+"""The engine's model (pocketlm/infer/fused.py): fused projections give the GPT's own logits in fp32,
+bf16 and int8 stay close to them with fp32 logits, and int8 is exactly its dequantized weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_lm import tiny_lm
+
+from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int8Linear
+from pocketlm.model.gpt import KVCache
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(model, ids, steps, dtype):
+    """Logits of a prefill of two rows then `steps` batched decode steps, each step fed the argmax."""
+    cache = KVCache(model.cfg, ids.size(0), 64, dtype=dtype)
+    out = [model(ids, cache=cache)[:, -1]]
+    for _ in range(steps):
+        out.append(model(out[-1].argmax(-1, keepdim=True), cache=cache)[:, -1])
+    return torch.stack(out, 1)
+
+
+IDS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp32_is_the_model_itself(arch):
+    model, _ = tiny_lm(arch)
+    with torch.inference_mode():
+        want = run(model, IDS, 4, torch.float32)
+        got = run(FusedGPT(model, "fp32"), IDS, 4, torch.float32)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lower_precisions_stay_close_with_fp32_logits(arch, precision):
+    model, _ = tiny_lm(arch)
+    with torch.inference_mode():
+        want = run(model, IDS, 4, torch.float32)
+        fused = FusedGPT(model, precision)
+        got = run(fused, IDS, 4, torch.bfloat16)
+    assert got.dtype == torch.float32
+    spread = want.std().item()
+    assert (got - want).abs().max() < 0.05 * spread, ((got - want).abs().max(), spread)
+    assert fused.weight_bytes_per_token() < FusedGPT(model, "fp32").weight_bytes_per_token()
+    assert next(model.parameters()).dtype == torch.float32  # the model it was built from is untouched
+
+
+def test_int8_linear_is_its_dequantized_weights():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    lin = Int8Linear(w, b)
+    dequant = lin.rows(torch.arange(48))
+    assert (dequant - w).abs().max() <= dequant.abs().max() / 127  # half a step, plus bf16 scales
+    assert lin.qweight.abs().max() == 127  # each row's largest weight uses the full range
+    x = torch.randn(3, 5, 32, generator=g).bfloat16()
+    want = F.linear(x.float(), dequant, b.bfloat16().float())
+    assert torch.allclose(lin(x).float(), want, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_head_gives_fp32_logits_for_its_best_candidates(precision):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 64, generator=g) * 0.5
+    x = torch.randn(2, 1, 64, generator=g).bfloat16()
+    head = Head(w, precision)
+    weights = head.fast.rows(torch.arange(3000)) if precision == "int8" else w.bfloat16().float()
+    want = x.float() @ weights.T  # an fp32 head over the same weights
+    got = head(x)
+    assert got.dtype == torch.float32
+    top = want.topk(REFINED // 2, dim=-1).indices  # surely among the fast kernel's best REFINED
+    assert torch.allclose(got.gather(-1, top), want.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert (head.fast(x).float() - want).gather(-1, top).abs().max() > 1e-3  # the fast kernel alone rounds them
+    assert (got - want).abs().max() <= want.abs().max() * 2**-8  # the rest: within bf16 rounding
+
+
+def test_unknown_precision_is_an_error():
+    model, _ = tiny_lm()
+    with pytest.raises(ValueError, match="precision"):
+        FusedGPT(model, "fp8")
+    assert PRECISIONS == ("fp32", "bf16", "int8")
