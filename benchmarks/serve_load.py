@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -133,7 +132,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64, help="reply length cap per request")
     ap.add_argument("--max-batch", type=int, default=16, help="server KV cache slots")
     ap.add_argument("--max-seq-len", type=int, default=1024)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    ap.add_argument("--dtype", choices=("int8", "int4", "bf16", "fp32"), default="bf16")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--port", type=int, default=8391)
     args = ap.parse_args()

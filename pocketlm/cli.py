@@ -42,10 +42,11 @@ def _add_engine_args(sp, dtype: str):
     """How generate / chat / serve load and run the model."""
     sp.add_argument("--adapter", help="LoRA adapter folder (PEFT format, or a LoRA fine-tuning run) applied on top "
                                       "of --model; merged into the weights at load, so it costs nothing per token")
-    sp.add_argument("--dtype", choices=("int8", "bf16", "fp32"), default=dtype,
+    sp.add_argument("--dtype", choices=("int8", "int4", "bf16", "fp32"), default=dtype,
                     help=f"weight precision (default {dtype}): int8 (one scale per row, bf16 activations) decodes one "
-                         "stream fastest on CPU, bf16 many streams at once, fp32 is exact; logits are fp32 in all "
-                         "three. See benchmarks/decode_speed.py")
+                         "stream fast on CPU; int4 (groups of 32, as GGUF Q4_1) faster still, and exact for Q4_1 "
+                         "files but lossy for others; bf16 decodes many streams at once fastest; fp32 is exact. "
+                         "Logits are fp32 in all. See benchmarks/decode_speed.py")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to start, faster decode)")
     sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tiny_lm import tiny_lm
 
-from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int8Linear
+from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int4Linear, Int8Linear
 from pocketlm.model.gpt import KVCache
 
 
@@ -39,7 +39,7 @@ def test_fp32_is_the_model_itself(arch):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lower_precisions_stay_close_with_fp32_logits(arch, precision):
     model, _ = tiny_lm(arch)
@@ -49,7 +49,8 @@ def test_lower_precisions_stay_close_with_fp32_logits(arch, precision):
         got = run(fused, IDS, 4, torch.bfloat16)
     assert got.dtype == torch.float32
     spread = want.std().item()
-    assert (got - want).abs().max() < 0.05 * spread, ((got - want).abs().max(), spread)
+    tolerance = {"bf16": 0.05, "int8": 0.05, "int4": 0.25}[precision]  # 4 bits: 16 levels per group of 32
+    assert (got - want).abs().max() < tolerance * spread, ((got - want).abs().max(), spread)
     assert fused.weight_bytes_per_token() < FusedGPT(model, "fp32").weight_bytes_per_token()
     assert next(model.parameters()).dtype == torch.float32  # the model it was built from is untouched
 
@@ -64,6 +65,23 @@ def test_int8_linear_is_its_dequantized_weights():
     x = torch.randn(3, 5, 32, generator=g).bfloat16()
     want = F.linear(x.float(), dequant, b.bfloat16().float())
     assert torch.allclose(lin(x).float(), want, rtol=2**-7, atol=1e-2)
+
+
+def test_int4_linear_gives_back_q4_1_weights():
+    """Weights as GGUF's Q4_1 stores them (each block of 32 is min + step * 0..15, with both ends
+    used) come back exactly; other weights are rounded to the nearest of their group's 16 levels."""
+    g = torch.Generator().manual_seed(0)
+    step = (torch.rand(48, 2, 1, generator=g) * 0.1 + 0.01).bfloat16().float()
+    low = (-8 * step + torch.randn(48, 2, 1, generator=g) * 0.01).bfloat16().float()
+    levels = torch.randint(0, 16, (48, 2, 32), generator=g)
+    levels[..., 0], levels[..., 1] = 0, 15
+    w = (low + step * levels).view(48, 64)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    want = F.linear(x.float(), w)
+    assert torch.allclose(Int4Linear(w, None)(x).float(), want, rtol=2**-7, atol=2e-2)
+    noisy = w + torch.randn(48, 64, generator=g) * 0.004
+    err = (Int4Linear(noisy, None)(x).float() - F.linear(x.float(), noisy)).abs().max()
+    assert 2e-2 < err < 0.5  # rounding shows, within half a level per weight
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -86,4 +104,4 @@ def test_unknown_precision_is_an_error():
     model, _ = tiny_lm()
     with pytest.raises(ValueError, match="precision"):
         FusedGPT(model, "fp8")
-    assert PRECISIONS == ("fp32", "bf16", "int8")
+    assert PRECISIONS == ("fp32", "bf16", "int8", "int4")

@@ -8,6 +8,9 @@ the LM head, so the kernel that reads the weights decides the speed (measured on
           no faster than fp32 here although it reads half the bytes.
     int8  int8 weights, one scale per output row, bf16 activations (torch._weight_int8pack_mm):
           a quarter of fp32's bytes, ~1.7x the speed of packed bf16 per weight. Weight-only.
+    int4  4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's layout: a Q4_1
+          file's own weights, exactly), int8 LM head; ~1.4x int8's speed. For other models it is
+          round-to-nearest 4-bit, lossier than int8.
 
 q/k/v and gate/up are fused into one matrix each (fewer, larger kernel calls: at one row each call's
 fixed cost is a large share). The residual stream and the norms stay fp32 at every precision; only
@@ -27,8 +30,8 @@ import torch.nn.functional as F
 
 from pocketlm.model.gpt import GPT, apply_rope, rope_tables
 
-PRECISIONS = ("fp32", "bf16", "int8")
-ACTIVATIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+ACTIVATIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
 class DenseLinear(nn.Module):
@@ -79,14 +82,46 @@ class Int8Linear(nn.Module):
         return self.qweight[ids].float() * self.scale[ids, None].float()
 
 
+class Int4Linear(nn.Module):
+    """x W^T + b with W in 4 bits, in groups of GROUP inputs that each have a scale and a zero
+    (w = (q - 8) * scale + zero, q in 0..15), bf16 activations (torch._weight_int4pack_mm_for_cpu).
+    Scale and zero come from each group's min and max. GGUF's Q4_1 stores blocks of 32 as
+    min + step * (0..15) with the block's min and max at 0 and 15, so a Q4_1 file's weights come
+    back exactly (up to bf16 scales and zeros)."""
+    GROUP = 32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        N, K = w.shape
+        g = w.view(N, K // self.GROUP, self.GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()
+        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).view(N, K)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight,
+                                                       self.GROUP, self.scales_zeros)
+        y = y.view(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
 def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Module:
-    if precision == "int8":
+    if precision == "int4" and weight.size(1) % Int4Linear.GROUP == 0:
+        return Int4Linear(weight, bias)
+    if precision in ("int8", "int4"):  # (int4 needs whole groups of inputs)
         return Int8Linear(weight, bias)
     if precision == "bf16" and not compiled and torch.backends.mkldnn.is_available():
         return PackedLinear(weight, bias)  # (torch.compile with freezing packs plain weights itself)
     return DenseLinear(weight, bias, ACTIVATIONS[precision])
 
 
+HEAD_PRECISION = {"int4": "int8"}  # a 4-bit head would lose more than a Q4 file's own (often 8-bit) table
 REFINED = 32  # candidates per position whose logits the bf16 and int8 heads recompute in fp32
 
 
@@ -100,6 +135,7 @@ class Head(nn.Module):
 
     def __init__(self, weight: torch.Tensor, precision: str, rows: torch.Tensor | None = None, compiled: bool = False):
         super().__init__()
+        precision = HEAD_PRECISION.get(precision, precision)
         self.fast = make_linear(weight, None, precision, compiled)
         self.precision = precision
         if precision == "bf16":  # the weights the fast kernel uses, unpacked (a tied table can be shared)
