@@ -197,10 +197,12 @@ def test_lower_precisions_on_cpu(lm, precision):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_same_tokens(lm):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_compiled_decode_step_gives_the_same_tokens(lm, precision):
     model, tok = lm
-    plain = Engine(model, tok, max_batch=2)
-    compiled = Engine(model, tok, max_batch=2, compile=True)
+    torch._dynamo.reset()  # each engine compiles the same forward; stay clear of the recompile limit
+    plain = Engine(model, tok, max_batch=2, precision=precision)
+    compiled = Engine(model, tok, max_batch=2, precision=precision, compile=True)
     for engine in (plain, compiled):
         reqs = [engine.submit(tok.encode(p), greedy(15)) for p in PROMPTS[:3]]
         while engine.step():
