@@ -120,7 +120,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     ckpt = Checkpointer(run_dir, model, tokenizer, optimizers, train_data, cfg, dist, extra_config, save_weights, load_weights)
     log = MetricsLog(run_dir, enabled=dist.is_main)
 
-    state = {"elapsed": 0.0, "best_val": float("inf"), "bad_evals": 0, "tokens": 0}
+    state = {"elapsed": 0.0, "best_val": float("inf"), "bad_evals": 0, "tokens": 0, "first_step_s": 0.0}
     step = 0
     if resume:
         restored = ckpt.restore()
@@ -169,7 +169,9 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         if budget and elapsed >= budget:
             stop_reason = "time budget"
             break
-        progress = max(step / cfg.max_steps, elapsed / budget if budget else 0.0)
+        # a time budget's schedule spans the time left after the first step (the cold compile), not the wall clock
+        warm = state.get("first_step_s", 0.0)
+        progress = max(step / cfg.max_steps, (elapsed - warm) / (budget - warm) if budget else 0.0)
         set_lr(optimizers, cfg, lr_factor(cfg, progress, step))
         loss_sum = step_tokens = step_flops = 0.0
         for micro in range(cfg.grad_accum):
@@ -199,6 +201,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         window_flops += step_flops
         state["tokens"] += round(step_tokens)
         state["elapsed"] = time.perf_counter() - t_start
+        if step == 1:
+            state["first_step_s"] = state["elapsed"]
 
         if step % cfg.log_every == 0 or step == 1:
             dt = time.perf_counter() - t_window
