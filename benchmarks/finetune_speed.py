@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="run pocketlm as `train.compile: true` + `compile_scope: blocks` does (each block, symbolic lengths)")
     args = ap.parse_args()
     print_machine(args.threads)
     import peft
@@ -96,8 +98,12 @@ def main():
             opt.zero_grad(set_to_none=True)
         return step
 
+    if args.compile:
+        for layer in ours.layers:
+            layer.compile(dynamic=True)
+
     def ours_loss(model, x, y):
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]):  # (compiled blocks bring their own attention backward)
             return model(x, y)[1]
 
     def peft_loss(model, x, y):
@@ -106,11 +112,14 @@ def main():
 
     run_ours = runner(make_step(ours, ours_loss), data, args.steps)
     run_peft = runner(make_step(theirs, peft_loss), data, args.steps)
-    run_ours(), run_peft()  # warm-up
+    for _ in range(2 if args.compile else 1):  # warm-up (and compile)
+        run_ours()
+    run_peft()
     t = interleaved({"pocketlm": run_ours, "peft": run_peft}, reps=args.reps)
     per = args.steps * args.batch
     out = {"benchmark": "finetune_speed", "model": Path(args.model).name, "batch": args.batch, "rank": args.rank,
-           "steps_per_rep": args.steps, "reps": args.reps, "threads": args.threads, "precision": "bf16 autocast"}
+           "steps_per_rep": args.steps, "reps": args.reps, "threads": args.threads, "precision": "bf16 autocast",
+           "compile": args.compile}
     for name, v in t.items():
         out[f"{name}_examples_per_s"] = round(per / v["median"], 3)
         out[f"{name}_examples_per_s_min_max"] = [round(per / v["max"], 3), round(per / v["min"], 3)]

@@ -1,4 +1,4 @@
-"""SST-2 accuracy: SmolLM2-135M-Instruct zero-shot, and after `configs/finetune_sst2.yaml` (LoRA, 30 min).
+"""SST-2 accuracy: SmolLM2-135M-Instruct zero-shot, and after `configs/finetune_sst2.yaml` (LoRA, 15 min).
 
 Trains unless --adapter names an existing run, then scores the 872 sentences of dev.tsv by label
 likelihood and by greedy generation, with the same prompt (system message, instruction, label

@@ -315,10 +315,16 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6N (forward + backward matmuls, lm_head included) + attention."""
+        """Training FLOPs per token: 6N (forward + backward matmuls, lm_head included) + attention.
+        Frozen weights (LoRA) cost 4N: their backward computes input gradients but no weight gradients."""
         cfg, T = self.cfg, seq_len or self.cfg.block_size
         n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        lookups = {id(self.embed_tokens.weight), id(self.lm_head.weight)}  # the head is added on its own below
+        if self.cfg.arch == "gpt2":
+            lookups.add(id(self.embed_positions.weight))
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in lookups)
+        frozen += 0 if self.lm_head.weight.requires_grad else self.lm_head.weight.numel()
+        return 6 * n - 2 * min(frozen, n) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def _rope(self, positions, end: int, device):
         """cos/sin for the positions (all < end): a slice when they are 0..end-1 (training), a gather otherwise."""

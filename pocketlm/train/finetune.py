@@ -214,7 +214,7 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
         with sdpa_kernel(kernels):
             result = train(model, tokenizer, train_cfg, train_data, val, out_dir, resume=resume, dist=dist,
                            save_weights=save_lora if ft.lora else None, load_weights=load_lora if ft.lora else None,
-                           run_config=run_config)
+                           run_config=run_config, varying_lengths=not ft.pack)
         if dist.is_main:
             if ft.lora:  # RUN/adapter: the best adapter when early stopping kept one, else the last
                 best = out_dir / "checkpoints" / "best"

@@ -107,7 +107,7 @@ class Checkpointer:
 
 def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, resume: bool = False,
           dist: DistInfo | None = None, extra_config: dict | None = None, save_weights=None, load_weights=None,
-          run_config: dict | None = None) -> dict:
+          run_config: dict | None = None, varying_lengths: bool = False) -> dict:
     dist = dist or DistInfo()
     run_dir = Path(out_dir)
     if dist.is_main:
@@ -137,11 +137,13 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         step_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    # batches of varying length (fine-tuning) compile once with symbolic shapes, not once per length
+    dynamic = True if varying_lengths else None
     if cfg.compile and cfg.compile_scope == "blocks":
         for layer in model.layers:  # identical blocks share one compiled graph: a short cold start
-            layer.compile()
+            layer.compile(dynamic=dynamic)
     elif cfg.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, dynamic=dynamic)
     autocast = autocast_ctx(cfg, dist.device)
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), device=dist.device)
     flops_per_token = functools.lru_cache(model.flops_per_token)
