@@ -39,6 +39,9 @@ def test_param_count_and_flops():
     per_layer = 4 * (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16) + 2 * 2 * 16
     assert model.num_params() == 2 * per_layer + 2 * 16
     assert model.flops_per_token(8) == 6 * (model.num_params() + 100 * 16) + 12 * 2 * 16 * 8
+    # frozen (as under LoRA): no weight gradients, so 4 FLOPs per weight per token instead of 6
+    model.requires_grad_(False)
+    assert model.flops_per_token(8) == 4 * (model.num_params() + 100 * 16) + 12 * 2 * 16 * 8
 
 
 @pytest.mark.parametrize("kwargs,match", [({"arch": "bert"}, "arch"), ({"n_head": 4, "n_kv_head": 3}, "multiple"),

@@ -324,7 +324,7 @@ class GPT(nn.Module):
             lookups.add(id(self.embed_positions.weight))
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in lookups)
         frozen += 0 if self.lm_head.weight.requires_grad else self.lm_head.weight.numel()
-        return 6 * n - 2 * min(frozen, n) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * n - 2 * frozen + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def _rope(self, positions, end: int, device):
         """cos/sin for the positions (all < end): a slice when they are 0..end-1 (training), a gather otherwise."""

@@ -172,7 +172,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             stop_reason = "time budget"
             break
         # a time budget's schedule spans the time left after the first step (the cold compile), not the wall clock
-        warm = state.get("first_step_s", 0.0)
+        warm = state["first_step_s"]
         progress = max(step / cfg.max_steps, (elapsed - warm) / (budget - warm) if budget else 0.0)
         set_lr(optimizers, cfg, lr_factor(cfg, progress, step))
         loss_sum = step_tokens = step_flops = 0.0
