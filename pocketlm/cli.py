@@ -130,7 +130,7 @@ def _finetune(args, extra):
     flags = {"lora": True if args.lora else None, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
              "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets, "labels": args.labels,
              "instruction": args.instruction, "system": args.system, "no_answer": args.no_answer,
-             "pack": True if args.pack else None}
+             "pack": True if args.pack else None, "skip_invalid": True if args.skip_invalid else None}
     overrides = parse_overrides(extra)
     for key in ("max_steps", "max_minutes"):
         if getattr(args, key) is not None:
@@ -173,6 +173,8 @@ def _add_adapter_verbs(sub):
     ft.add_argument("--adapter", help="start from this adapter (continued LoRA training, or merged before full fine-tuning)")
     ft.add_argument("--pack", action="store_true", help="pack short examples into rows of up to seq_len tokens "
                     "(no attention across examples; batch_size then counts rows)")
+    ft.add_argument("--skip-invalid", action="store_true", help="leave out rows that fail validation (e.g. an empty "
+                    "reply) and report how many, instead of stopping at the first")
     ft.add_argument("--max-steps", type=int)
     ft.add_argument("--max-minutes", type=float)
     _add_task_args(ft)

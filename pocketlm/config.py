@@ -36,6 +36,7 @@ class TrainConfig:
     max_minutes: float = 0.0        # time budget; 0 = none. The schedule is stretched to fit it.
     eval_every: int = 100           # steps between validation passes
     eval_batches: int = 20          # micro-batches per validation pass
+    eval_at_start: bool = False     # also validate before the first step (the "before" of a fine-tune)
     ckpt_every: int = 0             # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2       # newest N kept (plus `best`)
     early_stopping_patience: int = 0  # stop after N evals without val improvement; 0 = off

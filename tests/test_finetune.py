@@ -49,7 +49,8 @@ def test_full_finetune_learns_a_classification_task_and_eval_reads_its_task(base
     train, dev = keyword_data(tmp_path / "train.jsonl", 200), keyword_data(tmp_path / "dev.jsonl", 40, seed=1)
     run = tmp_path / "run"
     finetune("--model", base, "--data", train, "--val-data", dev, "--out", run, "--max-steps", 100,
-             "--labels", "neg=no,pos=yes", "--train.lr=1e-2", "--train.batch_size=16", "--train.eval_every=40", *FAST)
+             "--labels", "neg=no,pos=yes", "--train.lr=1e-2", "--train.batch_size=16", "--train.eval_every=40",
+             "--train.eval_at_start=true", *FAST)
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--task", "classification", "--data", str(dev), "--dtype", "fp32"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -57,8 +58,10 @@ def test_full_finetune_learns_a_classification_task_and_eval_reads_its_task(base
     assert r["likelihood"]["accuracy"] >= 0.9
     assert r["generation"]["accuracy"] >= 0.9
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [m["val_loss"] for m in metrics if "val_loss" in m]
-    assert val[-1] < val[0] and (run / "loss.png").exists()
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    assert val[0][0] == 0 and val[-1][1] < val[0][1] and (run / "loss.png").exists()  # eval_at_start: the "before"
+    result = json.loads((run / "results.json").read_text())
+    assert result["initial_val_loss"] == val[0][1] and result["val_loss"] == val[-1][1]
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])

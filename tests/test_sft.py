@@ -137,6 +137,21 @@ def test_finetune_verb_reports_the_bad_line(tmp_path, capsys):
     assert "pocketlm finetune: error:" in capsys.readouterr().err
 
 
+def test_invalid_rows_can_be_skipped_and_counted(tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": ""},
+            {"instruction": "d", "input": "x", "output": "e"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with pytest.raises(SFTDataError, match=r"d.json: record 1: field 'output'"):
+        load_examples(tmp_path / "d.json")
+    skipped = []
+    ex, _ = load_examples(tmp_path / "d.json", skipped=skipped)
+    assert [e.messages[-1]["content"] for e in ex] == ["b", "e"]
+    assert len(skipped) == 1 and "record 1: field 'output'" in skipped[0]
+    (tmp_path / "bad.json").write_text(json.dumps(rows[1:2]))
+    with pytest.raises(SFTDataError, match="no valid rows"):
+        load_examples(tmp_path / "bad.json", skipped=[])
+
+
 def test_batches_resume_exactly_and_group_lengths(tok):
     rows = [([1] * n, [-100] * (n - 1) + [5]) for n in range(3, 43)]
     a = SFTBatches(rows, 4, pad_id=0, seed=3)

@@ -229,9 +229,11 @@ def to_example(fmt: str, row: dict, where: str, spec: TaskSpec) -> Example:
     raise SFTDataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def load_examples(path, spec: TaskSpec | None = None, limit: int | None = None) -> tuple[list[Example], TaskSpec]:
+def load_examples(path, spec: TaskSpec | None = None, limit: int | None = None,
+                  skipped: list[str] | None = None) -> tuple[list[Example], TaskSpec]:
     """Read and check every row. Without a spec, the format is detected and, for classification,
-    the label set is collected from the file (each label says itself)."""
+    the label set is collected from the file (each label says itself). The first invalid row is an
+    error, unless a `skipped` list is given: then invalid rows are left out and their errors appended."""
     rows = list(read_rows(path))
     if not rows:
         raise SFTDataError(f"{path}: no rows")
@@ -253,7 +255,17 @@ def load_examples(path, spec: TaskSpec | None = None, limit: int | None = None) 
         spec.labels = {x: x for x in seen}
     if limit:
         rows = rows[:limit]
-    return [to_example(fmt, row, where, spec) for where, row in rows], spec
+    examples = []
+    for where, row in rows:
+        try:
+            examples.append(to_example(fmt, row, where, spec))
+        except SFTDataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    if not examples:
+        raise SFTDataError(f"{path}: no valid rows ({len(skipped or [])} invalid)")
+    return examples, spec
 
 
 def parse_labels(text: str | None) -> dict[str, str]:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class FinetuneConfig:
     labels: str | None = None       # classification: "0=negative,1=positive"
     no_answer: str | None = None    # QA reply for unanswerable questions
     limit: int = 0                  # use only the first N training rows (0: all)
+    skip_invalid: bool = False      # leave out rows that fail validation (counted and reported) instead of stopping
 
 
 def _read_sections(path) -> tuple[dict, dict, dict]:
@@ -153,11 +155,14 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
         set_dropout(model, dropout)
 
     # data: the format is detected from the training file; the validation file must match it
-    train_ex, spec = load_examples(data, task_spec(ft, data), limit=ft.limit or None)
+    skipped: list[str] | None = [] if ft.skip_invalid else None
+    train_ex, spec = load_examples(data, task_spec(ft, data), limit=ft.limit or None, skipped=skipped)
     if val_data:
-        val_ex, _ = load_examples(val_data, spec)
+        val_ex, _ = load_examples(val_data, spec, skipped=skipped)
     else:
         train_ex, val_ex = _split(train_ex, ft.val_fraction, ft.max_val_examples, train_cfg.seed)
+    if skipped and dist.is_main:
+        print(f"skipped {len(skipped)} invalid rows (skip_invalid), first: {skipped[0]}", file=sys.stderr)
     max_len = min(train_cfg.seq_len, model.cfg.block_size) + 1
     train_enc, dropped = encode_examples(tokenizer, train_ex, max_len)
     val_enc, val_dropped = encode_examples(tokenizer, val_ex, max_len)

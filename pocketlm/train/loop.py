@@ -165,6 +165,11 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     t_start = time.perf_counter() - state["elapsed"]
     t_window, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
     last_eval: dict = {}
+    if cfg.eval_at_start and step == 0:
+        state["initial_val"] = run_eval(0)
+        if state["initial_val"]:
+            log.write({"step": 0, **state["initial_val"]})
+            bar.write(f"step 0: val loss {state['initial_val']['val_loss']:.4f}")
     stop_reason = "max_steps"
     while step < cfg.max_steps:
         elapsed = time.perf_counter() - t_start
@@ -245,6 +250,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     log.plot()
     result = {"step": step, "stop_reason": stop_reason, "elapsed_s": round(state["elapsed"], 1),
               "tokens": state["tokens"], **final}
+    if state.get("initial_val"):
+        result["initial_val_loss"] = state["initial_val"]["val_loss"]
     if cfg.early_stopping_patience and state["best_val"] < float("inf"):
         result["best_val_loss"] = state["best_val"]
     if dist.is_main:
