@@ -4,8 +4,10 @@ At batch 1 a decode step is one matrix-vector product per weight matrix (120 for
 the LM head, so the kernel that reads the weights decides the speed (measured on 2 cores, one row):
 
     fp32  F.linear on fp32 weights (MKL).
-    bf16  bf16 weights prepacked once for oneDNN: ~1.5x aten's bf16 F.linear at one row, which is
-          no faster than fp32 here although it reads half the bytes.
+    bf16  bf16 weights read by a hand-written AVX512-BF16 kernel (bf16_gemv.py) for up to 8 rows:
+          ~1.6x oneDNN's prepacked bf16 matmul, itself ~1.5x aten's bf16 F.linear at one row, which
+          is no faster than fp32 here although it reads half the bytes. Without AVX512-BF16 (or a
+          compiler), the prepacked oneDNN weights.
     int8  int8 weights, one scale per output row, bf16 activations (torch._weight_int8pack_mm):
           a quarter of fp32's bytes, ~1.7x the speed of packed bf16 per weight. Weight-only.
     int4  4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's layout: a Q4_1
@@ -28,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pocketlm.infer.bf16_gemv import MAX_ROWS, bf16_gemv
+from pocketlm.infer.bf16_gemv import available as bf16_gemv_available
 from pocketlm.model.gpt import GPT, apply_rope, rope_tables
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -57,6 +61,22 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, "none", [], "")
+
+
+class Bf16Linear(nn.Module):
+    """bf16 x W^T + b: the AVX512-BF16 matrix-vector kernel (bf16_gemv.py) for the few rows of a decode
+    step, aten's bf16 matmul (oneDNN) for a prompt's many."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = bf16_gemv(x, self.weight, self.bias) if x.size(0) <= MAX_ROWS else F.linear(x, self.weight, self.bias)
+        return y.view(*shape[:-1], -1)
 
 
 class Int8Linear(nn.Module):
@@ -116,6 +136,8 @@ def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Modu
         return Int4Linear(weight, bias)
     if precision in ("int8", "int4"):  # (int4 needs whole groups of inputs)
         return Int8Linear(weight, bias)
+    if precision == "bf16" and weight.size(1) % 32 == 0 and bf16_gemv_available():
+        return Bf16Linear(weight, bias)
     if precision == "bf16" and not compiled and torch.backends.mkldnn.is_available():
         return PackedLinear(weight, bias)  # (torch.compile with freezing packs plain weights itself)
     return DenseLinear(weight, bias, ACTIVATIONS[precision])
