@@ -197,7 +197,7 @@ def test_lower_precisions_on_cpu(lm, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
 def test_compiled_decode_step_gives_the_same_tokens(lm, precision):
     model, tok = lm
     torch._dynamo.reset()  # each engine compiles the same forward; stay clear of the recompile limit

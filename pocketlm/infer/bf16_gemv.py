@@ -18,6 +18,7 @@ oneDNN, where the CPU lacks the instruction or the build fails.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -113,6 +114,11 @@ def available() -> bool:
         return False
     try:
         from torch.utils.cpp_extension import load_inline
+        try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
         load_inline("pocketlm_bf16_gemv", cpp_sources=[_SOURCE], is_python_module=False,
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, or an unusual toolchain: oneDNN still works
