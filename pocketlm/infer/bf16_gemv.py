@@ -5,9 +5,10 @@ streams weights from memory. oneDNN's bf16 matmul, made for large batches, reads
 activations at ~14 GB/s here where fp32 MKL reaches ~21 GB/s (the machine's read bandwidth), so
 bf16, with half the bytes, was barely faster than fp32. This kernel is a plain dot product per
 output row with the AVX512-BF16 `vdpbf16ps` instruction (pairs of bf16 products summed into fp32),
-four output rows at a time so each activation load serves four weight rows, and a software prefetch
-of the rows two groups ahead: 24 GB/s over SmolLM2's 120 matrices here, 1.6x oneDNN's packed
-kernel. No library ships a bf16 GEMV for CPUs, hence this one.
+four weight rows at a time against up to four activation rows (several streams share each weight
+load), with a software prefetch of the weight rows two groups ahead: 24 GB/s over SmolLM2's 120
+matrices here at one row, 1.6x oneDNN's packed kernel. No library ships a bf16 GEMV for CPUs,
+hence this one.
 
 It registers `torch.ops.pocketlm.bf16_gemv(x, weight, bias)` (x: (M, K) bf16 with small M; weight:
 (N, K) bf16; K a multiple of 32) -> (M, N) bf16, built once with the C++ compiler torch.compile also
