@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from tiny_lm import tiny_lm
 
+import pocketlm.infer.fused as fused_module
+from pocketlm.infer.bf16_gemv import available as bf16_gemv_available
 from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int4Linear, Int8Linear
 from pocketlm.model.gpt import KVCache
 
@@ -39,10 +41,14 @@ def test_fp32_is_the_model_itself(arch):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-onednn", "int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_lower_precisions_stay_close_with_fp32_logits(arch, precision):
+def test_lower_precisions_stay_close_with_fp32_logits(arch, precision, monkeypatch):
     model, _ = tiny_lm(arch)
+    fallback = precision == "bf16-onednn"
+    if fallback:  # a CPU without AVX512-BF16, or no compiler: oneDNN's prepacked weights
+        monkeypatch.setattr(fused_module, "bf16_gemv_available", lambda: False)
+        precision = "bf16"
     with torch.inference_mode():
         want = run(model, IDS, 4, torch.float32)
         fused = FusedGPT(model, precision)
@@ -52,6 +58,9 @@ def test_lower_precisions_stay_close_with_fp32_logits(arch, precision):
     tolerance = {"bf16": 0.05, "int8": 0.05, "int4": 0.25}[precision]  # 4 bits: 16 levels per group of 32
     assert (got - want).abs().max() < tolerance * spread, ((got - want).abs().max(), spread)
     assert fused.weight_bytes_per_token() < FusedGPT(model, "fp32").weight_bytes_per_token()
+    if precision == "bf16":
+        kinds = {type(m).__name__ for m in fused.modules()} & {"Bf16Linear", "PackedLinear"}
+        assert kinds == ({"PackedLinear"} if fallback or not bf16_gemv_available() else {"Bf16Linear"})
     assert next(model.parameters()).dtype == torch.float32  # the model it was built from is untouched
 
 
