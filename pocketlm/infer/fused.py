@@ -63,14 +63,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, "none", [], "")
 
 
-class Bf16Linear(nn.Module):
+class Bf16Linear(DenseLinear):
     """bf16 x W^T + b: the AVX512-BF16 matrix-vector kernel (bf16_gemv.py) for the few rows of a decode
     step, aten's bf16 matmul (oneDNN) for a prompt's many."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        super().__init__(weight, bias, torch.bfloat16)
 
     def forward(self, x):
         shape = x.shape
@@ -158,6 +156,8 @@ class Head(nn.Module):
     def __init__(self, weight: torch.Tensor, precision: str, rows: torch.Tensor | None = None, compiled: bool = False):
         super().__init__()
         precision = HEAD_PRECISION.get(precision, precision)
+        if precision == "bf16" and rows is not None:  # a tied table: kernels on plain weights share it, no copy
+            weight = rows
         self.fast = make_linear(weight, None, precision, compiled)
         self.precision = precision
         if precision == "bf16":  # the weights the fast kernel uses, unpacked (a tied table can be shared)
