@@ -116,18 +116,21 @@ def test_unknown_precision_is_an_error():
     assert PRECISIONS == ("fp32", "bf16", "int8", "int4")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7, 9])
-def test_bf16_kernel_equals_a_matmul_of_the_same_bf16_numbers(rows):
-    """The AVX512-BF16 decode kernel (or oneDNN past 8 rows): fp32 sums of the bf16 products, one
-    bf16 rounding; activation rows in tiles of 4, 2 and 1, weight rows in groups of 4 plus a tail (N = 103)."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 9, 16, 17])
+@pytest.mark.parametrize("n_out, n_in, bias", [(103, 96, True), (50, 64, False)])
+def test_bf16_kernel_equals_a_matmul_of_the_same_bf16_numbers(rows, n_out, n_in, bias):
+    """The decode kernel (or oneDNN past 16 rows): fp32 sums of the bf16 products, one bf16 rounding.
+    One row runs the AVX512 loop (weight rows in groups of 4 plus a tail), 2..16 rows the AMX tiles where
+    the CPU has them (blocks of 4, 2 and 1 x 16 weight rows, the last 103 % 16 rows on AVX512)."""
     from pocketlm.infer.bf16_gemv import available
     from pocketlm.infer.fused import Bf16Linear
     if not available():
         pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler)")
     torch.manual_seed(0)
-    w, b, x = torch.randn(103, 96), torch.randn(103), torch.randn(1, rows, 96)
+    w, x = torch.randn(n_out, n_in), torch.randn(1, rows, n_in)
+    b = torch.randn(n_out) if bias else None
     lin = Bf16Linear(w, b)
-    want = x.bfloat16().float() @ w.bfloat16().float().t() + b.bfloat16().float()
+    want = x.bfloat16().float() @ w.bfloat16().float().t() + (b.bfloat16().float() if bias else 0)
     got = lin(x)
-    assert got.shape == (1, rows, 103) and got.dtype == torch.bfloat16
+    assert got.shape == (1, rows, n_out) and got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= want.abs().max() * 2**-8

@@ -25,18 +25,20 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 8  # activation rows the kernel takes; beyond that (prefill) the matmul libraries are faster
+MAX_ROWS = 16  # activation rows the kernel takes (one AMX tile); beyond that (prefill) oneDNN is faster
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 constexpr int64_t PF = 8;  // prefetch distance in rows: 8 and 4 were best of 4/8/16 (24 GB/s vs 15 oneDNN)
+constexpr int64_t PFK = 2;  // AMX: prefetch distance in 32-column steps; 2 was best of 1/2/4
 
 // Four weight rows w (contiguous, K each) against R activation rows x[0..R): y[r][i] = dot(x[r], w[i]).
-// R > 1 loads each weight vector once for R activation rows (several streams decoding at once).
 template <int R>
 static inline void dot4(const uint16_t* x, int64_t K, const uint16_t* w, bool prefetch, float y[4][4]) {
   __m512 a[R][4];
@@ -56,52 +58,142 @@ static inline void dot4(const uint16_t* x, int64_t K, const uint16_t* w, bool pr
     for (int i = 0; i < 4; ++i) y[r][i] = _mm512_reduce_add_ps(a[r][i]);
 }
 
-// y[m, n] = dot(x[m, :], w[n, :]) (+ b[n]) for bf16 x (M, K), w (N, K); fp32 sums, bf16 out.
+struct Gemv {  // y[m, n] = dot(x[m, :], w[n, :]) (+ b[n]): fp32 sums, bf16 out
+  const uint16_t *x, *w, *b;
+  uint16_t* y;
+  int64_t M, K, N;
+  void out(int64_t m, int64_t n, float v) const { y[m * N + n] = c10::bit_cast<uint16_t>(at::BFloat16(b ? v + float(c10::bit_cast<at::BFloat16>(b[n])) : v)); }
+
+  void avx_rows(int64_t n0, int64_t n1) const {  // output columns [n0, n1), weight rows in groups of 4
+    for (int64_t n = n0; n + 4 <= n1; n += 4) {
+      float v[4][4];
+      int64_t m = 0;
+      auto emit = [&](int rows) {
+        for (int r = 0; r < rows; ++r)
+          for (int i = 0; i < 4; ++i) out(m + r, n + i, v[r][i]);
+        m += rows;
+      };
+      while (M - m >= 4) dot4<4>(x + m * K, K, w + n * K, m == 0, v), emit(4);
+      if (M - m >= 2) dot4<2>(x + m * K, K, w + n * K, m == 0, v), emit(2);
+      if (M - m == 1) dot4<1>(x + m * K, K, w + n * K, m == 0, v), emit(1);
+    }
+    for (int64_t n = n1 - (n1 - n0) % 4; n < n1; ++n)  // the last (n1 - n0) % 4 rows
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32)
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x + m * K + k), (__m512bh)_mm512_loadu_si512(w + n * K + k));
+        out(m, n, _mm512_reduce_add_ps(a));
+      }
+  }
+};
+
+#ifndef POCKETLM_NO_AMX
+// Several streams (2..16 rows) on AMX: C[n][m] += W[16 rows n][32 columns k] . Xt[k pairs][m], so the
+// weights load as they lie (16 rows per tile, one cache line each) and only the few activation rows
+// are transposed, into pairs of bf16 per 32-bit element. tmm0: activations, tmm1-3: weights,
+// tmm4-7: sums for up to four blocks of 16 weight rows.
+static bool amx_ready() {  // Linux hands out the tile state only on request (arch_prctl, kernel >= 5.16)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int B>
+static inline void amx_blocks(const char* w0, int64_t ws, int64_t K, const uint32_t* xt, int64_t M, float* c) {
+  _tile_zero(4);
+  if (B >= 2) _tile_zero(5);
+  if (B >= 3) _tile_zero(6);
+  if (B >= 4) _tile_zero(7);
+  for (int64_t k = 0; k < K; k += 32) {
+    if (k + PFK * 32 < K)
+      for (int r = 0; r < B * 16; ++r) _mm_prefetch(w0 + r * ws + (k + PFK * 32) * 2, _MM_HINT_T0);
+    _tile_loadd(0, xt + (k / 2) * M, M * 4);
+    _tile_loadd(1, w0 + k * 2, ws);
+    _tile_dpbf16ps(4, 1, 0);
+    if (B >= 2) { _tile_loadd(2, w0 + 16 * ws + k * 2, ws); _tile_dpbf16ps(5, 2, 0); }
+    if (B >= 3) { _tile_loadd(3, w0 + 32 * ws + k * 2, ws); _tile_dpbf16ps(6, 3, 0); }
+    if (B >= 4) { _tile_loadd(1, w0 + 48 * ws + k * 2, ws); _tile_dpbf16ps(7, 1, 0); }
+  }
+  _tile_stored(4, c, M * 4);
+  if (B >= 2) _tile_stored(5, c + 16 * M, M * 4);
+  if (B >= 3) _tile_stored(6, c + 32 * M, M * 4);
+  if (B >= 4) _tile_stored(7, c + 48 * M, M * 4);
+}
+
+static void amx_gemv(const Gemv& g) {
+  std::vector<uint32_t> xt(g.K / 2 * g.M);  // xt[k/2][m] = (x[m][k], x[m][k+1])
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(g.x);
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t k = 0; k < g.K / 2; ++k) xt[k * g.M + m] = x32[m * (g.K / 2) + k];
+  const int64_t M = g.M, ws = g.K * 2, blocks = g.N / 16;
+  at::parallel_for(0, blocks + 1, 1, [&](int64_t b0, int64_t b1) {
+    if (b1 > blocks) g.avx_rows(blocks * 16, g.N), b1 = blocks;  // rows past the last whole block
+    if (b0 >= b1) return;
+    TileConfig cfg;
+    cfg.rows[0] = 16, cfg.colsb[0] = M * 4;
+    for (int t = 1; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    for (int t = 4; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = M * 4;
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[64 * 16];
+    const __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(M));
+    for (int64_t b = b0; b < b1;) {
+      const int nb = b1 - b >= 4 ? 4 : b1 - b >= 2 ? 2 : 1;
+      const char* w0 = reinterpret_cast<const char*>(g.w) + b * 16 * ws;
+      if (nb == 4) amx_blocks<4>(w0, ws, g.K, xt.data(), M, c);
+      else if (nb == 2) amx_blocks<2>(w0, ws, g.K, xt.data(), M, c);
+      else amx_blocks<1>(w0, ws, g.K, xt.data(), M, c);
+      for (int j = 0; j < nb; ++j) {  // c[16 rows n][M] -> y[m][n0, n0 + 16) plus bias, 16 outputs at a time
+        const int64_t n0 = (b + j) * 16;
+        const __m512 bv = g.b ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(g.b + n0))), 16))
+                              : _mm512_setzero_ps();
+        for (int64_t m = 0; m < M; ++m) {
+          const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(row, c + j * 16 * M + m, 4), bv);
+          _mm256_storeu_si256((__m256i*)(g.y + m * g.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+      b += nb;
+    }
+    _tile_release();
+  });
+}
+#endif
+
 static at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_gemv: shapes");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 only");
   TORCH_CHECK(w.is_contiguous() && w.size(1) % 32 == 0, "bf16_gemv: contiguous weight, K % 32 == 0");
+  TORCH_CHECK(x.size(0) <= 16, "bf16_gemv: at most 16 rows");
   auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
-  auto y = at::empty({M, N}, xc.options());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = bias.has_value() ? bias->contiguous().data_ptr<at::BFloat16>() : nullptr;
-  auto out = [&](int64_t m, int64_t n, float v) { yp[m * N + n] = at::BFloat16(bp ? v + float(bp[n]) : v); };
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n = g * 4;
-      if (n + 4 <= N) {
-        const uint16_t* w4 = wp + n * K;
-        float v[4][4];
-        int64_t m = 0;
-        auto emit = [&](int rows) {
-          for (int r = 0; r < rows; ++r)
-            for (int i = 0; i < 4; ++i) out(m + r, n + i, v[r][i]);
-          m += rows;
-        };
-        while (M - m >= 4) dot4<4>(xp + m * K, K, w4, m == 0, v), emit(4);
-        if (M - m >= 2) dot4<2>(xp + m * K, K, w4, m == 0, v), emit(2);
-        if (M - m == 1) dot4<1>(xp + m * K, K, w4, m == 0, v), emit(1);
-      } else {  // the last N % 4 rows
-        for (int64_t r = n; r < N; ++r) {
-          for (int64_t m = 0; m < M; ++m) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 32)
-              a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(xp + m * K + k),
-                                   (__m512bh)_mm512_loadu_si512(wp + r * K + k));
-            out(m, r, _mm512_reduce_add_ps(a));
-          }
-        }
-      }
-    }
-  });
+  auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  auto y = at::empty({xc.size(0), w.size(0)}, xc.options());
+  const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(w.data_ptr()),
+               bc ? reinterpret_cast<const uint16_t*>(bc->data_ptr()) : nullptr,
+               reinterpret_cast<uint16_t*>(y.data_ptr()), xc.size(0), xc.size(1), w.size(0)};
+#ifndef POCKETLM_NO_AMX
+  if (g.M >= 2 && amx_ready()) return amx_gemv(g), y;  // one row: the AVX512 loop streams faster
+#endif
+  at::parallel_for(0, (g.N + 3) / 4, 16, [&](int64_t q0, int64_t q1) { g.avx_rows(q0 * 4, std::min(q1 * 4, g.N)); });
   return y;
+}
+
+static bool bf16_gemv_uses_amx() {
+#ifndef POCKETLM_NO_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
 }
 
 TORCH_LIBRARY(pocketlm, m) {
   m.def("bf16_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_gemv_uses_amx() -> bool", &bf16_gemv_uses_amx);
 }
 
 TORCH_LIBRARY_IMPL(pocketlm, CPU, m) {
@@ -123,23 +215,36 @@ def available() -> bool:
     """Builds (once per machine) and loads the kernel; False where it cannot run here."""
     if not _cpu_has_bf16_dot():
         return False
-    try:
-        from torch.utils.cpp_extension import load_inline
-        try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        load_inline("pocketlm_bf16_gemv", cpp_sources=[_SOURCE], is_python_module=False,
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, or an unusual toolchain: oneDNN still works
-        warnings.warn(f"bf16 decode kernel unavailable, using oneDNN ({type(e).__name__}: {e})")
+    from torch.utils.cpp_extension import load_inline
+    try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    flags = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"]
+    errors = []
+    # a compiler too old for the AMX intrinsics (GCC < 11) still builds the AVX512 half
+    for name, extra in (("pocketlm_bf16_gemv_amx", ["-mamx-tile", "-mamx-bf16"]),
+                        ("pocketlm_bf16_gemv", ["-DPOCKETLM_NO_AMX"])):
+        try:
+            load_inline(name, cpp_sources=[_SOURCE], is_python_module=False, extra_cflags=flags + extra,
+                        extra_ldflags=["-fopenmp"])
+            break
+        except Exception as e:  # noqa: PERF203 (no compiler, or an unusual toolchain: oneDNN still works)
+            errors.append(f"{type(e).__name__}: {e}")
+    else:
+        warnings.warn(f"bf16 decode kernel unavailable, using oneDNN ({errors[-1]})")
         return False
 
     @torch.library.register_fake("pocketlm::bf16_gemv")
     def _(x, weight, bias):
         return x.new_empty(x.size(0), weight.size(0))
     return True
+
+
+def uses_amx() -> bool:
+    """Whether batches of 2..MAX_ROWS rows run on the AMX tile unit (CPU, compiler and kernel permitting)."""
+    return available() and torch.ops.pocketlm.bf16_gemv_uses_amx()
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,9 +4,10 @@ At batch 1 a decode step is one matrix-vector product per weight matrix (120 for
 the LM head, so the kernel that reads the weights decides the speed (measured on 2 cores, one row):
 
     fp32  F.linear on fp32 weights (MKL).
-    bf16  bf16 weights read by a hand-written AVX512-BF16 kernel (bf16_gemv.py) for up to 8 rows:
-          ~1.6x oneDNN's prepacked bf16 matmul, itself ~1.5x aten's bf16 F.linear at one row, which
-          is no faster than fp32 here although it reads half the bytes. Without AVX512-BF16 (or a
+    bf16  bf16 weights read by a hand-written kernel (bf16_gemv.py) for up to 16 rows: AVX512-BF16
+          at one row, ~1.6x oneDNN's prepacked bf16 matmul, itself ~1.5x aten's bf16 F.linear, which
+          is no faster than fp32 here although it reads half the bytes; AMX tiles for 2..16 rows
+          (several streams), where 16 rows take ~1.3x the time of one. Without AVX512-BF16 (or a
           compiler), the prepacked oneDNN weights.
     int8  int8 weights, one scale per output row, bf16 activations (torch._weight_int8pack_mm):
           a quarter of fp32's bytes, ~1.7x the speed of packed bf16 per weight. Weight-only.
@@ -64,8 +65,8 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Linear(DenseLinear):
-    """bf16 x W^T + b: the AVX512-BF16 matrix-vector kernel (bf16_gemv.py) for the few rows of a decode
-    step, aten's bf16 matmul (oneDNN) for a prompt's many."""
+    """bf16 x W^T + b: the hand-written kernel (bf16_gemv.py) for the few rows of a decode step, aten's
+    bf16 matmul (oneDNN) for a prompt's many."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias, torch.bfloat16)
