@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tiny_lm import tiny_lm
 
 import pocketlm.infer.fused as fused_module
-from pocketlm.infer.bf16_gemv import available as bf16_gemv_available
+from pocketlm.infer.gemv import available as gemv_available
 from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int4Linear, Int8Linear
 from pocketlm.model.gpt import KVCache
 
@@ -47,7 +47,7 @@ def test_lower_precisions_stay_close_with_fp32_logits(arch, precision, monkeypat
     model, _ = tiny_lm(arch)
     fallback = precision == "bf16-onednn"
     if fallback:  # a CPU without AVX512-BF16, or no compiler: oneDNN's prepacked weights
-        monkeypatch.setattr(fused_module, "bf16_gemv_available", lambda: False)
+        monkeypatch.setattr(fused_module, "gemv_available", lambda: False)
         precision = "bf16"
     with torch.inference_mode():
         want = run(model, IDS, 4, torch.float32)
@@ -59,8 +59,8 @@ def test_lower_precisions_stay_close_with_fp32_logits(arch, precision, monkeypat
     assert (got - want).abs().max() < tolerance * spread, ((got - want).abs().max(), spread)
     assert fused.weight_bytes_per_token() < FusedGPT(model, "fp32").weight_bytes_per_token()
     if precision == "bf16":
-        kinds = {type(m).__name__ for m in fused.modules()} & {"Bf16Linear", "PackedLinear"}
-        assert kinds == ({"PackedLinear"} if fallback or not bf16_gemv_available() else {"Bf16Linear"})
+        kinds = {type(m).__name__ for m in fused.modules()} & {"GemvLinear", "PackedLinear"}
+        assert kinds == ({"PackedLinear"} if fallback or not gemv_available() else {"GemvLinear"})
     assert next(model.parameters()).dtype == torch.float32  # the model it was built from is untouched
 
 
@@ -118,19 +118,20 @@ def test_unknown_precision_is_an_error():
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 9, 16, 17])
 @pytest.mark.parametrize("n_out, n_in, bias", [(103, 96, True), (50, 64, False)])
-def test_bf16_kernel_equals_a_matmul_of_the_same_bf16_numbers(rows, n_out, n_in, bias):
-    """The decode kernel (or oneDNN past 16 rows): fp32 sums of the bf16 products, one bf16 rounding.
-    One row runs the AVX512 loop (weight rows in groups of 4 plus a tail), 2..16 rows the AMX tiles where
-    the CPU has them (blocks of 4, 2 and 1 x 16 weight rows, the last 103 % 16 rows on AVX512)."""
-    from pocketlm.infer.bf16_gemv import available
-    from pocketlm.infer.fused import Bf16Linear
-    if not available():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_kernel_equals_a_matmul_of_the_same_numbers(rows, n_out, n_in, bias, dtype):
+    """The decode kernels (or aten past 16 rows): fp32 sums of the products, one rounding to the dtype.
+    One row runs the AVX512 loop (weight rows in groups of 4 plus a tail), 2..16 bf16 rows the AMX tiles
+    where the CPU has them (blocks of 4, 2 and 1 x 16 weight rows, the last 103 % 16 rows on AVX512)."""
+    from pocketlm.infer.fused import GemvLinear
+    if not gemv_available():
         pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler)")
     torch.manual_seed(0)
     w, x = torch.randn(n_out, n_in), torch.randn(1, rows, n_in)
     b = torch.randn(n_out) if bias else None
-    lin = Bf16Linear(w, b)
-    want = x.bfloat16().float() @ w.bfloat16().float().t() + (b.bfloat16().float() if bias else 0)
+    lin = GemvLinear(w, b, dtype)
+    cast = (lambda t: t.to(dtype).double())
+    want = cast(x) @ cast(w).t() + (cast(b) if bias else 0)
     got = lin(x)
-    assert got.shape == (1, rows, n_out) and got.dtype == torch.bfloat16
-    assert (got.float() - want).abs().max() <= want.abs().max() * 2**-8
+    assert got.shape == (1, rows, n_out) and got.dtype == dtype
+    assert (got.double() - want).abs().max() <= want.abs().max() * (2**-8 if dtype == torch.bfloat16 else 1e-6)

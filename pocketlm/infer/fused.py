@@ -4,7 +4,7 @@ At batch 1 a decode step is one matrix-vector product per weight matrix (120 for
 the LM head, so the kernel that reads the weights decides the speed (measured on 2 cores, one row):
 
     fp32  F.linear on fp32 weights (MKL).
-    bf16  bf16 weights read by a hand-written kernel (bf16_gemv.py) for up to 16 rows: AVX512-BF16
+    bf16  bf16 weights read by a hand-written kernel (gemv.py) for up to 16 rows: AVX512-BF16
           at one row, ~1.6x oneDNN's prepacked bf16 matmul, itself ~1.5x aten's bf16 F.linear, which
           is no faster than fp32 here although it reads half the bytes; AMX tiles for 2..16 rows
           (several streams), where 16 rows take ~1.3x the time of one. Without AVX512-BF16 (or a
@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pocketlm.infer.bf16_gemv import MAX_ROWS, bf16_gemv
-from pocketlm.infer.bf16_gemv import available as bf16_gemv_available
+from pocketlm.infer.gemv import MAX_ROWS, bf16_gemv, f32_gemv
+from pocketlm.infer.gemv import available as gemv_available
 from pocketlm.model.gpt import GPT, apply_rope, rope_tables
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -64,17 +64,18 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, "none", [], "")
 
 
-class Bf16Linear(DenseLinear):
-    """bf16 x W^T + b: the hand-written kernel (bf16_gemv.py) for the few rows of a decode step, aten's
-    bf16 matmul (oneDNN) for a prompt's many."""
+class GemvLinear(DenseLinear):
+    """x W^T + b in bf16 or fp32: the hand-written kernels (gemv.py) for the few rows of a decode step,
+    aten's matmul (oneDNN, MKL) for a prompt's many."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__(weight, bias, torch.bfloat16)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__(weight, bias, dtype)
+        self.kernel = bf16_gemv if dtype == torch.bfloat16 else f32_gemv
 
     def forward(self, x):
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = bf16_gemv(x, self.weight, self.bias) if x.size(0) <= MAX_ROWS else F.linear(x, self.weight, self.bias)
+        x = x.reshape(-1, shape[-1]).to(self.weight.dtype)
+        y = self.kernel(x, self.weight, self.bias) if x.size(0) <= MAX_ROWS else F.linear(x, self.weight, self.bias)
         return y.view(*shape[:-1], -1)
 
 
@@ -135,8 +136,8 @@ def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Modu
         return Int4Linear(weight, bias)
     if precision in ("int8", "int4"):  # (int4 needs whole groups of inputs)
         return Int8Linear(weight, bias)
-    if precision == "bf16" and weight.size(1) % 32 == 0 and bf16_gemv_available():
-        return Bf16Linear(weight, bias)
+    if precision in ("bf16", "fp32") and weight.size(1) % 32 == 0 and gemv_available():
+        return GemvLinear(weight, bias, ACTIVATIONS[precision])
     if precision == "bf16" and not compiled and torch.backends.mkldnn.is_available():
         return PackedLinear(weight, bias)  # (torch.compile with freezing packs plain weights itself)
     return DenseLinear(weight, bias, ACTIVATIONS[precision])

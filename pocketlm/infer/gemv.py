@@ -32,37 +32,50 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <type_traits>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 constexpr int64_t PF = 8;  // prefetch distance in rows: 8 and 4 were best of 4/8/16 (24 GB/s vs 15 oneDNN)
 constexpr int64_t PFK = 2;  // AMX: prefetch distance in 32-column steps; 2 was best of 1/2/4
 
+// One step of K along a weight row: 32 bf16 numbers (pairs summed by vdpbf16ps) or 16 fp32 ones (FMA).
+template <typename T> constexpr int64_t STEP = std::is_same_v<T, float> ? 16 : 32;
+template <typename T>
+static inline __m512 madd(__m512 acc, const T* x, __m512i w) {
+  if constexpr (std::is_same_v<T, float>) return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_castsi512_ps(w), acc);
+  else return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x), (__m512bh)w);
+}
+static inline float to_float(float v) { return v; }
+static inline float to_float(uint16_t v) { return float(c10::bit_cast<at::BFloat16>(v)); }
+static inline void from_float(float v, float& out) { out = v; }
+static inline void from_float(float v, uint16_t& out) { out = c10::bit_cast<uint16_t>(at::BFloat16(v)); }
+
 // Four weight rows w (contiguous, K each) against R activation rows x[0..R): y[r][i] = dot(x[r], w[i]).
-template <int R>
-static inline void dot4(const uint16_t* x, int64_t K, const uint16_t* w, bool prefetch, float y[4][4]) {
+// R > 1 loads each weight vector once for R activation rows (several streams decoding at once).
+template <typename T, int R>
+static inline void dot4(const T* x, int64_t K, const T* w, bool prefetch, float y[4][4]) {
   __m512 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
+  for (int64_t k = 0; k < K; k += STEP<T>) {
     if (prefetch)  // fetch the rows after next while these four are summed
       for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (PF + i) * K + k), _MM_HINT_T0);
-    __m512bh wv[4];
-    for (int i = 0; i < 4; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * K + k);
-    for (int r = 0; r < R; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
-      for (int i = 0; i < 4; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], xv, wv[i]);
-    }
+    __m512i wv[4];
+    for (int i = 0; i < 4; ++i) wv[i] = _mm512_loadu_si512(w + i * K + k);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = madd(a[r][i], x + r * K + k, wv[i]);
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) y[r][i] = _mm512_reduce_add_ps(a[r][i]);
 }
 
-struct Gemv {  // y[m, n] = dot(x[m, :], w[n, :]) (+ b[n]): fp32 sums, bf16 out
-  const uint16_t *x, *w, *b;
-  uint16_t* y;
+template <typename T>
+struct Gemv {  // y[m, n] = dot(x[m, :], w[n, :]) (+ b[n]): fp32 sums, out in T
+  const T *x, *w, *b;
+  T* y;
   int64_t M, K, N;
-  void out(int64_t m, int64_t n, float v) const { y[m * N + n] = c10::bit_cast<uint16_t>(at::BFloat16(b ? v + float(c10::bit_cast<at::BFloat16>(b[n])) : v)); }
+  void out(int64_t m, int64_t n, float v) const { from_float(b ? v + to_float(b[n]) : v, y[m * N + n]); }
 
   void avx_rows(int64_t n0, int64_t n1) const {  // output columns [n0, n1), weight rows in groups of 4
     for (int64_t n = n0; n + 4 <= n1; n += 4) {
@@ -73,19 +86,35 @@ struct Gemv {  // y[m, n] = dot(x[m, :], w[n, :]) (+ b[n]): fp32 sums, bf16 out
           for (int i = 0; i < 4; ++i) out(m + r, n + i, v[r][i]);
         m += rows;
       };
-      while (M - m >= 4) dot4<4>(x + m * K, K, w + n * K, m == 0, v), emit(4);
-      if (M - m >= 2) dot4<2>(x + m * K, K, w + n * K, m == 0, v), emit(2);
-      if (M - m == 1) dot4<1>(x + m * K, K, w + n * K, m == 0, v), emit(1);
+      while (M - m >= 4) dot4<T, 4>(x + m * K, K, w + n * K, m == 0, v), emit(4);
+      if (M - m >= 2) dot4<T, 2>(x + m * K, K, w + n * K, m == 0, v), emit(2);
+      if (M - m == 1) dot4<T, 1>(x + m * K, K, w + n * K, m == 0, v), emit(1);
     }
     for (int64_t n = n1 - (n1 - n0) % 4; n < n1; ++n)  // the last (n1 - n0) % 4 rows
       for (int64_t m = 0; m < M; ++m) {
         __m512 a = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x + m * K + k), (__m512bh)_mm512_loadu_si512(w + n * K + k));
+        for (int64_t k = 0; k < K; k += STEP<T>) a = madd(a, x + m * K + k, _mm512_loadu_si512(w + n * K + k));
         out(m, n, _mm512_reduce_add_ps(a));
       }
   }
+
+  void run() const {
+    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) { avx_rows(q0 * 4, std::min(q1 * 4, N)); });
+  }
 };
+
+template <typename T>
+static Gemv<T> prepare(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       at::ScalarType dtype, at::Tensor& y) {  // x and bias: contiguous (the caller holds them)
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
+  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, "gemv: x and weight must be ", dtype);
+  TORCH_CHECK(w.is_contiguous() && w.size(1) % STEP<T> == 0, "gemv: contiguous weight, K % ", STEP<T>, " == 0");
+  TORCH_CHECK(x.size(0) <= 16, "gemv: at most 16 rows");
+  TORCH_CHECK(x.is_contiguous() && (!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == dtype)));
+  y = at::empty({x.size(0), w.size(0)}, x.options());
+  auto ptr = [](const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); };  // (at::BFloat16 as raw bits)
+  return {ptr(x), ptr(w), bias.has_value() ? ptr(*bias) : nullptr, ptr(y), x.size(0), x.size(1), w.size(0)};
+}
 
 #ifndef POCKETLM_NO_AMX
 // Several streams (2..16 rows) on AMX: C[n][m] += W[16 rows n][32 columns k] . Xt[k pairs][m], so the
@@ -125,7 +154,7 @@ static inline void amx_blocks(const char* w0, int64_t ws, int64_t K, const uint3
   if (B >= 4) _tile_stored(7, c + 48 * M, M * 4);
 }
 
-static void amx_gemv(const Gemv& g) {
+static void amx_gemv(const Gemv<uint16_t>& g) {
   std::vector<uint32_t> xt(g.K / 2 * g.M);  // xt[k/2][m] = (x[m][k], x[m][k+1])
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(g.x);
   for (int64_t m = 0; m < g.M; ++m)
@@ -165,21 +194,26 @@ static void amx_gemv(const Gemv& g) {
 }
 #endif
 
+static std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 static at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_gemv: shapes");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 only");
-  TORCH_CHECK(w.is_contiguous() && w.size(1) % 32 == 0, "bf16_gemv: contiguous weight, K % 32 == 0");
-  TORCH_CHECK(x.size(0) <= 16, "bf16_gemv: at most 16 rows");
-  auto xc = x.contiguous();
-  auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  auto y = at::empty({xc.size(0), w.size(0)}, xc.options());
-  const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(w.data_ptr()),
-               bc ? reinterpret_cast<const uint16_t*>(bc->data_ptr()) : nullptr,
-               reinterpret_cast<uint16_t*>(y.data_ptr()), xc.size(0), xc.size(1), w.size(0)};
+  at::Tensor y, xc = x.contiguous();
+  const auto bc = contiguous(bias);
+  const auto g = prepare<uint16_t>(xc, w, bc, at::kBFloat16, y);
 #ifndef POCKETLM_NO_AMX
   if (g.M >= 2 && amx_ready()) return amx_gemv(g), y;  // one row: the AVX512 loop streams faster
 #endif
-  at::parallel_for(0, (g.N + 3) / 4, 16, [&](int64_t q0, int64_t q1) { g.avx_rows(q0 * 4, std::min(q1 * 4, g.N)); });
+  g.run();
+  return y;
+}
+
+// fp32: MKL's sgemm reads SmolLM2's weights at 27 GB/s for one row but 11 GB/s for 8; this keeps ~the one-row pace
+static at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  at::Tensor y, xc = x.contiguous();
+  const auto bc = contiguous(bias);
+  prepare<float>(xc, w, bc, at::kFloat, y).run();
   return y;
 }
 
@@ -193,11 +227,13 @@ static bool bf16_gemv_uses_amx() {
 
 TORCH_LIBRARY(pocketlm, m) {
   m.def("bf16_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("f32_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("bf16_gemv_uses_amx() -> bool", &bf16_gemv_uses_amx);
 }
 
 TORCH_LIBRARY_IMPL(pocketlm, CPU, m) {
   m.impl("bf16_gemv", &bf16_gemv);
+  m.impl("f32_gemv", &f32_gemv);
 }
 """
 
@@ -236,9 +272,8 @@ def available() -> bool:
         warnings.warn(f"bf16 decode kernel unavailable, using oneDNN ({errors[-1]})")
         return False
 
-    @torch.library.register_fake("pocketlm::bf16_gemv")
-    def _(x, weight, bias):
-        return x.new_empty(x.size(0), weight.size(0))
+    for op in ("pocketlm::bf16_gemv", "pocketlm::f32_gemv"):
+        torch.library.register_fake(op)(lambda x, weight, bias: x.new_empty(x.size(0), weight.size(0)))
     return True
 
 
@@ -249,3 +284,7 @@ def uses_amx() -> bool:
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.pocketlm.bf16_gemv(x, weight, bias)
+
+
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.pocketlm.f32_gemv(x, weight, bias)
