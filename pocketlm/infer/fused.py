@@ -3,17 +3,20 @@
 At batch 1 a decode step is one matrix-vector product per weight matrix (120 for SmolLM2-135M) plus
 the LM head, so the kernel that reads the weights decides the speed (measured on 2 cores, one row):
 
-    fp32  F.linear on fp32 weights (MKL).
-    bf16  bf16 weights read by a hand-written kernel (gemv.py) for up to 16 rows: AVX512-BF16
-          at one row, ~1.6x oneDNN's prepacked bf16 matmul, itself ~1.5x aten's bf16 F.linear, which
-          is no faster than fp32 here although it reads half the bytes; AMX tiles for 2..16 rows
-          (several streams), where 16 rows take ~1.3x the time of one. Without AVX512-BF16 (or a
-          compiler), the prepacked oneDNN weights.
-    int8  int8 weights, one scale per output row, bf16 activations (torch._weight_int8pack_mm):
-          a quarter of fp32's bytes, ~1.7x the speed of packed bf16 per weight. Weight-only.
+    fp32  fp32 weights; up to 16 rows (a decode step's streams) through the hand-written AVX512
+          kernel in gemv.py (MKL's sgemm drops from ~27 GB/s at one row to ~11 at 8), more through MKL.
+    bf16  bf16 weights; up to 16 rows through gemv.py: AVX512-BF16 at one row (~2x oneDNN's bf16
+          matmul, which is no faster than fp32 here at one row although it reads half the bytes), AMX
+          tiles for 2..16 rows, where 8 rows take ~1.2x the time of one. Without AVX512-BF16 (or a
+          compiler), oneDNN's prepacked weights.
+    int8  int8 weights, one scale per output row, bf16 activations; up to 16 rows through gemv.py
+          (widened to bf16 on the fly; ~1.3x bf16's speed at one row), more through aten's
+          torch._weight_int8pack_mm. Weight-only.
     int4  4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's layout: a Q4_1
-          file's own weights, exactly), int8 LM head; ~1.4x int8's speed. For other models it is
-          round-to-nearest 4-bit, lossier than int8.
+          file's own weights, exactly), int8 LM head, through torch._weight_int4pack_mm_for_cpu
+          (a widening kernel like int8's was tried: with a scale and zero per 32 weights it was slower
+          than aten's up to 4 rows, 1.3x faster at 8). For other models it is round-to-nearest
+          4-bit, lossier than int8.
 
 q/k/v and gate/up are fused into one matrix each (fewer, larger kernel calls: at one row each call's
 fixed cost is a large share). The residual stream and the norms stay fp32 at every precision; only
