@@ -262,7 +262,11 @@ class FusedGPT(nn.Module):
             self.embed_positions = _copy(model.embed_positions, torch.float32) if cfg.arch == "gpt2" else None
             self.layers = nn.ModuleList(FusedBlock(b, cfg, precision, compiled) for b in model.layers)
             self.norm = _copy(model.norm, torch.float32)
-        self._rope_tables = None
+        # RoPE tables for every position the model can see, made once: the compiled engine skips
+        # guards on module state, so forward must not change any
+        cos, sin = rope_tables(cfg, cfg.block_size, model.embed_tokens.weight.device) if cfg.arch != "gpt2" else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx, cache):
         B, T = idx.shape
@@ -273,27 +277,19 @@ class FusedGPT(nn.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         else:
-            rope = self._rope(positions, cache.end(T), idx.device)
+            rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         at = (torch.arange(B, device=idx.device)[:, None], positions, cache.end(T))  # rows, positions, cache end
         for layer in self.layers:
             x = layer(x, rope, cache, mask, at)
         cache.lengths += T
         return self.lm_head(self.norm(x[:, -1:]))  # the engine reads the last position only
 
-    def _rope(self, positions, end: int, device):
-        """cos/sin (B, 1, T, head_dim) at the positions (fp32 tables, as GPT keeps them)."""
-        if self._rope_tables is None or self._rope_tables[0].size(0) < end:
-            cos, sin = rope_tables(self.cfg, max(end, self.cfg.block_size), device)
-            self._rope_tables = cos, sin
-        cos, sin = self._rope_tables
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads (everything but the embedding table, of which it
-        reads one row; a tied head reads its own copy)."""
+        """Bytes of weights one decode step reads (everything but the embedding table and the RoPE
+        tables, of which it reads a row per token; a tied head reads its own copy)."""
         total = 0
         for name, t in list(self.named_buffers()) + list(self.named_parameters()):
-            if not name.startswith(("embed_tokens", "embed_positions", "lm_head.rows")):  # only REFINED rows read
+            if not name.startswith(("embed_tokens", "embed_positions", "rope_", "lm_head.rows")):  # only REFINED rows read
                 total += t.numel() * t.element_size()
         for m in self.modules():  # oneDNN-packed weights are plain attributes
             if isinstance(m, PackedLinear):
