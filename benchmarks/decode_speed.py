@@ -12,7 +12,8 @@ Decode speed at batch 1 is measured by differencing: time(prompt -> N tokens) mi
 time(prompt -> 1 token), over N-1 tokens, so prefill and setup cancel out on both sides. Runs are
 interleaved (transformers, pocketlm, transformers, ...) after a warm-up; figures are medians with
 min-max. Also printed: the share of the memory-bandwidth bound (bytes of weights and KV cache read per
-token x tokens/s / read bandwidth measured here by reading a 1 GiB tensor), and aggregate tokens/s
+token x tokens/s / read bandwidth, measured by reading a 1 GiB tensor before and after each precision's
+batch-1 reps and averaged, since this machine's speed drifts within a run), and aggregate tokens/s
 with 8 concurrent streams (continuous batching) against batch 1. The last line is JSON.
 """
 
@@ -156,6 +157,7 @@ def main():
             if hf is not None:
                 hf_decode_rate(hf, ids, 4)
             print(f"[{name}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
+            bandwidths = [read_bandwidth_gbps()]  # this machine's speed drifts: measured around each row's reps
             for rep in range(args.reps):
                 if hf is not None:
                     rate, tokens["transformers"] = hf_decode_rate(hf, ids, args.new_tokens)
@@ -164,6 +166,7 @@ def main():
                     rate, tokens[k] = engine_decode_rate(engine, prompts[:1], args.new_tokens)
                     rates[k].append(rate)
                 print(f"[{name}] rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+            bandwidths.append(read_bandwidth_gbps())
             best = max(engines, key=lambda k: statistics.median(rates[k]))
             batch = make_engine(max_batch=args.streams, compile=best != "pocketlm")
             engine_decode_rate(batch, prompts, 8)
@@ -176,7 +179,8 @@ def main():
         res["best_engine"] = best
         res["peer_precision"] = str(dtype).removeprefix("torch.")
         res["bytes_per_token_MB"] = round((weight_bytes + kv_bytes) / 1e6, 1)
-        res["bandwidth_share"] = round((weight_bytes + kv_bytes) * ours / (bandwidth * 1e9), 3)
+        res["bandwidth_GBps"] = [round(b, 1) for b in bandwidths]  # before and after the batch-1 reps
+        res["bandwidth_share"] = round((weight_bytes + kv_bytes) * ours / (statistics.mean(bandwidths) * 1e9), 3)
         if hf is not None:
             res["ratio_vs_transformers"] = round(ours / statistics.median(rates["transformers"]), 2)
             res["same_greedy_tokens_first_16"] = tokens["transformers"][:16] == tokens[best][:16]
