@@ -85,7 +85,7 @@ class GemvLinear(DenseLinear):
 class Int8Linear(nn.Module):
     """x W^T + b with W stored as int8 rows times one scale per row (symmetric, round to nearest),
     bf16 activations (aten's int8 kernel is ~10x slower with fp32 or fp16 ones). A decode step's few
-    rows go to the hand-written kernel (gemv.py: 1.5x aten's at one row, 3.5x at 8), a prompt's to aten."""
+    rows go to the hand-written kernel (gemv.py: 1.5x aten's at one row, 3x at 8), a prompt's to aten."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -94,7 +94,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-
         self.gemv = self.qweight.size(1) % 32 == 0 and gemv_available()
 
     def forward(self, x):
