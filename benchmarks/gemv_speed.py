@@ -5,7 +5,7 @@
 One pass reads every weight matrix a decode step reads (30 layers of fused q/k/v, o, fused gate/up
 and down, then the 49152 x 576 LM head), as the fused engine lays them out, for 1..16 activation rows
 (streams). Random weights: speed does not depend on the values. Per precision and row count it prints
-the best-of-reps time of a pass for pocketlm's kernel (pocketlm/infer/gemv.cpp) and for aten's
+the best-of-reps time of a pass for pocketlm's kernel (pocketlm/csrc/gemv.cpp) and for aten's
 (F.linear through MKL or oneDNN; torch._weight_int8pack_mm), the read rate and the ratio. The last
 line is JSON.
 """

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pocketlm.model.gpt import GPT, CausalAttention, KVCache, ModelConfig, gelu_tanh
+from pocketlm.model.kernels import CausalAttention
+from pocketlm.model.gpt import GPT, KVCache, ModelConfig, gelu_tanh
 
 
 @pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", 2), ("llama", 1)])

@@ -1,4 +1,4 @@
-"""Matrix-vector kernels for decoding on CPUs with AVX512-BF16 (C++ in gemv.cpp).
+"""Matrix-vector kernels for decoding on CPUs with AVX512-BF16 (C++ in pocketlm/csrc/gemv.cpp).
 
 A decode step reads every weight once for a few activation rows (one per stream), so its speed is the
 speed at which the kernel streams weights from memory. The matmul libraries are made for many rows:
@@ -14,57 +14,40 @@ to 16 rows (measured on 2 cores over SmolLM2's matrices; BENCHMARKS.md has the f
 
 No library ships these for CPUs, hence this file. Ops (`torch.ops.pocketlm.*`, traceable by
 torch.compile): bf16_gemv(x, weight, bias), f32_gemv(x, weight, bias), int8_gemv(x, weight, scale, bias),
-x (M <= MAX_ROWS, K) and weight (N, K) with K a multiple of 32. Built once per machine with the C++
-compiler torch.compile also uses and cached by torch (~/.cache/torch_extensions, ~25 s).
+x (M <= MAX_ROWS, K) and weight (N, K) with K a multiple of 32. Built once per machine by pocketlm.native.
 `available()` is False where the CPU lacks AVX512-BF16 or the build fails; callers then use aten.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from pathlib import Path
 
 import torch
 
+from pocketlm import native
+
 MAX_ROWS = 16  # activation rows the kernel takes (one AMX tile); beyond that (prefill) oneDNN is faster
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
-
-
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 @functools.cache
 def available() -> bool:
     """Builds (once per machine) and loads the kernel; False where it cannot run here."""
-    if " avx512_bf16" not in _cpu_flags():
+    if not native.has("avx512_bf16"):
         return False
-    from torch.utils.cpp_extension import load
-    try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
-        import ninja
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    flags = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"]
     errors = []
     # a compiler too old for the AMX intrinsics (GCC < 11) still builds the AVX512 half
-    for name, extra in (("pocketlm_gemv_amx", ["-mamx-tile", "-mamx-bf16"]), ("pocketlm_gemv", ["-DPOCKETLM_NO_AMX"])):
+    for name, extra in (("pocketlm_gemv_amx", native.AMX_FLAGS), ("pocketlm_gemv", ["-DPOCKETLM_NO_AMX"])):
         try:
-            load(name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags + extra,
-                 extra_ldflags=["-fopenmp"])
+            native.build(name, "gemv.cpp", extra)
             break
         except Exception as e:  # noqa: PERF203 (no compiler, or an unusual toolchain: oneDNN still works)
             errors.append(f"{type(e).__name__}: {e}")
     else:
         warnings.warn(f"decode kernels unavailable, using aten's matmuls ({errors[-1]})")
         return False
-    if errors and " amx_bf16" in _cpu_flags():
+    if errors and native.has("amx_bf16"):
         warnings.warn(f"decode kernels built without AMX, slower for several streams ({errors[0]})")
 
     def shape(x, weight, *rest):  # what torch.compile traces in place of the kernels

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pocketlm.model.kernels import FusedCrossEntropy, GeluKernel, on_kernels, training_attention
+
 ARCHS = ("gpt2", "llama")
 
 
@@ -115,36 +117,14 @@ def packed_positions_and_mask(doc_ids):
     return idx - first, (same & causal).unsqueeze(1)
 
 
-class CausalAttention(torch.autograd.Function):
-    """Causal attention for compiled CPU training: the fused flash kernel forward, and a backward
-    that rebuilds the probabilities from the saved log-sum-exp with batched matmuls. Inductor fuses
-    the element-wise part; that runs ~1.8x faster than the CPU flash backward at T=256 (measured)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, T = q.size(-1) ** -0.5, q.size(-2)
-        p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).float() * scale - lse.unsqueeze(-1))
-        p = p.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), 0.0)
-        dv = p.to(dout.dtype).transpose(-1, -2) @ dout
-        dp = (dout @ v.transpose(-1, -2)).float()
-        delta = (dout.float() * out.float()).sum(-1, keepdim=True)
-        ds = (p * (dp - delta) * scale).to(q.dtype)
-        return ds @ k, ds.transpose(-1, -2) @ q, dv
-
-
 GELU_C = 2 * math.sqrt(2 / math.pi)
 
 
 def gelu_tanh(x):
     # GPT-2's tanh GELU. Compiled, the identical sigmoid form is ~2x faster here (tanh vectorizes
     # poorly on this CPU); eager, aten's fused kernel wins over the five ops.
+    if x.numel() % 16 == 0 and on_kernels(x):  # a bf16 training step on a CPU with AMX
+        return GeluKernel.apply(x)
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(GELU_C * (x + 0.044715 * x * x * x))
     return F.gelu(x, approximate="tanh")
@@ -229,16 +209,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         dropout = cfg.attention_dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
-        if (mask is None and T > 1 and dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
-                and torch.compiler.is_compiling()):
-            if gqa:
-                rep = cfg.n_head // cfg.n_kv_head
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = CausalAttention.apply(q, k, v)
-        elif mask is None:  # training / full prefill from position 0: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        y = None
+        if mask is None and T > 1 and dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled():
+            y = training_attention(q, k, v, cfg.n_head // cfg.n_kv_head)  # None where SDPA is the better choice
+        if y is None:  # no mask: training or a full prefill from position 0, the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
         return self.resid_dropout(self.o_proj(y))
 
@@ -374,7 +350,11 @@ class GPT(nn.Module):
         if not torch.compiler.is_compiling() and not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
             x, targets = x[scored], targets[scored]
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        flat, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if logits.size(-1) % 16 == 0 and on_kernels(logits):
+            loss = FusedCrossEntropy.apply(flat, flat_targets)
+        else:
+            loss = F.cross_entropy(flat.float(), flat_targets, ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 // Decode-step matrix products for a few activation rows: y (M, N) = x (M, K) . w (N, K)^T (+ b), M <= 16.
-// Built and loaded by gemv.py, which says why they exist. Three weight formats:
+// Built and loaded by pocketlm/infer/gemv.py, which says why they exist. Three weight formats:
 //   bf16_gemv  bf16 x, bf16 w             fp32 sums, bf16 out
 //   f32_gemv   fp32 x, fp32 w             fp32 sums, fp32 out
 //   int8_gemv  bf16 x, int8 w * scale[n]  weights widened to bf16 on the fly, fp32 sums, bf16 out
@@ -8,13 +8,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 #include <type_traits>
 #include <utility>
-
-using bf16 = uint16_t;  // raw bits; at::BFloat16 only at the edges
 
 constexpr int64_t PF = 8;   // AVX512: prefetch distance in rows; 8 and 4 were best of 4/8/16
 constexpr int64_t PFK = 2;  // AMX: prefetch distance in 32-column steps; 2 was best of 1/2/4
@@ -118,17 +114,6 @@ struct Gemv {
 // first), and only the few activation rows are transposed, into pairs of bf16 per 32-bit element.
 // Tiles: tmm0 activations, tmm1-3 weights, tmm4-7 sums for up to four blocks of 16 weight rows.
 #ifndef POCKETLM_NO_AMX
-static bool amx_ready() {  // Linux hands out the tile state only on request (arch_prctl, kernel >= 5.16)
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Where a weight tile (16 rows from w, columns k..k+32) loads from, and its row stride in bytes: the
 // weights themselves, or for int8 the 16 x 32 bf16 they widen to in buf.
 template <typename W>

@@ -1,0 +1,40 @@
+"""Builds pocketlm's C++ kernels (pocketlm/csrc: gemv.cpp for decoding, train_kernels.cpp for training) on first use.
+
+torch.utils.cpp_extension compiles with the C++ compiler torch.compile also uses and caches the result
+per machine (~/.cache/torch_extensions; ~10-25 s the first time). The kernels register `torch.ops.pocketlm.*`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]
+
+
+@functools.cache
+def cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def has(flag: str) -> bool:
+    """Whether the CPU advertises a feature, e.g. has("amx_bf16")."""
+    return f" {flag}" in cpu_flags()
+
+
+def build(name: str, source: str, extra_cflags: list[str]) -> None:
+    """Compiles and loads one kernel source from pocketlm/csrc; raises where the toolchain cannot."""
+    from torch.utils.cpp_extension import load
+    try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    load(name, sources=[str(CSRC / source)], extra_include_paths=[str(CSRC)], is_python_module=False,
+         extra_cflags=BASE_FLAGS + extra_cflags, extra_ldflags=["-fopenmp"])
