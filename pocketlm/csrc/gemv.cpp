@@ -8,7 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include "amx.h"
+#include "common.h"
 #include <type_traits>
 #include <utility>
 
@@ -18,10 +18,6 @@ constexpr int64_t PFK = 2;  // AMX: prefetch distance in 32-column steps; 2 was 
 // ---- element helpers -------------------------------------------------------------------------------
 // One step along K: 32 bf16 inputs (pairs summed by vdpbf16ps) or 16 fp32 ones (FMA).
 template <typename X> constexpr int64_t STEP = std::is_same_v<X, float> ? 16 : 32;
-
-static inline __m512 bf16x16_to_f32(const bf16* p) {  // 16 bf16 numbers -> fp32 (the top half of each)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 // 32 int8 weights -> 32 bf16 (exact: |q| <= 127 fits bf16's 8-bit significand), in memory order
 static inline __m512i int8x32_to_bf16(const int8_t* p) {
@@ -175,11 +171,11 @@ static void amx_gemv(const Gemv<bf16, W>& g) {
       else amx_blocks<W, 1>(w0, K, xt.data(), M, c, buf);
       for (int j = 0; j < nb; ++j) {  // c[16 rows n][M] -> y[m][n0, n0 + 16), scaled, plus bias
         const int64_t n0 = (b + j) * 16;
-        const __m512 scale = g.scale ? bf16x16_to_f32(g.scale + n0) : _mm512_set1_ps(1.0f);
-        const __m512 bias = g.b ? bf16x16_to_f32(g.b + n0) : _mm512_setzero_ps();
+        const __m512 scale = g.scale ? load_bf16(g.scale + n0) : _mm512_set1_ps(1.0f);
+        const __m512 bias = g.b ? load_bf16(g.b + n0) : _mm512_setzero_ps();
         for (int64_t m = 0; m < M; ++m) {
           const __m512 v = _mm512_fmadd_ps(_mm512_i32gather_ps(row, c + j * 16 * M + m, 4), scale, bias);
-          _mm256_storeu_si256((__m256i*)(g.y + m * g.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+          store_bf16(g.y + m * g.N + n0, v);
         }
       }
       b += nb;

@@ -10,9 +10,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include "amx.h"
+#include "common.h"
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -115,9 +114,8 @@ static inline __m512 exp512(__m512 x) {  // e^x: 2^n * 2^f, f in [-1/2, 1/2], de
   return _mm512_scalef_ps(p, n);
 }
 
-static inline void store_bf16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-static inline __m512 load_bf16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+static inline __mmask16 first_lanes(int64_t n) {  // lanes 0..n-1 of 16 (n clamped to 0..16)
+  return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1;
 }
 
 // Row r of a block of 32 (32 x D fp32, row stride D) -> bf16 at dst.
@@ -173,14 +171,14 @@ static std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const a
           const int64_t valid = q0 + r + 1;
           __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
           for (int64_t c = 0; c < valid; c += 16) {
-            const __mmask16 m = valid - c >= 16 ? 0xFFFF : (1u << (valid - c)) - 1;
+            const __mmask16 m = first_lanes(valid - c);
             mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sr + c));
           }
           const float row_max = _mm512_reduce_max_ps(mx);
           const __m512 shift = _mm512_set1_ps(-row_max * scale), sc = _mm512_set1_ps(scale);
           __m512 sum = _mm512_setzero_ps();
           for (int64_t c = 0; c < valid; c += 16) {
-            const __mmask16 m = valid - c >= 16 ? 0xFFFF : (1u << (valid - c)) - 1;
+            const __mmask16 m = first_lanes(valid - c);
             const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_fmadd_ps(_mm512_loadu_ps(sr + c), sc, shift)));
             sum = _mm512_add_ps(sum, e);
             _mm512_storeu_ps(sr + c, e);
@@ -190,7 +188,7 @@ static std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const a
           const __m512 inv = _mm512_set1_ps(1.0f / total);
           int64_t c = 0;
           for (; c < valid; c += 16) {
-            const __mmask16 m = valid - c >= 16 ? 0xFFFF : (1u << (valid - c)) - 1;
+            const __mmask16 m = first_lanes(valid - c);
             store_bf16(pr_r + c, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(sr + c), inv));
           }
           for (; c < L; c += 16) store_bf16(pr_r + c, _mm512_setzero_ps());
@@ -248,7 +246,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor&
         // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale; key j = j0 + r sees queries t >= j
         auto grads = [&](int r, int64_t c, __m512& p, __m512& ds) {
           const int64_t before = r - c, t = j0 + c;  // lanes below `before` are queries ahead of key j
-          const __mmask16 causal = before <= 0 ? 0xFFFF : before >= 16 ? 0 : (0xFFFFu << before) & 0xFFFF;
+          const __mmask16 causal = __mmask16(~first_lanes(before));
           p = _mm512_maskz_mov_ps(causal, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(s.data() + r * T + c), sc,
                                                                  _mm512_loadu_ps(lrow + t))));
           ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp.data() + r * T + c),
@@ -371,15 +369,10 @@ static std::tuple<at::Tensor, at::Tensor> cross_entropy(const at::Tensor& logits
       const __m512 sub = _mm512_set1_ps(-lse), scale = _mm512_set1_ps(inv_n);
       for (int64_t c = 0; c < V; c += 16)
         store_bf16(g + c, _mm512_mul_ps(exp512(_mm512_add_ps(load_bf16(x + c), sub)), scale));
-      uint32_t u = uint32_t(x[tg[r]]) << 16;
-      float target_logit;
-      std::memcpy(&target_logit, &u, 4);
+      const float target_logit = float(c10::bit_cast<at::BFloat16>(x[tg[r]]));
       loss[r] = lse - target_logit;
       // the target's entry: softmax - 1, from the fp32 value rather than the rounded one
-      const float p = std::exp(target_logit - lse);
-      const float gt = (p - 1.0f) * inv_n;
-      std::memcpy(&u, &gt, 4);
-      g[tg[r]] = bf16((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      g[tg[r]] = c10::bit_cast<bf16>(at::BFloat16((std::exp(target_logit - lse) - 1.0f) * inv_n));
     }
   });
   return {losses.sum() * inv_n, grad};

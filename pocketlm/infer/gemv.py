@@ -30,7 +30,6 @@ from pocketlm import native
 MAX_ROWS = 16  # activation rows the kernel takes (one AMX tile); beyond that (prefill) oneDNN is faster
 
 
-
 @functools.cache
 def available() -> bool:
     """Builds (once per machine) and loads the kernel; False where it cannot run here."""
