@@ -145,9 +145,15 @@ def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Modu
         return Int8Linear(weight, bias)
     if precision in ("bf16", "fp32") and weight.size(1) % 32 == 0 and gemv_available():
         return GemvLinear(weight, bias, ACTIVATIONS[precision])
-    if precision == "bf16" and not compiled and torch.backends.mkldnn.is_available():
+    if precision == "bf16" and not compiled and onednn_bf16():
         return PackedLinear(weight, bias)  # (torch.compile with freezing packs plain weights itself)
     return DenseLinear(weight, bias, ACTIVATIONS[precision])
+
+
+def onednn_bf16() -> bool:
+    """oneDNN's packed bf16 matmul needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; on AVX2-only CPUs aten's
+    plain bf16 matmul runs instead (DenseLinear)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 HEAD_PRECISION = {"int4": "int8"}  # a 4-bit head would lose more than a Q4 file's own (often 8-bit) table
