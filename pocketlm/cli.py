@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pocketlm.errors import PocketLMError
+
 
 def _tokenizer_train(args):
     from pocketlm.data.corpus import read_documents, split_train_val
@@ -219,7 +221,7 @@ def _download(args):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise OSError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
+        raise PocketLMError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
     # not *.gguf by default: GGUF repos hold one file per quantization, pick one with --include
     patterns = args.include or ["*.json", "*.safetensors", "*.jinja", "*.txt"]
     path = snapshot_download(args.repo_id, local_dir=args.out, revision=args.revision, allow_patterns=patterns)
@@ -250,6 +252,7 @@ def _add_checkpoint_verbs(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pocketlm", description="Train, fine-tune, evaluate and serve small language models.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def add_corpus_args(sp):
@@ -310,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as e:  # our errors are ValueErrors that name the file/field
+    except (PocketLMError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # what the user gave was wrong, and the message names it; anything else is a bug and keeps its traceback
+        if args.debug:
+            raise
         print(f"pocketlm {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from pocketlm.model.gpt import ModelConfig
+from pocketlm.errors import PocketLMError
 
 
 @dataclass
@@ -67,7 +68,7 @@ class RunConfig:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
 
-class ConfigError(ValueError):
+class ConfigError(PocketLMError):
     pass
 
 

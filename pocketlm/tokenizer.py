@@ -15,6 +15,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from pocketlm.errors import PocketLMError
 
 # GPT-4's pre-tokenization split (letters, 1-3 digit groups, punctuation runs, whitespace runs)
 SPLIT_PATTERN = (
@@ -30,7 +31,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PocketLMError):
     pass
 
 

@@ -11,12 +11,13 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from pocketlm.errors import PocketLMError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 
 
-class CorpusError(ValueError):
+class CorpusError(PocketLMError):
     pass
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pocketlm.errors import PocketLMError
 
 
-class DataError(ValueError):
+class DataError(PocketLMError):
     pass
 
 

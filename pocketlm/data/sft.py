@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pocketlm.errors import PocketLMError
 
 FORMATS = ("chat", "prompt_completion", "classification", "qa")
 ROLES = ("system", "user", "assistant")
@@ -29,7 +30,7 @@ FIELDS = {"chat": "messages", "prompt_completion": "prompt+completion, or instru
           "classification": "text+label", "qa": "context+question+answers"}
 
 
-class SFTDataError(ValueError):
+class SFTDataError(PocketLMError):
     pass
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from pocketlm.errors import InputError
 
 
 def classification_report(gold: list[str], pred: list[str | None], labels: list[str]) -> dict:
@@ -12,7 +13,7 @@ def classification_report(gold: list[str], pred: list[str | None], labels: list[
     A prediction outside `labels` (None, or an unparseable generation) counts as wrong and is
     tallied in the confusion matrix under "other"."""
     if len(gold) != len(pred):
-        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+        raise InputError(f"{len(gold)} gold labels but {len(pred)} predictions")
     cols = labels + (["other"] if any(p not in labels for p in pred) else [])
     confusion = {g: {p: 0 for p in cols} for g in labels}
     for g, p in zip(gold, pred):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pocketlm.data.sft import TaskSpec, encode_example, load_examples, pad_batch
 from pocketlm.eval.metrics import classification_report, normalize_answer, qa_report
 from pocketlm.model.gpt import KVCache
+from pocketlm.errors import InputError
 
 TASKS = ("lm", "classification", "qa")
 
@@ -103,7 +104,7 @@ def eval_lm(model, tokenizer, path, limit: int | None = None, seq_len: int = 102
     n_windows = max(0, (len(stream) - 1) // seq_len)
     if n_windows == 0:  # a short text: one window of what there is
         if len(stream) < 2:
-            raise ValueError(f"{path}: fewer than 2 tokens of text")
+            raise InputError(f"{path}: fewer than 2 tokens of text")
         n_windows, seq_len = 1, len(stream) - 1
     if limit:
         n_windows = min(n_windows, limit)
@@ -199,10 +200,10 @@ def evaluate(model_source, task: str, data, adapter=None, limit: int | None = No
     from pocketlm.model.lora import load_model_with_adapter
 
     if task not in TASKS:
-        raise ValueError(f"--task: expected one of {TASKS}, got {task!r}")
+        raise InputError(f"--task: expected one of {TASKS}, got {task!r}")
     model, tokenizer = load_model_with_adapter(model_source, adapter)
     if tokenizer is None:
-        raise ValueError(f"{model_source}: has no tokenizer")
+        raise InputError(f"{model_source}: has no tokenizer")
     model.eval()
     result = {"task": task, "model": str(model_source), "adapter": str(adapter) if adapter else None, "data": str(data)}
     if task == "lm":

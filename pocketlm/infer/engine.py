@@ -27,11 +27,12 @@ from pocketlm.infer.fused import ACTIVATIONS, FusedGPT
 from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
 from pocketlm.model.gpt import GPT, KVCache
 from pocketlm.tokenizer import Tokenizer
+from pocketlm.errors import InputError, PocketLMError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the (chunk x vocab) logits a long prompt allocates
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(PocketLMError):
     pass
 
 
@@ -127,7 +128,7 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
                  precision: str = "fp32", compile: bool = False):
         if max_batch < 1:
-            raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
+            raise InputError(f"max_batch: expected at least 1, got {max_batch}")
         # the engine runs its own copy of the weights, fused and laid out for `precision` (see fused.py)
         self.model = FusedGPT(model, precision, compiled=compile)
         self.precision = precision
@@ -179,7 +180,7 @@ class Engine:
                                      f"{self.max_seq_len} tokens and must leave room for at least one new token")
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InputError(f"prompt token ids must be in [0, {vocab})")
         req = Request(list(prompt_ids), params, on_event)
         with self._cv:
             self.waiting.append(req)

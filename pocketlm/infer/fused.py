@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pocketlm.infer.gemv import MAX_ROWS, bf16_gemv, f32_gemv, int8_gemv
 from pocketlm.infer.gemv import available as gemv_available
 from pocketlm.model.gpt import GPT, apply_rope, rope_tables
+from pocketlm.errors import InputError
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACTIVATIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
@@ -255,7 +256,7 @@ class FusedGPT(nn.Module):
         """compiled: it will run under torch.compile (which cannot trace oneDNN-packed weights)."""
         super().__init__()
         if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+            raise InputError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         dtype = ACTIVATIONS[precision]
         cfg = self.cfg = model.cfg
         self.precision = precision

@@ -15,6 +15,7 @@ from pocketlm.infer.engine import Engine
 from pocketlm.infer.fused import PRECISIONS
 from pocketlm.infer.sampling import SamplingParams
 from pocketlm.tokenizer import Tokenizer
+from pocketlm.errors import InputError
 
 
 def load_engine(source, *, adapter=None, dtype: str = "int8", max_batch: int = 1, max_seq_len: int | None = None,
@@ -24,12 +25,12 @@ def load_engine(source, *, adapter=None, dtype: str = "int8", max_batch: int = 1
     from pocketlm.model.lora import load_model_with_adapter
 
     if dtype not in PRECISIONS:
-        raise ValueError(f"dtype: expected one of {', '.join(PRECISIONS)}, got {dtype!r}")
+        raise InputError(f"dtype: expected one of {', '.join(PRECISIONS)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model_with_adapter(source, adapter)
     if tokenizer is None:
-        raise ValueError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
+        raise InputError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, precision=dtype, compile=compile)
     del model  # the engine holds its own fused copy of the weights
     if compile:
@@ -80,7 +81,7 @@ def generate_cli(args) -> None:
         ids = encode_chat(tok, messages)
     else:
         if args.system:
-            raise ValueError("--system needs --chat (it is a chat message)")
+            raise InputError("--system needs --chat (it is a chat message)")
         ids = encode_completion(tok, args.prompt)
         sys.stdout.write(args.prompt)
     stream_to(engine, ids, params, sys.stdout)

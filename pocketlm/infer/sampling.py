@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from pocketlm.errors import PocketLMError
 
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature can overflow to inf: treat it as greedy
 MIN_PENALTY = 0.01      # logits / a far smaller penalty overflow to inf (and sampling gets NaNs)
 
 
-class SamplingError(ValueError):
+class SamplingError(PocketLMError):
     pass
 
 

@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from pocketlm.model.gpt import GPT, ModelConfig
 from pocketlm.model.lora import ADAPTER_WEIGHTS
 from pocketlm.tokenizer import Tokenizer
+from pocketlm.errors import PocketLMError
 
 WEIGHTS = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PocketLMError):
     pass
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm.model.kernels import FusedCrossEntropy, GeluKernel, on_kernels, training_attention
+from pocketlm.errors import InputError
 
 ARCHS = ("gpt2", "llama")
 
@@ -41,11 +42,11 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHS:
-            raise ValueError(f"model.arch: expected one of {ARCHS}, got {self.arch!r}")
+            raise InputError(f"model.arch: expected one of {ARCHS}, got {self.arch!r}")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise InputError(f"model.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.intermediate_size is None:
             if self.arch == "gpt2":
                 self.intermediate_size = 4 * self.n_embd
@@ -54,7 +55,7 @@ class ModelConfig:
         for key in ("dropout", "attn_dropout"):
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"model.{key}: expected a value in [0, 1), got {value}")
+                raise InputError(f"model.{key}: expected a value in [0, 1), got {value}")
 
     @property
     def attention_dropout(self) -> float:
@@ -68,7 +69,7 @@ class ModelConfig:
         valid = {f.name for f in fields(cls)}
         unknown = set(d) - valid
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+            raise InputError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
         return cls(**d)
 
 
@@ -323,14 +324,14 @@ class GPT(nn.Module):
         positions = mask = None  # no cache: positions 0..T-1, plain causal attention (compile-friendly)
         if cache is not None:
             if doc_ids is not None:
-                raise ValueError("doc_ids (packed rows) is for training and scoring, not with a KV cache")
+                raise InputError("doc_ids (packed rows) is for training and scoring, not with a KV cache")
             positions = cache.lengths[:, None] + torch.arange(T, device=device)
             mask = cache.mask(positions)
         elif doc_ids is not None:
             positions, mask = packed_positions_and_mask(doc_ids)
         end = T if cache is None else cache.end(T)
         if end > self.cfg.block_size and self.cfg.arch == "gpt2":
-            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
+            raise InputError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.arch == "gpt2":

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pocketlm.model.gpt import GPT
+from pocketlm.errors import PocketLMError
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -35,7 +36,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FUSED_QKV = ("q_proj", "k_proj", "v_proj")  # order of the rows of GPT-2's c_attn
 
 
-class AdapterError(ValueError):
+class AdapterError(PocketLMError):
     pass
 
 
