@@ -20,7 +20,7 @@ from pocketlm.eval.metrics import classification_report, normalize_answer, qa_re
 from pocketlm.model.gpt import KVCache
 from pocketlm.errors import InputError
 
-TASKS = ("lm", "classification", "qa")
+TASKS = ("lm", "classification", "qa", "bias")
 
 
 def autocast(dtype: str):
@@ -42,6 +42,8 @@ def sequence_logprobs(model, rows, pad_id: int) -> list[float]:
     x, y = x.to(_device(model)), y.to(_device(model))
     logits, _ = model(x, y)  # the head runs only on the scored positions: (n_scored, V)
     scored = y != -100
+    if logits.dim() == 3:  # every position scored (no padding, no prompt): the head ran on all of them
+        logits = logits[scored]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y[scored].unsqueeze(-1)).squeeze(-1)
     row = scored.nonzero()[:, 0]
     return torch.zeros(len(rows), device=logp.device).index_add_(0, row, logp).tolist()
@@ -196,7 +198,8 @@ def find_task_spec(*places) -> TaskSpec | None:
 
 
 def evaluate(model_source, task: str, data, adapter=None, limit: int | None = None, spec_overrides: dict | None = None,
-             batch_size: int = 8, seq_len: int = 1024, dtype: str = "bf16", methods=("likelihood", "generation")) -> dict:
+             batch_size: int = 8, seq_len: int = 1024, dtype: str = "bf16", methods=("likelihood", "generation"),
+             probe: str = "winobias") -> dict:
     from pocketlm.model.lora import load_model_with_adapter
 
     if task not in TASKS:
@@ -209,6 +212,9 @@ def evaluate(model_source, task: str, data, adapter=None, limit: int | None = No
     if task == "lm":
         # whole-vocabulary logits of long windows are large: few windows per batch
         return {**result, **eval_lm(model, tokenizer, data, limit, seq_len, min(batch_size, 2), dtype)}
+    if task == "bias":  # pocketlm/eval/bias.py: stereotype preference and WinoBias resolution
+        from pocketlm.eval.bias import eval_bias
+        return {**result, **eval_bias(model, tokenizer, data, probe, limit, batch_size, dtype)}
     spec = find_task_spec(adapter, model_source)
     if spec is not None and spec.format != task:
         spec = None  # a model fine-tuned on another task: start from this file's defaults
