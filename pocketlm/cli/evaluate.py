@@ -16,7 +16,8 @@ def _eval(args):
     spec = {"labels": parse_labels(args.labels), "instruction": args.instruction, "system": args.system,
             "no_answer": args.no_answer}
     result = evaluate(args.model, args.task, args.data, adapter=args.adapter, limit=args.limit, spec_overrides=spec,
-                      batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, methods=methods)
+                      batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, methods=methods,
+                      probe=args.probe)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -25,12 +26,14 @@ def _eval(args):
 
 
 def register(sub):
-    ev = sub.add_parser("eval", help="evaluate a model: lm (bits per byte), classification, qa; prints JSON")
+    ev = sub.add_parser("eval", help="evaluate a model: lm (bits per byte), classification, qa, bias; prints JSON")
     ev.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
     ev.add_argument("--adapter", help="LoRA adapter folder to apply (PEFT format)")
-    ev.add_argument("--task", required=True, choices=("lm", "classification", "qa"))
+    ev.add_argument("--task", required=True, choices=("lm", "classification", "qa", "bias"))
     ev.add_argument("--data", required=True, help="lm: .txt/.jsonl text; classification/qa: .jsonl/.json/.csv/.tsv")
-    ev.add_argument("--limit", type=int, help="at most N examples (lm: N windows)")
+    ev.add_argument("--probe", choices=("winobias", "pairs"), default="winobias",
+                    help="bias: the WinoBias folder, or a CrowS-Pairs-format CSV of minimal pairs")
+    ev.add_argument("--limit", type=int, help="at most N examples (lm: N windows; bias: N pairs, or N sentences per WinoBias file)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--method", choices=("likelihood", "generation", "both"), default="both",
                     help="classification: score each label's likelihood, generate, or both (default)")

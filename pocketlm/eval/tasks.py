@@ -208,7 +208,8 @@ def evaluate(model_source, task: str, data, adapter=None, limit: int | None = No
     if tokenizer is None:
         raise InputError(f"{model_source}: has no tokenizer")
     model.eval()
-    result = {"task": task, "model": str(model_source), "adapter": str(adapter) if adapter else None, "data": str(data)}
+    result = {"task": task, "model": str(model_source), "adapter": str(adapter) if adapter else None, "data": str(data),
+              "limit": limit, "dtype": dtype}  # with the above, what `pocketlm card` needs to print the command
     if task == "lm":
         # whole-vocabulary logits of long windows are large: few windows per batch
         return {**result, **eval_lm(model, tokenizer, data, limit, seq_len, min(batch_size, 2), dtype)}
