@@ -69,12 +69,12 @@ def main():
     model, tok = load_model(args.model)
     prompt = tok.encode("Write a short story about a lighthouse keeper.")
     n = 32
-    greedy_generate(model, [prompt], 4, [])
+    greedy_generate(model, tok, [prompt], 4)
     best = float("inf")
     with torch.no_grad():
         for _ in range(max(1, args.reps // 2)):
             t = time.perf_counter()
-            greedy_generate(model, [prompt], n, [])
+            greedy_generate(model, tok, [prompt], n)
             best = min(best, (time.perf_counter() - t) / n)
     out["decode_ms_per_token"] = round(best * 1e3, 2)
     out["filter_overhead_pct"] = round(out["filter_us_per_token"] / 1e3 / out["decode_ms_per_token"] * 100, 2)

@@ -96,7 +96,7 @@ def test_local_tasks_end_to_end_match_direct_computation(setup):
     assert res["pocketlm_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(-sum(lps) / total_bytes / math.log(2), rel=1e-6)
     # generation: greedy, cut at the first newline
     for s in out["samples"]["pocketlm_tiny_gen"]:
-        want = tok.decode(greedy_generate(model, [tok.encode(s["doc"]["prompt"])], 6, tok.stop_ids)[0],
+        want = tok.decode(greedy_generate(model, tok, [tok.encode(s["doc"]["prompt"])], 6)[0],
                           skip_special_tokens=True).split("\n")[0]
         assert s["resps"][0][0] == want
 

@@ -52,7 +52,8 @@ def _serve(args):
     limits = Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS})
     serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
-          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()))
+          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), moderation=args.moderation,
+          moderation_backend=args.moderation_backend, guard_model=args.guard_model, moderation_words=args.moderation_words)
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -120,6 +121,11 @@ def register(sub):
     sv.add_argument("--api-key", help="the key itself (visible to other local users in `ps`: prefer the two above)")
     sv.add_argument("--allow-host", action="append", metavar="NAME", help="on loopback only requests whose Host is "
                     "localhost/127.0.0.1/::1 are answered (DNS rebinding); add a name, e.g. behind a proxy (repeatable)")
+    sv.add_argument("--moderation", default="", help="input,output: refuse flagged prompts (400, code content_filter) "
+                    "and end flagged replies (finish_reason content_filter); /v1/moderations is always served")
+    sv.add_argument("--moderation-backend", choices=("rules", "classifier", "guard"), default="rules")
+    sv.add_argument("--guard-model", help="guard backend: a local Llama Guard-format model")
+    sv.add_argument("--moderation-words", help="rules backend: a block-list file, one 'WORD [CATEGORY]' a line")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     limits = Limits()

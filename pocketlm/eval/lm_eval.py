@@ -111,7 +111,7 @@ class PocketLM(LM):
 
     # ---- generation ------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from pocketlm.eval.tasks import autocast, greedy_generate
+        from pocketlm.eval.tasks import greedy_generate
 
         jobs = {}  # requests with the same length limit decode as one batch
         for k, req in enumerate(requests):
@@ -127,9 +127,8 @@ class PocketLM(LM):
             jobs.setdefault(max_new, []).append((k, ids[-max(1, self.max_length - max_new):], until))
         out = [""] * len(requests)
         for max_new, items in jobs.items():
-            with autocast(self.dtype):
-                replies = greedy_generate(self.model, [ids for _, ids, _ in items], max_new, self.tok.stop_ids,
-                                          batch_size=self.batch_size)
+            replies = greedy_generate(self.model, self.tok, [ids for _, ids, _ in items], max_new,
+                                      batch_size=self.batch_size, dtype=self.dtype)
             for (k, _, until), reply in zip(items, replies):
                 text = self.tok.decode(reply, skip_special_tokens=True)
                 for stop in until:  # lm-eval's stop sequences: cut at the first one

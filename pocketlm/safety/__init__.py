@@ -14,10 +14,11 @@ __all__ = ["BACKENDS", "CATEGORIES", "Hit", "ModerationError", "ModerationFilter
            "moderate", "moderation_inputs", "moderation_response"]
 
 
-def get_backend(name: str = "rules", guard_model=None, threshold: float = 0.5):
+def get_backend(name: str = "rules", guard_model=None, threshold: float = 0.5, words=None):
+    """`words`: a block-list file added to the rules backend's lists (rules.load_word_file)."""
     if name == "rules":
-        from pocketlm.safety.rules import RulesBackend
-        return RulesBackend(threshold)
+        from pocketlm.safety.rules import RulesBackend, load_word_file
+        return RulesBackend(threshold, load_word_file(words) if words else None)
     if name == "classifier":
         from pocketlm.safety.classifier import ClassifierBackend
         return ClassifierBackend(threshold)

@@ -98,7 +98,7 @@ class GuardBackend:
         from pocketlm.eval.tasks import greedy_generate
 
         ids = self.tokenizer.encode(guard_chat_text(self.tokenizer, messages))
-        out = greedy_generate(self.model, [ids], self.max_new_tokens, self.tokenizer.stop_ids, batch_size=1)[0]
+        out = greedy_generate(self.model, self.tokenizer, [ids], self.max_new_tokens, batch_size=1)[0]
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def check_conversation(self, messages: list[dict]) -> Verdict:

@@ -11,7 +11,7 @@ import bisect
 import re
 import unicodedata
 
-from pocketlm.safety.categories import Hit, Verdict
+from pocketlm.safety.categories import CATEGORIES, Hit, ModerationError, Verdict
 from pocketlm.safety.wordlists import MINOR_DISTANCE, MINOR_WORDS, PHRASES, SUFFIXES, WORDS
 
 # letters that look Latin in other scripts (Cyrillic, Greek): "іdіоt" is "idiot"
@@ -80,19 +80,20 @@ class RulesBackend:
     """Word lists and phrase rules (pocketlm/safety/wordlists.py). Flags a category at `threshold`."""
     name = "pocketlm-rules"
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = 0.5, extra_words: dict | None = None):
         self.threshold = threshold
+        self.words = {**WORDS, **(extra_words or {})}
         self.forms = {}  # every inflected form -> the listed word (fucking -> fuck, shitty -> shit)
-        for w in WORDS:
+        for w in self.words:
             for suf in SUFFIXES:
                 self.forms.setdefault(w + suf, w)
                 self.forms.setdefault(w + w[-1] + suf, w)
-        self.forms.update({w: w for w in WORDS})
+        self.forms.update({w: w for w in self.words})
         self.squeezed = {}
         for form, w in self.forms.items():
             self.squeezed.setdefault(_squeeze(form), w)
         self.by_length: dict[int, list[str]] = {}
-        for w in WORDS:
+        for w in self.words:
             self.by_length.setdefault(len(w), []).append(w)
         # a phrase regex runs only when one of its trigger words is in the text: most text has none,
         # and Python's re tries every alternative at every position
@@ -131,12 +132,12 @@ class RulesBackend:
                         break
                 if found:
                     a, b, listed = found
-                    hits += [(Hit(c, s, ws[a][1], ws[b - 1][2], f"word:{listed}"), a) for c, s in WORDS[listed]]
+                    hits += [(Hit(c, s, ws[a][1], ws[b - 1][2], f"word:{listed}"), a) for c, s in self.words[listed]]
                 i = j if j > i else i + 1
                 continue
             listed = self.lookup(ws[i][0])
             if listed:
-                hits += [(Hit(c, s, ws[i][1], ws[i][2], f"word:{listed}"), i) for c, s in WORDS[listed]]
+                hits += [(Hit(c, s, ws[i][1], ws[i][2], f"word:{listed}"), i) for c, s in self.words[listed]]
             i += 1
         return hits
 
@@ -173,3 +174,26 @@ class RulesBackend:
             v.raise_score(h.category, h.score)
         v.hits = sorted(hits, key=lambda h: h.start)
         return v
+
+
+def load_word_file(path) -> dict:
+    """A user's block list: one word a line, optionally followed by an OpenAI category (default
+    harassment); blank lines and # comments are skipped. Words are normalized like the text."""
+    from pathlib import Path
+
+    out = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModerationError(f"{path}: cannot read the word list ({e})") from None
+    for i, line in enumerate(lines, 1):
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in CATEGORIES):
+            raise ModerationError(f"{path}:{i}: expected 'WORD [CATEGORY]' with CATEGORY one of {', '.join(CATEGORIES)}")
+        normalized = words(parts[0])
+        if len(normalized) != 1:
+            raise ModerationError(f"{path}:{i}: {parts[0]!r} is not one word")
+        out[normalized[0][0]] = ((parts[1] if len(parts) == 2 else "harassment", 0.9),)
+    return out

@@ -27,6 +27,8 @@ class ModerationFilter(_Base):
         self.holdback, self.window = holdback, max(window, 2 * holdback)
         self.ended: str | None = None  # the text shown when the reply was ended
         self.verdict = None
+        # a backend that scores the whole text only (a classifier) runs when a word has just ended
+        self.whole_text = not hasattr(self.backend, "lookup")
 
     def __call__(self, text: str) -> tuple[str, str | None]:
         if self.ended is not None:
@@ -36,6 +38,8 @@ class ModerationFilter(_Base):
             cut = len(text) - self.window
             space = text.find(" ", cut)
             base = space + 1 if space >= 0 else cut
+        if self.whole_text and text and text[-1].isalnum():
+            return text, None
         verdict = self.backend.check(text[base:])
         if not verdict.flagged:
             return text, None

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events, then `data: [DONE]`)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
+    POST /v1/moderations        (moderation.py; with --moderation also the input and output of replies)
 
 Errors take OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 unreadable body, an
 unsupported field, a limit exceeded, or a prompt the context cannot hold; 401 bad API key; 404
@@ -20,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
+from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.routes import openai, ops
@@ -30,7 +32,8 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
-               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
+               moderation=(), moderation_backend=None) -> FastAPI:
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
@@ -53,4 +56,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     app.add_middleware(Guard, ctx=ctx)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(moderation_routes.router)
+    from pocketlm.safety import get_backend
+    moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)
     return app

@@ -54,7 +54,8 @@ class TimedH11(H11Protocol):
 def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 8, max_seq_len: int = 2048,
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
-          allow_hosts: tuple[str, ...] = ()) -> None:
+          allow_hosts: tuple[str, ...] = (), moderation=(), moderation_backend: str = "rules",
+          guard_model=None, moderation_words=None) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
     host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding."""
     import uvicorn
@@ -62,7 +63,8 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
     from pocketlm.infer.generate import load_engine
     from pocketlm.serve.app import create_app
 
-    limits = limits or Limits()
+    from pocketlm.serve.moderation import parse_where
+    limits, moderation = limits or Limits(), parse_where(moderation)  # a bad --moderation fails before loading
     engine = load_engine(model, adapter=adapter, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
                          compile=compile, threads=threads)
     name = model_name or Path(model).name
@@ -72,7 +74,10 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
     allowed = (*LOOPBACK, *allow_hosts) if host in LOOPBACK or allow_hosts else None
     if host not in LOOPBACK and not api_key:
         print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", flush=True)
-    app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed)
+    from pocketlm.safety import get_backend
+    backend = get_backend(moderation_backend, guard_model=guard_model, words=moderation_words)
+    app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, moderation=moderation,
+                     moderation_backend=backend)
     protocol = type("TimedH11", (TimedH11,), {"header_timeout": limits.header_timeout})
     uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol,
                 timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections)
