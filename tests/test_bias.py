@@ -155,7 +155,9 @@ def test_winobias_loader_on_the_shared_files():
     assert all(p.more != p.less for p in pairs)
 
 
-def test_bad_probe_files_name_the_file_and_line(tiny, tmp_path):
+def test_bad_probe_files_name_the_file_and_line(tiny, tmp_path, capsys):
+    from pocketlm.cli import main
+
     path = tiny[0]
     bad = CROWS.replace("antistereo,gender", "sideways,gender")
     with pytest.raises(ProbeError, match=r"crows\.csv:7: column 'stereo_antistereo' must be"):
@@ -176,6 +178,9 @@ def test_bad_probe_files_name_the_file_and_line(tiny, tmp_path):
         f.write_text("\n".join(lines) + "\n")
         with pytest.raises(ProbeError, match=r"anti_stereotyped_type2\.txt\.test:3: expected one \[bracketed\] occupation"):
             evaluate(path, "bias", folder, probe="winobias")
+    assert main(["eval", "--model", str(path), "--task", "bias", "--probe", "pairs", "--data", str(tmp_path / "y.csv")]) == 2
+    err = capsys.readouterr().err  # the CLI prints it as one line
+    assert "y.csv:3: column 'sent_less' is empty" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(PocketLMError, match="--probe: expected one of"):
         evaluate(path, "bias", tmp_path / "x.csv", probe="crows")
 
