@@ -1,0 +1,132 @@
+"""The resumable pieces of `prepare`: atomic files, the work directory, the scan of each input file.
+
+A task's outputs are written to temporary names, fsynced and renamed; its completion marker (a JSON
+file) is written last, so a marker present means every output of the task is complete. A killed run
+restarts, finds the markers and redoes only what has none. Setting POCKETLM_PREPARE_KILL_AFTER=k makes
+the process SIGKILL itself right after its k-th completed task: the tests use it to kill at an exact point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from pocketlm.data.corpus import iter_documents
+
+KILL_ENV = "POCKETLM_PREPARE_KILL_AFTER"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class TokenFile:
+    """A shard being written: token ids appended as `dtype`, hashed as they go, renamed into place by
+    `commit` (nothing is left behind for an empty split)."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = path, dtype
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.fh = None
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+
+    def write(self, ids) -> None:
+        if self.fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.tmp, "wb")
+        data = np.asarray(ids, dtype=self.dtype).tobytes()
+        self.fh.write(data)
+        self.sha.update(data)
+        self.tokens += len(ids)
+
+    def commit(self) -> dict | None:
+        if self.fh is None:
+            self.path.unlink(missing_ok=True)  # a stale shard of an earlier attempt
+            return None
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return {"tokens": self.tokens, "sha256": self.sha.hexdigest()}
+
+
+class WorkDir:
+    """out/.prepare: the plan this work belongs to, scan results and task markers."""
+
+    def __init__(self, out: Path, plan: dict):
+        self.root = out / ".prepare"
+        self.plan = plan
+        self.completed = 0
+        limit = os.environ.get(KILL_ENV)
+        self.kill_after = int(limit) if limit else None
+
+    def matches(self) -> bool:
+        f = self.root / "plan.json"
+        return f.exists() and json.loads(f.read_text()) == json.loads(json.dumps(self.plan, sort_keys=True))
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / "plan.json", self.plan)
+
+    def marker(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def done(self, name: str) -> dict | None:
+        f = self.marker(name)
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def finish(self, name: str, record: dict) -> None:
+        atomic_write_json(self.marker(name), record)
+        self.completed += 1
+        if self.kill_after is not None and self.completed >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def scan_file(path: Path, split_blank_lines: bool, text_field: str, task_chars: int) -> dict:
+    """Count a file's documents and characters (the val cut needs each source's length before any
+    shard is written) and cut it into tasks of about `task_chars` characters: [first doc, first char]."""
+    docs = chars = 0
+    chunks, in_chunk = [[0, 0]], 0
+    for d in iter_documents([path], split_blank_lines, text_field):
+        if in_chunk >= task_chars:
+            chunks.append([docs, chars])
+            in_chunk = 0
+        docs, chars, in_chunk = docs + 1, chars + len(d.text), in_chunk + len(d.text)
+    return {"docs": docs, "chars": chars, "chunks": chunks}
