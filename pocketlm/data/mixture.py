@@ -15,6 +15,7 @@ to multiples of 1/MAX_PERIOD by largest remainders; `shares` reports the shares 
 
 from __future__ import annotations
 
+import heapq
 from fractions import Fraction
 from math import lcm
 
@@ -45,18 +46,21 @@ def _integer_shares(weights) -> tuple[list[int], int]:
 
 
 def schedule_period(p: list[int], q: int) -> np.ndarray:
-    """The source of each sample in one period, by earliest deadline first (ties: the lower index)."""
+    """The source of each sample in one period, by earliest deadline first (ties: the lower index).
+    Source s's next sample, its (c+1)-th, is released at n = floor(c q / p_s) + 1 (from then on taking it
+    keeps count <= ceil(n w_s)) and due at n = ceil((c+1) q / p_s) (count >= floor(n w_s))."""
     counts = [0] * len(p)
+    waiting = [(1, s) for s in range(len(p))]  # (release, source): every first sample is released at n=1
+    ready: list[tuple[int, int]] = []  # (deadline, source)
     out = np.empty(q, dtype=np.int32)
     for n in range(1, q + 1):
-        best, best_deadline = -1, None
-        for s, ps in enumerate(p):
-            if counts[s] * q < n * ps:  # released: taking it keeps count <= ceil(n w_s)
-                deadline = -(-(counts[s] + 1) * q // ps)
-                if best_deadline is None or deadline < best_deadline:
-                    best, best_deadline = s, deadline
-        out[n - 1] = best
-        counts[best] += 1
+        while waiting and waiting[0][0] <= n:
+            s = heapq.heappop(waiting)[1]
+            heapq.heappush(ready, (-(-(counts[s] + 1) * q // p[s]), s))
+        s = heapq.heappop(ready)[1]
+        out[n - 1] = s
+        counts[s] += 1
+        heapq.heappush(waiting, (counts[s] * q // p[s] + 1, s))
     return out
 
 
