@@ -14,10 +14,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pocketlm.cli import main
+from pocketlm.data.corpus import split_at
 from pocketlm.data.loader import PretrainBatches
 from pocketlm.data.mixture import Mixture
 from pocketlm.data.prepare import prepare
 from pocketlm.data.tasks import KILL_ENV
+from pocketlm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("thou art the king of every castle and the sea is wide but we shall find our way home "
@@ -35,15 +37,17 @@ def _jsonl(path: Path, texts) -> Path:
     return path
 
 
-def _mixture_dir(tmp_path: Path) -> Path:
-    """Two sources of three files each, a few duplicates in each."""
+def _mixture_dir(tmp_path: Path, texts: dict | None = None) -> Path:
+    """Two sources of three files each, a few duplicates in each (their texts, in order, into `texts`)."""
     for name, base in (("web", 0), ("books", 1000)):
         d = tmp_path / name
         d.mkdir()
         for f in range(3):
-            texts = [_doc(base + 10 * f + i) for i in range(10)]
-            texts.insert(3, texts[0].upper())  # an exact duplicate after normalization
-            _jsonl(d / f"part{f}.jsonl", texts)
+            docs = [_doc(base + 10 * f + i) for i in range(10)]
+            docs.insert(3, docs[0].upper())  # an exact duplicate after normalization
+            _jsonl(d / f"part{f}.jsonl", docs)
+            if texts is not None:
+                texts.setdefault(name, []).extend(docs)
     (tmp_path / "sources.yaml").write_text(
         "sources:\n"
         "  - name: web\n    inputs: [web/*.jsonl]\n    weight: 3\n"
@@ -83,7 +87,8 @@ def test_three_way_skew_stays_within_one_sample():
 
 
 def test_prepare_mixture_dedup_manifest_and_loader(tmp_path, tokenizer_dir):
-    yaml_file = _mixture_dir(tmp_path)
+    texts = {}
+    yaml_file = _mixture_dir(tmp_path, texts)
     out = tmp_path / "out"
     assert main(["prepare", "--sources", str(yaml_file), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -98,11 +103,19 @@ def test_prepare_mixture_dedup_manifest_and_loader(tmp_path, tokenizer_dir):
         assert shard["path"].startswith(shard["source"] + "/")
     assert [m["share"] for m in meta["mixture"]] == [0.75, 0.25]
     assert meta["train"]["tokens"] == sum(m["train"]["tokens"] for m in meta["mixture"])
-    # each source holds out its own end: one task per file here, so val comes from its last file only
+    # each source holds out its own last 10% of characters (small files: one task, one shard per split)
+    tok = Tokenizer.load(tokenizer_dir)
     for m in meta["mixture"]:
-        assert m["val"]["shards"] == [f"{m['name']}/val-00002.bin"]
-        assert m["train"]["shards"] == [f"{m['name']}/train-0000{i}.bin" for i in range(3)]
-        assert 5 * m["val"]["tokens"] < m["train"]["tokens"] < 12 * m["val"]["tokens"]
+        assert m["train"]["shards"] == [f"{m['name']}/train-00000.bin"] and m["val"]["shards"] == [f"{m['name']}/val-00000.bin"]
+        docs = texts[m["name"]]
+        cut, seen = int(sum(map(len, docs)) * 0.9), 0
+        for i, d in enumerate(docs):
+            if seen + len(d) > cut:
+                break
+            seen += len(d)
+        expect = d[split_at(d, cut - seen):] + "".join(docs[i + 1:])
+        val = np.fromfile(out / m["val"]["shards"][0], dtype=np.uint16).tolist()
+        assert tok.decode(val, skip_special_tokens=True) == expect and val.count(tok.bos_id) == len(docs) - i
 
     # the loader: one global sample sequence, sliced by rank, resumable at another world size
     one = PretrainBatches(out, batch_size=8, seq_len=16, seed=5)
@@ -209,3 +222,21 @@ def test_bad_line_in_compressed_jsonl_names_file_and_line(tmp_path, tokenizer_di
     assert main(["prepare", "--sources", str(tmp_path / "s.yaml"), "--tokenizer", str(tokenizer_dir),
                  "--out", str(tmp_path / "o")]) == 2
     assert "c.jsonl.gz:2: field 'text' must be a string, got int" in capsys.readouterr().err
+
+
+def test_small_files_share_a_task_and_big_ones_are_cut(tmp_path):
+    from pocketlm.data.tasks import plan_tasks, scan_file
+
+    for i in range(5):
+        _jsonl(tmp_path / f"small{i}.jsonl", [_doc(i)])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    _jsonl(tmp_path / "big.jsonl", [_doc(100 + i) for i in range(20)])
+    files = [tmp_path / f"small{i}.jsonl" for i in range(5)] + [tmp_path / "empty.jsonl", tmp_path / "big.jsonl"]
+    scans = [scan_file(f, False, "text", 1500) for f in files]
+    tasks = plan_tasks(scans, 1500)
+    # ~370 characters each: the five small files (the empty one skipped) and big's first chunk fill one task
+    assert [s[0] for s in tasks[0]["segments"]] == [0, 1, 2, 3, 4, 6]
+    assert all(len(t["segments"]) == 1 and t["segments"][0][0] == 6 for t in tasks[1:]) and len(tasks) > 3
+    # contiguous: each task starts where the previous ended, and they cover the source exactly
+    assert [t["start"] for t in tasks] == list(np.cumsum([0] + [t["chars"] for t in tasks[:-1]]))
+    assert sum(t["chars"] for t in tasks) == sum(s["chars"] for s in scans)

@@ -95,7 +95,6 @@ class PretrainBatches:
         self.names = [s["name"] for s in sources]
         self.mixture = Mixture([s["weight"] for s in sources])
         self.n_starts = np.array([len(t) - seq_len - 1 for t in self.sources], dtype=np.int64)
-        self.tokens = self.sources[0] if len(self.sources) == 1 else None
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.samples = 0

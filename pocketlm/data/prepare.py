@@ -10,8 +10,8 @@
 Every document starts with the tokenizer's BOS token (the document boundary). Input is read as a
 stream: memory holds one task's dedup set and one encoding batch, never the corpus.
 
-The work runs in tasks (one per input file, or per ~task_chars characters of it), one after the other
-in corpus order: a first pass counts each file (the val cut needs the lengths), a second deduplicates,
+The work runs in tasks of ~task_chars characters (a big file is cut into several, small consecutive
+files share one), one after the other in corpus order: a first pass counts each file (the val cut needs the lengths), a second deduplicates,
 splits and encodes each task into its own shard. Markers under out/.prepare make a killed run resume
 without redoing finished tasks, and the result is byte-identical to an uninterrupted run. Tokenization
 inside a task is parallel (`tokenizers`' batch encoder spreads it over all cores).
@@ -25,7 +25,6 @@ first copy kept, so validation never repeats a training document of the same sou
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import shutil
 from pathlib import Path
@@ -33,11 +32,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pocketlm.data.corpus import CorpusError, chunk_for_encoding, expand_inputs, iter_documents, split_at, val_cut
+from pocketlm.data.corpus import CorpusError, chunk_for_encoding, expand_inputs, split_at, val_cut
 from pocketlm.data.dedup import Deduper
 from pocketlm.data.mixture import Mixture
 from pocketlm.data.sources import DEDUP_MODES, Source, load_sources
-from pocketlm.data.tasks import TokenFile, WorkDir, atomic_write_json, load_arrays, save_arrays, scan_file
+from pocketlm.data.tasks import (FileCursor, TokenFile, WorkDir, atomic_write_json, load_arrays, plan_tasks, save_arrays,
+                                 scan_file)
 from pocketlm.tokenizer import Tokenizer
 
 TASK_CHARS = 64 << 20  # ~64 MB of text per task: 15-60M tokens per shard
@@ -123,32 +123,22 @@ def _prepare_source(tok, dtype, out: Path, work: WorkDir, src: Source, files, sc
         raise CorpusError(f"validation split is empty: the corpus is too small for the requested val_fraction"
                           + (f" (source {src.name!r})" if src.subdir else ""))
     dedup = Deduper(src.dedup)
-    tasks, t, redo, offset = [], 0, False, 0
-    for path, scan in zip(files, scans):
-        bounds = [c[0] for c in scan["chunks"]] + [scan["docs"]]
-        chars = [c[1] for c in scan["chunks"]] + [scan["chars"]]
-        docs = None
-        for c, (first, last) in enumerate(zip(bounds, bounds[1:])):
-            name = f"task-{src.name}-{t:05d}"
-            record = None if redo else work.done(name)
-            if record is not None:  # finished: restore its dedup state and move on
-                dedup.restore(load_arrays(work.root / f"{name}.npz"))
-                bar.update(chars[c + 1] - chars[c])
-            else:
-                redo = True  # every later task depends on this one's dedup state
-                if docs is None:
-                    docs = iter_documents([path], src.split_blank_lines, src.text_field)
-                    for _ in itertools.islice(docs, first):  # skip the finished tasks' documents
-                        pass
-                record = _run_task(tok, dtype, out, src, t, itertools.islice(docs, last - first),
-                                   offset + chars[c], cut, dedup, bar)
-                record["file"] = str(path)
-                save_arrays(work.root / f"{name}.npz", dedup.seal())
-                work.finish(name, record)
-            tasks.append(record)
-            t += 1
-        offset += scan["chars"]
-    return _source_summary(src, tasks, len(files))
+    cursor = FileCursor(files, src.split_blank_lines, src.text_field)
+    records, redo = [], False
+    for t, task in enumerate(plan_tasks(scans, work.plan["task_chars"])):
+        name = f"task-{src.name}-{t:05d}"
+        record = None if redo else work.done(name)
+        if record is not None:  # finished: restore its dedup state and move on
+            dedup.restore(load_arrays(work.root / f"{name}.npz"))
+            bar.update(task["chars"])
+        else:
+            redo = True  # every later task depends on this one's dedup state
+            record = _run_task(tok, dtype, out, src, t, cursor.documents(task["segments"]), task["start"], cut, dedup, bar)
+            record["files"] = sorted({str(files[f]) for f, _, _ in task["segments"]})
+            save_arrays(work.root / f"{name}.npz", dedup.seal())
+            work.finish(name, record)
+        records.append(record)
+    return _source_summary(src, records, len(files))
 
 
 def _source_summary(src: Source, tasks: list[dict], n_files: int) -> tuple[dict, list[dict]]:

@@ -44,8 +44,9 @@ class Source:
 
 
 def _check(source: Source, where) -> Source:
-    if not NAME_RE.match(source.name):
-        raise SourcesError(f"{where('name')}: name: expected letters, digits, '_', '.' or '-', got {source.name!r}")
+    if not NAME_RE.match(source.name) or source.name == "tokenizer":
+        raise SourcesError(f"{where('name')}: name: expected letters, digits, '_', '.' or '-' (and not 'tokenizer', "
+                           f"the output's tokenizer folder), got {source.name!r}")
     if not isinstance(source.inputs, list) or not source.inputs or not all(isinstance(i, str) for i in source.inputs):
         raise SourcesError(f"{where('inputs')}: inputs: expected a non-empty list of files, directories or globs")
     if not isinstance(source.text_field, str) or not source.text_field:

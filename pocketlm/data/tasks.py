@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -130,3 +131,45 @@ def scan_file(path: Path, split_blank_lines: bool, text_field: str, task_chars: 
             in_chunk = 0
         docs, chars, in_chunk = docs + 1, chars + len(d.text), in_chunk + len(d.text)
     return {"docs": docs, "chars": chars, "chunks": chunks}
+
+
+def plan_tasks(scans: list[dict], task_chars: int) -> list[dict]:
+    """Group the scanned chunks of a source's files into tasks of about `task_chars` characters, in
+    corpus order: a big file's chunks are tasks of their own, consecutive small files share one (so a
+    folder of many small files does not become as many tiny shards). A task is a contiguous range of the
+    source: {"start": its first character, "segments": [[file, first doc, end doc], ...], "chars": n}."""
+    tasks: list[dict] = []
+    offset = 0
+    for f, scan in enumerate(scans):
+        bounds = [c[0] for c in scan["chunks"]] + [scan["docs"]]
+        chars = [c[1] for c in scan["chunks"]] + [scan["chars"]]
+        for c in range(len(scan["chunks"])):
+            if bounds[c + 1] == bounds[c]:
+                continue  # a file without documents
+            if not tasks or tasks[-1]["chars"] >= task_chars:
+                tasks.append({"start": offset + chars[c], "segments": [], "chars": 0})
+            tasks[-1]["segments"].append([f, bounds[c], bounds[c + 1]])
+            tasks[-1]["chars"] += chars[c + 1] - chars[c]
+        offset += scan["chars"]
+    return tasks
+
+
+class FileCursor:
+    """Documents of a source's files by (file, first doc, end doc) segments, taken in order: reading
+    goes on where the previous segment ended, and a resumed run skips the finished documents once."""
+
+    def __init__(self, files, split_blank_lines: bool, text_field: str):
+        self.files, self.split_blank_lines, self.text_field = files, split_blank_lines, text_field
+        self.file, self.pos, self.docs = None, 0, iter(())
+
+    def take(self, f: int, first: int, end: int):
+        if self.file != f or self.pos > first:
+            self.docs = iter_documents([self.files[f]], self.split_blank_lines, self.text_field)
+            self.file, self.pos = f, 0
+        for _ in itertools.islice(self.docs, first - self.pos):
+            pass
+        self.pos = end
+        return itertools.islice(self.docs, end - first)
+
+    def documents(self, segments):
+        return itertools.chain.from_iterable(self.take(*seg) for seg in segments)
