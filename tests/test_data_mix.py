@@ -240,3 +240,16 @@ def test_small_files_share_a_task_and_big_ones_are_cut(tmp_path):
     # contiguous: each task starts where the previous ended, and they cover the source exactly
     assert [t["start"] for t in tasks] == list(np.cumsum([0] + [t["chars"] for t in tasks[:-1]]))
     assert sum(t["chars"] for t in tasks) == sum(s["chars"] for s in scans)
+
+
+def test_pretrain_on_a_mixture(tmp_path, tokenizer_dir):
+    from conftest import TINY
+
+    yaml_file = _mixture_dir(tmp_path)
+    data = tmp_path / "data"
+    prepare(sources=yaml_file, tokenizer=tokenizer_dir, out=data)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), "--max-steps", "3", *TINY]) == 0
+    states = [json.loads(f.read_text()) for f in run.rglob("state.json")]
+    assert states and max(s["data"]["samples"] for s in states) == 3 * 4  # 3 steps of 4 sequences
+    assert json.loads((run / "results.json").read_text())["full_val_tokens"] > 0
