@@ -45,7 +45,8 @@ def register(sub):
     pr = sub.add_parser("prepare", help="tokenize a corpus, or a weighted mixture of sources, into train/val token shards")
     src = pr.add_mutually_exclusive_group(required=True)
     _add_corpus_args(pr, inputs=src)
-    src.add_argument("--sources", help="sources.yaml: a list under 'sources:' of name, inputs, text_field, weight, dedup")
+    src.add_argument("--sources", help="sources.yaml: a list under 'sources:' of name, inputs, text_field, weight, dedup "
+                                       "(per source; --split-blank-lines and --text-field apply to --input only)")
     pr.add_argument("--dedup", choices=("exact", "minhash", "none"), default="none",
                     help="with --input: drop exact or near (MinHash) duplicate documents (default: none; "
                          "sources.yaml sets it per source, default exact)")
