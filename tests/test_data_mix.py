@@ -175,8 +175,10 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, tokenizer_dir):
     second = _run_prepare(yaml_file, tokenizer_dir, out, kill_after=3)
     assert second.returncode == -signal.SIGKILL, second.stderr
     assert len(list((out / ".prepare").glob("task-*.json"))) == 5
+    (out / "web" / ".train-00009.bin.tmp-99999").write_bytes(b"\0" * 10)  # as a kill mid-write leaves
     third = _run_prepare(yaml_file, tokenizer_dir, out)
     assert third.returncode == 0, third.stderr
+    assert not list(out.rglob(".*.tmp-*"))
     assert (out / "web" / "train-00000.bin").stat().st_ino == kept  # a finished task was not redone
     assert not (out / ".prepare").exists()
     whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())

@@ -194,6 +194,9 @@ def prepare(inputs=None, tokenizer=None, out=None, val_fraction: float = 0.1, sp
     if not work.matches():
         _clear_outputs(out, srcs)
         work.start()
+    for sub in {".prepare"} | {s.subdir for s in srcs}:  # what a killed run was writing when it died
+        for partial in (out / sub).glob(".*.tmp-*"):
+            partial.unlink()
     scans = []
     for s, fs in zip(srcs, files):
         scans.append([])
