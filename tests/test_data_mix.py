@@ -18,7 +18,7 @@ from pocketlm.data.corpus import split_at
 from pocketlm.data.loader import PretrainBatches
 from pocketlm.data.mixture import Mixture
 from pocketlm.data.prepare import prepare
-from pocketlm.data.tasks import KILL_ENV
+from pocketlm.data.tasks import KILL_AT_ENV, KILL_ENV
 from pocketlm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,11 +151,14 @@ def test_near_duplicates_need_minhash(tmp_path, tokenizer_dir):
                        "minhash": {"exact": 1, "near": 3}}
 
 
-def _run_prepare(yaml_file, tokenizer_dir, out, kill_after=None):
+def _run_prepare(yaml_file, tokenizer_dir, out, kill_after=None, kill_at=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(KILL_ENV, None)
+    env.pop(KILL_AT_ENV, None)
     if kill_after is not None:
         env[KILL_ENV] = str(kill_after)
+    if kill_at is not None:
+        env[KILL_AT_ENV] = kill_at
     return subprocess.run([sys.executable, "-m", "pocketlm.cli", "prepare", "--sources", str(yaml_file),
                            "--tokenizer", str(tokenizer_dir), "--out", str(out), "--task-chars", "2000"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -175,9 +178,14 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, tokenizer_dir):
     second = _run_prepare(yaml_file, tokenizer_dir, out, kill_after=3)
     assert second.returncode == -signal.SIGKILL, second.stderr
     assert len(list((out / ".prepare").glob("task-*.json"))) == 5
+    assert (out / ".prepare" / "task-books-00000.json").exists()
+    # killed once a task's shards are in place but before its marker: the task is done again
+    third = _run_prepare(yaml_file, tokenizer_dir, out, kill_at="task-books-00001:committed")
+    assert third.returncode == -signal.SIGKILL, third.stderr
+    assert (out / "books" / "train-00001.bin").exists() and not (out / ".prepare" / "task-books-00001.json").exists()
     (out / "web" / ".train-00009.bin.tmp-99999").write_bytes(b"\0" * 10)  # as a kill mid-write leaves
-    third = _run_prepare(yaml_file, tokenizer_dir, out)
-    assert third.returncode == 0, third.stderr
+    last = _run_prepare(yaml_file, tokenizer_dir, out)
+    assert last.returncode == 0, last.stderr
     assert not list(out.rglob(".*.tmp-*"))
     assert (out / "web" / "train-00000.bin").stat().st_ino == kept  # a finished task was not redone
     assert not (out / ".prepare").exists()

@@ -8,13 +8,15 @@
       manifest.json         per-source counts (documents, tokens, dropped duplicates) and every shard's sha256
 
 Every document starts with the tokenizer's BOS token (the document boundary). Input is read as a
-stream: memory holds one task's dedup set and one encoding batch, never the corpus.
+stream: memory holds the dedup index (16 bytes a document for exact dedup, see dedup.py), one task's
+new digests and one encoding batch, never the corpus.
 
 The work runs in tasks of ~task_chars characters (a big file is cut into several, small consecutive
-files share one), one after the other in corpus order: a first pass counts each file (the val cut needs the lengths), a second deduplicates,
-splits and encodes each task into its own shard. Markers under out/.prepare make a killed run resume
-without redoing finished tasks, and the result is byte-identical to an uninterrupted run. Tokenization
-inside a task is parallel (`tokenizers`' batch encoder spreads it over all cores).
+files share one), one after the other in corpus order: a first pass counts each file (the val cut needs
+each source's length), a second deduplicates, splits and encodes each task into its own shards.
+Markers under out/.prepare make a killed run resume without redoing finished tasks, and the result is
+byte-identical to an uninterrupted run. Tasks run in order because dedup keeps the first copy; the
+parallelism is inside a task (`tokenizers`' batch encoder spreads the encoding over all cores).
 
 The train/validation split, per source: the last `val_fraction` of that source's characters (counted
 before deduplication, in input order) is validation, and the document straddling the cut is split at
@@ -173,6 +175,8 @@ def prepare(inputs=None, tokenizer=None, out=None, val_fraction: float = 0.1, sp
     default) or `sources` (a sources.yaml path or a list of Source)."""
     if (inputs is None) == (sources is None):
         raise CorpusError("prepare: give either inputs (--input) or sources (--sources), not both or neither")
+    if task_chars < 1:
+        raise CorpusError(f"task_chars: expected a positive number of characters, got {task_chars}")
     if dedup not in DEDUP_MODES:
         raise CorpusError(f"dedup: expected one of {', '.join(DEDUP_MODES)}, got {dedup!r}")
     if isinstance(sources, (str, os.PathLike)):

@@ -2,8 +2,9 @@
 
 A task's outputs are written to temporary names, fsynced and renamed; its completion marker (a JSON
 file) is written last, so a marker present means every output of the task is complete. A killed run
-restarts, finds the markers and redoes only what has none. Setting POCKETLM_PREPARE_KILL_AFTER=k makes
-the process SIGKILL itself right after its k-th completed task: the tests use it to kill at an exact point.
+restarts, finds the markers and redoes only what has none. For the tests, which kill at exact points:
+POCKETLM_PREPARE_KILL_AFTER=k makes the process SIGKILL itself right after its k-th completed task, and
+POCKETLM_PREPARE_KILL_AT=NAME:committed once task NAME's shards are in place but before its marker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from pocketlm.data.corpus import iter_documents
 
 KILL_ENV = "POCKETLM_PREPARE_KILL_AFTER"
+KILL_AT_ENV = "POCKETLM_PREPARE_KILL_AT"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,6 +116,8 @@ class WorkDir:
         return json.loads(f.read_text()) if f.exists() else None
 
     def finish(self, name: str, record: dict) -> None:
+        if os.environ.get(KILL_AT_ENV) == f"{name}:committed":
+            os.kill(os.getpid(), signal.SIGKILL)
         atomic_write_json(self.marker(name), record)
         self.completed += 1
         if self.kill_after is not None and self.completed >= self.kill_after:
