@@ -7,7 +7,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from tiny_lm import in_process, reference_greedy, running_server, tiny_adapter, tiny_lm
 
 from pocketlm.infer.engine import Engine
@@ -196,3 +195,28 @@ def test_a_chat_template_that_refuses_the_messages_gives_400(lm):
         ok = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                                   "messages": [{"role": "user", "content": "Hi"}]})
         assert ok.status_code == 200
+
+
+def test_input_check_hooks_can_refuse_or_add_context(lm):
+    """The pipeline's extension point (memory, moderation): ctx.input_checks run before tokenizing."""
+    from pocketlm.serve.errors import APIError
+
+    model, tok = lm
+    app = create_app(Engine(model, tok, max_batch=1, max_seq_len=96), "tiny")
+
+    def no_swearing(turn):
+        if any("zounds" in m["content"] for m in turn.messages or []):
+            raise APIError(400, "messages: not here", param="messages", code="content_policy")
+
+    async def remember(turn):  # a hook may be async, and may edit the conversation
+        if turn.messages is not None:
+            turn.messages.insert(0, {"role": "system", "content": "The user's name is Kate."})
+
+    app.state.ctx.input_checks += [no_swearing, remember]
+    body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    with in_process(app) as c:
+        r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "zounds"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy"
+        used = c.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+    with_memory = [{"role": "system", "content": "The user's name is Kate."}, {"role": "user", "content": "Hi"}]
+    assert used == len(encode_chat(tok, with_memory))

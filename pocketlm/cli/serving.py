@@ -37,8 +37,9 @@ def _api_key(args) -> str | None:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
             raise PocketLMError(f"{args.api_key_file}: the API key file is not UTF-8 text") from None
-        if not key:
-            raise PocketLMError(f"{args.api_key_file}: the API key file is empty")
+        if not key or "\n" in key:
+            raise PocketLMError(f"{args.api_key_file}: expected the API key on one line, got "
+                                f"{'nothing' if not key else 'several lines'}")
         return key
     if args.api_key:
         print("note: a key given with --api-key shows in `ps`; prefer --api-key-file or $POCKETLM_API_KEY",
