@@ -31,19 +31,20 @@ def _chat(args):
 
 
 def _api_key(args) -> str | None:
-    """--api-key-file, else $POCKETLM_API_KEY, else --api-key (which `ps` shows to every local user)."""
+    """--api-key-file, else --api-key (which `ps` shows to every local user), else $POCKETLM_API_KEY."""
     if args.api_key_file:
         try:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
             raise PocketLMError(f"{args.api_key_file}: the API key file is not UTF-8 text") from None
-        if not key:
-            raise PocketLMError(f"{args.api_key_file}: the API key file is empty")
+        if not key or "\n" in key:
+            raise PocketLMError(f"{args.api_key_file}: expected the API key on one line, got "
+                                f"{'nothing' if not key else 'several lines'}")
         return key
     if args.api_key:
         print("note: a key given with --api-key shows in `ps`; prefer --api-key-file or $POCKETLM_API_KEY",
               file=sys.stderr)
-    return os.environ.get("POCKETLM_API_KEY") or args.api_key or None
+    return args.api_key or os.environ.get("POCKETLM_API_KEY") or None
 
 
 def _serve(args):
