@@ -230,3 +230,20 @@ def test_bad_input_names_the_field(tmp_path, call, field):
     with pytest.raises(PocketLMError) as e:
         call(d)
     assert str(e.value).startswith(field + ":"), str(e.value)
+
+
+def test_personalize_writes_first_then_reads_into_one_system_turn(store):
+    from pocketlm.memory import personalize
+
+    store.user_add("u")
+    uid = store.user_id("u")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ana. What is my name?"}]
+    out, updates, used = personalize(store, uid, msgs, words)
+    assert [u["action"] for u in updates] == ["add"] and [m["id"] for m in used] == [updates[0]["id"]]
+    assert len(out) == 2 and out[0]["content"].startswith("Be brief.\n\n") and "name is Ana" in out[0]["content"]
+    assert msgs[0]["content"] == "Be brief."  # the caller's list is left alone
+    out, updates, used = personalize(store, uid, [{"role": "user", "content": "Forget my name. Who am I?"}], words)
+    assert [u["action"] for u in updates] == ["delete"] and used == []
+    assert out == [{"role": "user", "content": "Forget my name. Who am I?"}]  # nothing to say: nothing injected
+    out, updates, _ = personalize(store, uid, [{"role": "user", "content": "my name is Bo"}], words, write=False)
+    assert updates == [] and store.memory_list(uid) == []

@@ -82,3 +82,23 @@ def _render(kept: dict[str, list[dict]]) -> str:
             lines.append(title)
             lines.extend(f"- {m['text']}" for m in kept[kind])
     return "\n".join(lines)
+
+
+def personalize(store: Store, user_id: int, messages: list[dict], count_tokens: Callable[[str], int], *,
+                budget: int = 300, k: int = 5, write: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """One chat request's memory: first the write rules on the last user turn (so "forget X" is not read
+    back in the same reply), then the read path. `messages` are {"role", "content": str} dicts.
+
+    Returns (the messages to prompt with, the memory_updates, the memories injected). The block joins
+    the first system message, or becomes one: chat templates take one system turn, at the start."""
+    from pocketlm.memory.rules import apply_rules  # rules uses this module's word list
+
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    updates = apply_rules(store, user_id, last) if write and last else []
+    block, used = memory_block(store, user_id, last, count_tokens, budget=budget, k=k) if last else (None, [])
+    if block is None:
+        return list(messages), updates, []
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = dict(messages[0], content=f"{messages[0]['content']}\n\n{block}")
+        return [first, *messages[1:]], updates, used
+    return [{"role": "system", "content": block}, *messages], updates, used

@@ -184,8 +184,11 @@ class Store:
         return r[0]
 
     def user_name(self, user_id: int) -> str:
+        return self._user_field(user_id, "name")
+
+    def _user_field(self, user_id: int, column: str):
         with self._lock:
-            r = self._db.execute("SELECT name FROM users WHERE id = ?", (user_id,)).fetchone()
+            r = self._db.execute(f"SELECT {column} FROM users WHERE id = ?", (user_id,)).fetchone()
         if r is None:
             raise UnknownUser(f"user: no user with id {user_id}")
         return r[0]
@@ -304,11 +307,7 @@ class Store:
 
     # ---- conversation history --------------------------------------------------------------------
     def history_days(self, user_id: int) -> float:
-        with self._lock:
-            r = self._db.execute("SELECT history_days FROM users WHERE id = ?", (user_id,)).fetchone()
-        if r is None:
-            raise UnknownUser(f"user: no user with id {user_id}")
-        return r[0]
+        return self._user_field(user_id, "history_days")
 
     def set_history_days(self, user_id: int, days: float) -> None:
         if not isinstance(days, (int, float)) or isinstance(days, bool) or days < 0:
