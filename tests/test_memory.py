@@ -43,6 +43,8 @@ def test_keys_are_random_and_stored_hashed(store):
         assert store.authenticate(wrong) is None
     with pytest.raises(MemoryStoreError, match="user: 'alice' exists"):
         store.user_add("alice")
+    for p in store.dir.iterdir():  # the file, its WAL and shared memory: the owner's only
+        assert p.stat().st_mode & 0o077 == 0, p
 
 
 def test_randomized_cross_user_operations_never_reach_another_user(store):

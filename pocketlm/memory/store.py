@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import sqlite3
@@ -112,17 +113,17 @@ class Store:
         self.dir = Path(data_dir)
         if self.dir.exists() and not self.dir.is_dir():
             raise MemoryStoreError(f"data_dir: {self.dir} is not a directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        # keys' hashes and users' notes are the owner's only; SQLite gives the -wal file the same mode
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "secure_delete=ON", "foreign_keys=ON", "synchronous=FULL"):
+        self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
+        # temp_store: sorts and temp tables stay in memory, never in a temp file on disk
+        for pragma in ("journal_mode=WAL", "secure_delete=ON", "foreign_keys=ON", "synchronous=FULL",
+                       "temp_store=MEMORY"):
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
-        try:
-            self.path.chmod(0o600)  # keys' hashes and users' notes: the owner's only
-        except OSError:
-            pass
 
     def close(self):
         with self._lock:
@@ -156,11 +157,13 @@ class Store:
         the file and truncate it, so the text's bytes are in neither."""
         with self._tx() as db:
             db.execute("INSERT INTO memories_fts(memories_fts) VALUES ('optimize')")
-        with self._lock:
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:  # another process holds a read snapshot; the next scrub finishes the job
-            return False
-        return True
+        for _ in range(50):
+            with self._lock:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return True
+            time.sleep(0.02)  # another process is reading a snapshot: wait for it to finish
+        return False  # still busy after a second: the next delete's checkpoint completes this one
 
     # ---- users -----------------------------------------------------------------------------------
     def user_add(self, name: str, history_days: float = 0) -> str:
