@@ -249,3 +249,54 @@ def test_personalize_writes_first_then_reads_into_one_system_turn(store):
     assert out == [{"role": "user", "content": "Forget my name. Who am I?"}]  # nothing to say: nothing injected
     out, updates, _ = personalize(store, uid, [{"role": "user", "content": "my name is Bo"}], words, write=False)
     assert updates == [] and store.memory_list(uid) == []
+
+
+
+@pytest.fixture
+def cli(capsys):
+    """`pocketlm ARGS...` in this process -> (exit code, stdout, stderr)."""
+    from pocketlm.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def test_cli_round_trip(tmp_path, cli, monkeypatch):
+    d = str(tmp_path / "data")
+    code, key, err = cli("user", "add", "alice", "--data-dir", d)
+    assert code == 0 and "shown only now" in err, err
+    key = key.strip()
+    assert key.startswith("plm-") and "\n" not in key  # stdout is the key alone: scripts can capture it
+    with Store(d) as s:
+        assert s.authenticate(key) == s.user_id("alice")
+    code, out, err = cli("memory", "add", "I prefer aisle seats", "--kind", "preference", "--user", "alice",
+                         "--data-dir", d)
+    assert code == 0 and "preference" in out, err
+    mid = int(out.split()[0])
+    assert cli("memory", "add", "My badge number is 5521", "--user", "alice", "--data-dir", d)[0] == 0
+    monkeypatch.setenv("POCKETLM_DATA_DIR", d)  # the data dir from the environment
+    code, out, err = cli("memory", "edit", str(mid), "--disable", "--text", "I prefer window seats", "--user", "alice")
+    monkeypatch.delenv("POCKETLM_DATA_DIR")
+    assert code == 0 and "off" in out and "window" in out, err
+    rows = json.loads(cli("memory", "list", "--json", "--user", "alice", "--data-dir", d)[1])
+    assert [(m["text"], m["enabled"]) for m in rows] == [("I prefer window seats", False),
+                                                        ("My badge number is 5521", True)]
+    out = tmp_path / "alice.json"
+    assert cli("memory", "export", "--out", str(out), "--user", "alice", "--data-dir", d)[0] == 0
+    assert [m["id"] for m in json.loads(out.read_text())["memories"]] == [m["id"] for m in rows]
+    assert cli("memory", "delete", str(mid), "--user", "alice", "--data-dir", d)[0] == 0
+    assert b"aisle" not in raw_bytes(Path(d)) and b"window" not in raw_bytes(Path(d))
+
+    assert cli("memory", "delete", "999", "--user", "alice", "--data-dir", d) == (
+        2, "", "pocketlm memory: error: id: user has no memory 999\n")
+    code, _, err = cli("memory", "list", "--user", "bob", "--data-dir", d)
+    assert code == 2 and "user: no user named 'bob'" in err
+    code, _, err = cli("user", "add", "alice", "--data-dir", d)
+    assert code == 2 and "user: 'alice' exists" in err
+
+    assert cli("user", "erase", "alice", "--data-dir", d)[0] == 0
+    assert cli("user", "list", "--data-dir", d)[1] == ""
+    assert b"5521" not in raw_bytes(Path(d)) and b"badge" not in raw_bytes(Path(d))
