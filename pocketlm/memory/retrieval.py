@@ -96,9 +96,13 @@ def personalize(store: Store, user_id: int, messages: list[dict], count_tokens: 
     last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     updates = apply_rules(store, user_id, last) if write and last else []
     block, used = memory_block(store, user_id, last, count_tokens, budget=budget, k=k) if last else (None, [])
+    return with_block(messages, block), updates, used
+
+
+def with_block(messages: list[dict], block: str | None) -> list[dict]:
+    """`messages` with the memory block joined to the first system turn (or as one); a new list."""
     if block is None:
-        return list(messages), updates, []
+        return list(messages)
     if messages and messages[0]["role"] in ("system", "developer"):
-        first = dict(messages[0], content=f"{messages[0]['content']}\n\n{block}")
-        return [first, *messages[1:]], updates, used
-    return [{"role": "system", "content": block}, *messages], updates, used
+        return [dict(messages[0], content=f"{messages[0]['content']}\n\n{block}"), *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
