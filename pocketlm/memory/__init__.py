@@ -6,8 +6,8 @@ from pocketlm.memory.api import (memory_add, memory_delete, memory_edit, memory_
                                  user_erase, user_list)
 from pocketlm.memory.retrieval import memory_block, personalize
 from pocketlm.memory.rules import apply_rules
-from pocketlm.memory.store import KINDS, MemoryStoreError, Store, UnknownMemory, UnknownUser
+from pocketlm.memory.store import KINDS, MemoryStoreError, Store, UnknownMemory, UnknownUser, UserExists
 
-__all__ = ["KINDS", "MemoryStoreError", "Store", "UnknownMemory", "UnknownUser", "apply_rules", "memory_add",
-           "memory_block", "memory_delete", "personalize", "memory_edit", "memory_export", "memory_list", "user_add", "user_erase",
-           "user_list"]
+__all__ = ["KINDS", "MemoryStoreError", "Store", "UnknownMemory", "UnknownUser", "UserExists", "apply_rules",
+           "memory_add", "memory_block", "memory_delete", "memory_edit", "memory_export", "memory_list", "personalize",
+           "user_add", "user_erase", "user_list"]

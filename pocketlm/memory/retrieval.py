@@ -39,10 +39,13 @@ def content_words(text: str) -> list[str]:
     return out
 
 
+MAX_QUERY_WORDS = 32  # a long turn's last words (where the question usually is); bounds the search's cost
+
+
 def fts_query(text: str, op: str = "OR") -> str:
     """An FTS5 query matching any (OR) or all (AND) content words; each word quoted, so user text is
     never read as FTS syntax."""
-    return f" {op} ".join(f'"{w}"' for w in content_words(text))
+    return f" {op} ".join(f'"{w}"' for w in content_words(text)[-MAX_QUERY_WORDS:])
 
 
 def relevant(store: Store, user_id: int, text: str, k: int = 5) -> list[dict]:

@@ -68,6 +68,10 @@ class UnknownMemory(MemoryStoreError):
     pass
 
 
+class UserExists(MemoryStoreError):
+    pass
+
+
 def hash_key(key: str) -> str:
     # keys are 256-bit random tokens: a plain sha256 is enough (no dictionary to attack, unlike passwords)
     return hashlib.sha256(key.encode()).hexdigest()
@@ -124,9 +128,14 @@ class Store:
                        "temp_store=MEMORY"):
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
+        # key checks run on the server's event loop: a second connection (WAL readers never wait for
+        # the writer) so they do not queue behind a delete's FTS merge and checkpoint
+        self._reader = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
+        self._reader_lock = threading.Lock()
 
     def close(self):
-        with self._lock:
+        with self._lock, self._reader_lock:
+            self._reader.close()
             self._db.close()
 
     def __enter__(self):
@@ -173,7 +182,7 @@ class Store:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-                raise MemoryStoreError(f"user: {name!r} exists already (erase it first, or pick another name)")
+                raise UserExists(f"user: {name!r} exists already (erase it first, or pick another name)")
             db.execute("INSERT INTO users(name, key_hash, history_days, created) VALUES (?, ?, ?, ?)",
                        (name, hash_key(key), float(history_days), time.time()))
         return key
@@ -202,13 +211,20 @@ class Store:
 
     def authenticate(self, key: str) -> int | None:
         """The user id a key belongs to, or None."""
+        found = self.authenticate_user(key)
+        return found[0] if found else None
+
+    def authenticate_user(self, key: str) -> tuple[int, str] | None:
+        """(user id, name) of the user a key belongs to, or None."""
         if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
             return None
         digest = hash_key(key)
-        with self._lock:
-            r = self._db.execute("SELECT id, key_hash FROM users WHERE key_hash = ?", (digest,)).fetchone()
+        with self._reader_lock:
+            # fetchall: the statement runs to its end, so no read snapshot outlives the call
+            rows = self._reader.execute("SELECT id, name, key_hash FROM users WHERE key_hash = ?", (digest,)).fetchall()
+        r = rows[0] if rows else None
         # the lookup is by hash (a timing difference there says nothing about the key); compare anyway
-        return r[0] if r is not None and hmac.compare_digest(r[1], digest) else None
+        return (r[0], r[1]) if r is not None and hmac.compare_digest(r[2], digest) else None
 
     def user_erase(self, user_id: int) -> None:
         with self._tx() as db:

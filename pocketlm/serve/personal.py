@@ -35,9 +35,9 @@ def principal(store, admin_key: str | None, token: str | None) -> Principal | No
     if token and store is not None:
         from pocketlm.memory.store import KEY_PREFIX
 
-        uid = store.authenticate(token) if token.startswith(KEY_PREFIX) else None
-        if uid is not None:
-            return Principal(user_id=uid, name=store.user_name(uid))
+        found = store.authenticate_user(token) if token.startswith(KEY_PREFIX) else None
+        if found is not None:
+            return Principal(user_id=found[0], name=found[1])
     if admin_key is not None:
         return None
     return Principal(admin=store is None)
@@ -74,16 +74,20 @@ async def _with_memory(ctx, turn) -> None:
     uid = _chat_user(ctx, turn)
     if uid is None:
         return
-    from pocketlm.memory import personalize
+    from pocketlm.memory import UnknownUser, personalize
 
     store, tok = ctx.memory_store, ctx.engine.tokenizer
     last = next((m["content"] for m in reversed(turn.messages) if m["role"] == "user"), None)
-    messages, updates, _ = await asyncio.to_thread(personalize, store, uid, turn.messages,
-                                                   lambda text: len(tok.encode(text, special=False)),
-                                                   budget=ctx.memory_tokens)
+    try:
+        messages, updates, _ = await asyncio.to_thread(personalize, store, uid, turn.messages,
+                                                       lambda text: len(tok.encode(text, special=False)),
+                                                       budget=ctx.memory_tokens)
+        keep_history = last is not None and store.history_days(uid) > 0
+    except UnknownUser as e:  # erased since the key was checked
+        raise APIError(404, str(e), param="user", code="user_not_found") from None
     turn.messages = messages
     turn.extra["memory_updates"] = updates
-    if last is not None and store.history_days(uid) > 0:
+    if keep_history:
         conversation = turn.http.headers.get("x-conversation-id") or "default"
 
         def keep(reply: str):  # called on the event loop: the writes go to a thread

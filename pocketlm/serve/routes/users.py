@@ -21,7 +21,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pocketlm.memory import MemoryStoreError, Store, UnknownMemory
+from pocketlm.memory import MemoryStoreError, Store, UnknownMemory, UnknownUser, UserExists
 from pocketlm.memory.api import export
 from pocketlm.memory.store import MAX_TEXT
 from pocketlm.serve.errors import APIError
@@ -85,10 +85,12 @@ def _do(fn, *args, **kw):
         return fn(*args, **kw)
     except UnknownMemory as e:
         raise APIError(404, str(e), param="id", code="memory_not_found") from None
+    except UnknownUser as e:  # erased meanwhile
+        raise APIError(404, str(e), param="user", code="user_not_found") from None
+    except UserExists as e:
+        raise APIError(409, str(e), param="user", code="user_exists") from None
     except MemoryStoreError as e:  # the message starts with the field's name
-        field = str(e).split(":", 1)[0]
-        status = 404 if field == "user" and "no user" in str(e) else 409 if "exists" in str(e) else 422
-        raise APIError(status, str(e), param=field, code="invalid_value") from None
+        raise APIError(422, str(e), param=str(e).split(":", 1)[0], code="invalid_value") from None
 
 
 @router.post("", status_code=201)
