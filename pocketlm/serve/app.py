@@ -2,13 +2,15 @@
 
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events, then `data: [DONE]`)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
+    /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
 
 Errors take OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 unreadable body, an
 unsupported field, a limit exceeded, or a prompt the context cannot hold; 401 bad API key; 404
 unknown model or route; 408 body too slow; 413 body too large; 421 unknown Host; 422 a field of the
-wrong type or out of range; 429 queue full. This module only assembles: schemas.py (bodies),
-errors.py, guard.py (middleware), pipeline.py (body -> checks -> ids -> engine -> reply),
-responses.py, routes/ (one router per area), server.py (uvicorn, timeouts).
+wrong type or out of range; 403 another user's data; 409 a user that exists; 429 queue full.
+This module only assembles: schemas.py (bodies), errors.py, guard.py (middleware), pipeline.py
+(body -> checks -> ids -> engine -> reply), responses.py, routes/ (one router per area),
+personal.py (users and memory), server.py (uvicorn, timeouts).
 """
 
 from __future__ import annotations
