@@ -53,7 +53,8 @@ def _serve(args):
     limits = Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS})
     serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
-          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()))
+          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
+          memory_tokens=args.memory_tokens)
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -121,6 +122,10 @@ def register(sub):
     sv.add_argument("--api-key", help="the key itself (visible to other local users in `ps`: prefer the two above)")
     sv.add_argument("--allow-host", action="append", metavar="NAME", help="on loopback only requests whose Host is "
                     "localhost/127.0.0.1/::1 are answered (DNS rebinding); add a name, e.g. behind a proxy (repeatable)")
+    sv.add_argument("--data-dir", help="serve the users of this folder (pocketlm user add): their keys, and each "
+                    "user's memory in its chats; --api-key stays the admin key")
+    sv.add_argument("--memory-tokens", type=int, default=300, help="the most prompt tokens a user's memory adds "
+                    "(default: 300)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     limits = Limits()

@@ -103,6 +103,10 @@ class Generation(_Body):
 class ChatCompletionRequest(Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
+    # OpenAI's end-user id; with --data-dir and the admin key, the user whose memory the chat uses
+    user: Text | None = None
+    # not OpenAI's: false is a temporary chat, memory neither read nor written (serve --data-dir)
+    memory: bool = True
 
 
 class CompletionRequest(Generation):
