@@ -1,0 +1,71 @@
+"""import / export / download / merge: real checkpoints in and out."""
+
+from __future__ import annotations
+
+from pocketlm.errors import PocketLMError
+
+
+def _import(args):
+    from pocketlm.model import load_model, save_checkpoint
+
+    model, tokenizer = load_model(args.source)
+    save_checkpoint(args.out, model, tokenizer, extra_config={"source": str(args.source)})
+    cfg = model.cfg
+    print(f"imported {args.source}: {cfg.arch}, {cfg.n_layer} layers, d={cfg.n_embd}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.out}")
+
+
+def _export(args):
+    from pocketlm.model import load_model
+    from pocketlm.model.hf import export_hf
+
+    model, tokenizer = load_model(args.model)
+    export_hf(model, tokenizer, args.out)
+    print(f"exported {args.model} ({args.format}) -> {args.out}")
+
+
+def _download(args):
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise PocketLMError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
+    # not *.gguf by default: GGUF repos hold one file per quantization, pick one with --include
+    patterns = args.include or ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+    path = snapshot_download(args.repo_id, local_dir=args.out, revision=args.revision, allow_patterns=patterns)
+    print(f"downloaded {args.repo_id} -> {path}\nuse it with: pocketlm generate --model {path} --chat --prompt ...")
+
+
+def _merge(args):
+    from pocketlm.model import save_checkpoint
+    from pocketlm.model.lora import load_model_with_adapter
+
+    model, tok = load_model_with_adapter(args.model, args.adapter)
+    save_checkpoint(args.out, model, tok)
+    print(f"merged {args.adapter} into {args.model} -> {args.out}")
+
+
+def register(sub):
+    im = sub.add_parser("import", help="convert a Hugging Face folder or .gguf file into a pocketlm checkpoint")
+    im.add_argument("source", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or .gguf file")
+    im.add_argument("--out", required=True, help="checkpoint directory to write")
+    im.set_defaults(func=_import)
+
+    ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM)")
+    ex.add_argument("model", help="run, checkpoint, Hugging Face folder or .gguf file")
+    ex.add_argument("--format", choices=("hf",), default="hf")
+    ex.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
+    ex.set_defaults(func=_export)
+
+    dl = sub.add_parser("download", help="fetch a model repo from the Hugging Face Hub (needs huggingface_hub)")
+    dl.add_argument("repo_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    dl.add_argument("--out", required=True, help="local folder")
+    dl.add_argument("--revision", help="branch, tag or commit")
+    dl.add_argument("--include", nargs="+", help="file patterns to fetch (default: *.json *.safetensors *.jinja *.txt; "
+                    "for a GGUF repo name the file, e.g. '*Q4_1.gguf')")
+    dl.set_defaults(func=_download)
+
+    me = sub.add_parser("merge", help="fold a LoRA adapter into the model's weights")
+    me.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    me.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    me.add_argument("--out", required=True, help="checkpoint directory for the merged model")
+    me.set_defaults(func=_merge)
