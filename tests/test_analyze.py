@@ -104,13 +104,14 @@ def test_labels_from_a_column_and_tsv_parquet_inputs(model_dir, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     with open(tmp_path / "t.tsv", "w", encoding="utf-8") as f:
         f.write("\t".join(rows[0]) + "\n" + "".join("\t".join(r.values()) + "\n" for r in rows))
+    (tmp_path / "labels.txt").write_text("cancel order\nrefund\n\ntrack\n")
     outs = []
-    for name in ("t.csv", "t.parquet", "t.tsv"):
+    for name, labels in (("t.csv", {"labels_from": "intent"}), ("t.parquet", {"labels": "@" + str(tmp_path / "labels.txt")}),
+                         ("t.tsv", {"labels": ["cancel order", "refund", "track"]})):
         out = tmp_path / f"{name}.out.csv"
-        analyze(tmp_path / name, model=model_dir, text="message", labels_from="intent", out=out, batch_size=8,
-                progress=False)
+        analyze(tmp_path / name, model=model_dir, text="message", out=out, batch_size=8, progress=False, **labels)
         outs.append(out.read_text())
-    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] == outs[1] == outs[2]  # labels_from sorts the column's values: the same list
     assert {r["label"] for r in read_csv(tmp_path / "t.csv.out.csv")} <= set(LABELS)
 
 
@@ -187,6 +188,16 @@ def test_report_numbers_come_from_the_rows(model_dir, tmp_path):
     page = report.read_text()
     assert page.count("data:image/png;base64,") >= 3
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+
+
+def test_a_row_too_long_for_the_context_is_reported_not_fatal(model_dir, tmp_path):
+    src = tmp_path / "t.jsonl"
+    src.write_text(json.dumps({"message": "short"}) + "\n" + json.dumps({"message": "word " * 600}) + "\n")
+    res = analyze(src, model=model_dir, text="message", labels=LABELS, out=tmp_path / "o.jsonl", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[0]["status"] == "ok" and rows[0]["label"] in LABELS
+    assert rows[1]["status"].startswith("error: the prompt has") and rows[1]["label"] is None
+    assert res["status"] == {"ok": 1, rows[1]["status"]: 1}
 
 
 def test_dry_run(model_dir, tmp_path):

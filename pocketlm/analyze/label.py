@@ -21,6 +21,7 @@ from pocketlm.analyze.journal import Journal
 from pocketlm.analyze.runner import ProcessorEngine
 from pocketlm.analyze.table import Table, TableError, cell, read_table, write_table
 from pocketlm.errors import InputError
+from pocketlm.infer.engine import ContextLengthError
 from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_schema, load_schema
 from pocketlm.infer.sampling import SamplingParams
 
@@ -216,19 +217,27 @@ def _engine(model, adapter, dtype, batch_size, threads) -> ProcessorEngine:
 
 
 def _run_batch(engine, table, idx, encode, constraint, params, fields, is_labels) -> list[dict]:
+    """Submit every row of the batch at once (they decode together), step until all are done."""
     reqs = []
     for i in idx:
         proc = constraint()
         p = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-        reqs.append((i, proc, engine.submit(encode(table.rows[i]), p, processors=[proc])))
-    while not all(r.finished for _, _, r in reqs):
+        try:
+            reqs.append((i, proc, engine.submit(encode(table.rows[i]), p, processors=[proc])))
+        except ContextLengthError as e:  # this row's text is too long: the row says so, the run goes on
+            reqs.append((i, proc, str(e)))
+    while not all(isinstance(r, str) or r.finished for _, _, r in reqs):
         engine.step()
     return [_record(i, proc, req, fields, is_labels) for i, proc, req in reqs]
 
 
 def _record(i, proc, req, fields, is_labels) -> dict:
-    status = "ok" if req.finish_reason == "stop" and proc.is_done() else \
-        (f"error: {req.error}" if req.error else req.finish_reason or "error")
+    if isinstance(req, str):
+        status = f"error: {req}"
+    elif req.finish_reason == "stop" and proc.is_done():
+        status = "ok"
+    else:  # "length": the reply budget ran out first (a string the model never closed, say)
+        status = f"error: {req.error}" if req.error else req.finish_reason or "error"
     if is_labels:
         ok = status == "ok"
         return {"row": i, "fields": {"label": proc.label if ok else None},
