@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
@@ -47,6 +48,8 @@ class Tokenizer:
         self.hf = hf
         self.config = dict(config or {})
         self._template = None
+        self._text_hf: HFTokenizer | None = None
+        self._markers: tuple[str, ...] | None = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -126,9 +129,29 @@ class Tokenizer:
             ids.add(self.token_id(tok))
         return sorted(i for i in ids if i is not None)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, *, special: bool = True) -> list[int]:
+        """special=True: a marker such as `<|im_end|>` written in `text` becomes that special token,
+        which is right only for trusted text (a rendered template, a training document).
+        special=False: the text is all text, markers included (what users and clients send)."""
+        ids = (self.hf if special else self.text_hf).encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    @property
+    def text_hf(self) -> HFTokenizer:
+        """A copy of the HF tokenizer that encodes special-token markers as plain text (a copy, not a
+        toggle of `hf.encode_special_tokens`, so threads tokenizing at once cannot race on it)."""
+        if self._text_hf is None:
+            copy = HFTokenizer.from_str(self.hf.to_str())
+            copy.encode_special_tokens = True
+            self._text_hf = copy
+        return self._text_hf
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The added tokens' strings (special markers): what message contents must not turn into."""
+        if self._markers is None:
+            self._markers = tuple(t.content for t in self.hf.get_added_tokens_decoder().values())
+        return self._markers
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
@@ -169,6 +192,55 @@ class Tokenizer:
                 raise TokenizerError(f"messages[{i}]: expected {{'role': str, 'content': str}}, got {m!r}")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the chat template: the template's markers are special
+        tokens, the messages' contents are text (a `<|im_start|>` a user typed stays characters, so
+        one message cannot forge another turn)."""
+        return self.encode_chat_with_offsets(messages, add_generation_prompt)[1]
+
+    def encode_chat_with_offsets(self, messages: list[dict], add_generation_prompt: bool = True
+                                 ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """The rendered conversation, its token ids, and each token's character span in the text."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if not any(marker in m["content"] for m in messages for marker in self.markers):
+            enc = self.hf.encode(text, add_special_tokens=False)  # nothing to keep apart: one pass
+            return text, enc.ids, enc.offsets
+        ids, offsets, at = [], [], 0
+        for start, end in [*self._content_spans(messages, add_generation_prompt, text), (len(text), len(text))]:
+            for a, b, hf in ((at, start, self.hf), (start, end, self.text_hf)):  # template, then content
+                if b > a:
+                    enc = hf.encode(text[a:b], add_special_tokens=False)
+                    ids += enc.ids
+                    offsets += [(a + s, a + e) for s, e in enc.offsets]
+            at = end
+        return text, ids, offsets
+
+    def _content_spans(self, messages: list[dict], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
+        """Where the contents sit in `text`: render again with each content between two sentinels
+        no content holds, and read their positions. A template that trims contents is handled by
+        trimming first; one that rewrites them otherwise cannot be kept apart and is refused."""
+        nonce = secrets.token_hex(8)
+        open_, close = f"\x02{nonce}<", f">{nonce}\x03"
+        for prepare in (lambda c: c, str.strip):
+            marked = [{**m, "content": f"{open_}{prepare(m['content'])}{close}" if m["content"] else ""}
+                      for m in messages]
+            rendered = self.apply_chat_template(marked, add_generation_prompt)
+            spans, plain, at = [], [], 0
+            while (i := rendered.find(open_, at)) >= 0:
+                j = rendered.find(close, i)
+                if j < 0:
+                    break
+                plain.append(rendered[at:i])
+                start = sum(map(len, plain))
+                plain.append(rendered[i + len(open_):j])
+                spans.append((start, start + j - i - len(open_)))
+                at = j + len(close)
+            plain.append(rendered[at:])
+            if "".join(plain) == text and nonce not in text:
+                return spans
+        raise TokenizerError("the chat template changes message contents as it renders them, so they cannot be "
+                             "kept apart from its own markers; refusing messages that contain special tokens")
 
 
 def _raise_template_error(message):

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from reference import generate
+
 from pocketlm.cli import main
 from pocketlm.eval.metrics import classification_report, exact_match, normalize_answer, qa_report, token_f1
 from pocketlm.eval.tasks import greedy_generate
@@ -87,10 +89,11 @@ def test_classification_likelihood_matches_scoring_each_label_by_hand(tiny, tmp_
 def test_batched_greedy_generation_matches_the_reference_loop(tiny):
     model, tok = load_model(tiny)
     prompts = [tok.encode("To be or"), tok.encode("What light through yonder window"), tok.encode("O")]
-    got = greedy_generate(model, prompts, 6, stop_ids=[], batch_size=3)
+    got = greedy_generate(model, tok, prompts, 6, batch_size=2)  # three prompts, two rows: one waits its turn
     for p, g in zip(prompts, got):
-        want = model.generate(torch.tensor([p]), 6, temperature=0)[0, len(p):].tolist()
-        assert g == want
+        want = generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
+        ends = [i for i, t in enumerate(want) if t in tok.stop_ids]
+        assert g == want[:ends[0] if ends else None]
 
 
 def test_qa_counts_the_no_answer_phrase_as_no_answer(tiny, tmp_path, capsys, monkeypatch):
@@ -100,7 +103,7 @@ def test_qa_counts_the_no_answer_phrase_as_no_answer(tiny, tmp_path, capsys, mon
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, tok = load_model(tiny)
     import pocketlm.eval.tasks as tasks
-    monkeypatch.setattr(tasks, "greedy_generate", lambda model, prompts, *a, **k: [tok.encode("No idea.")] * len(prompts))
+    monkeypatch.setattr(tasks, "greedy_generate", lambda model, tok_, prompts, *a, **k: [tok.encode("No idea.")] * len(prompts))
     r = run_eval(capsys, "--model", tiny, "--task", "qa", "--data", tmp_path / "q.jsonl", "--no-answer", "no idea")
     assert r["no_ans"] == {"n": 2, "exact": 100.0, "f1": 100.0}
     assert r["has_ans"]["n"] == 1 and r["has_ans"]["exact"] == 0.0

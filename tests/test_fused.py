@@ -1,15 +1,18 @@
-"""The engine's model (pocketlm/infer/fused.py): fused projections give the GPT's own logits in fp32,
-bf16 and int8 stay close to them with fp32 logits, and int8 is exactly its dequantized weights."""
+"""The engine's model (pocketlm/infer/fused.py): the GPT class itself with fused projections and
+per-precision kernels swapped in, giving the GPT's own logits in fp32; bf16 and int8 stay close to them
+with fp32 logits, and int8 is exactly its dequantized weights."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_lm import tiny_lm
 
-import pocketlm.infer.fused as fused_module
+import pocketlm.infer.linears as linears_module
+from pocketlm.infer.batch import KVStore
+from pocketlm.infer.fused import PRECISIONS, REFINED, Head, inference_copy, weight_bytes_per_token
 from pocketlm.infer.gemv import available as gemv_available
-from pocketlm.infer.fused import PRECISIONS, REFINED, FusedGPT, Head, Int4Linear, Int8Linear
-from pocketlm.model.gpt import KVCache
+from pocketlm.infer.linears import GemvLinear, Int4Linear, Int8Linear
+from pocketlm.model.gpt import GPT
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,10 +25,11 @@ def one_thread():
 
 def run(model, ids, steps, dtype):
     """Logits of a prefill of two rows then `steps` batched decode steps, each step fed the argmax."""
-    cache = KVCache(model.cfg, ids.size(0), 64, dtype=dtype)
-    out = [model(ids, cache=cache)[:, -1]]
+    store = KVStore(model.cfg, ids.size(0), 64, dtype=dtype)
+    out = [model(ids, batch=store.step(0, ids.size(0), ids))[:, -1]]
     for _ in range(steps):
-        out.append(model(out[-1].argmax(-1, keepdim=True), cache=cache)[:, -1])
+        nxt = out[-1].argmax(-1, keepdim=True)
+        out.append(model(nxt, batch=store.step(0, ids.size(0), nxt))[:, -1])
     return torch.stack(out, 1)
 
 
@@ -37,7 +41,7 @@ def test_fp32_is_the_model_itself(arch):
     model, _ = tiny_lm(arch)
     with torch.inference_mode():
         want = run(model, IDS, 4, torch.float32)
-        got = run(FusedGPT(model, "fp32"), IDS, 4, torch.float32)
+        got = run(inference_copy(model, "fp32"), IDS, 4, torch.float32)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
@@ -47,22 +51,23 @@ def test_lower_precisions_stay_close_with_fp32_logits(arch, precision, monkeypat
     model, _ = tiny_lm(arch)
     fallback = precision == "bf16-onednn"
     if fallback:  # a CPU without AVX512-BF16, or no compiler: oneDNN's prepacked weights
-        monkeypatch.setattr(fused_module, "gemv_available", lambda: False)
+        monkeypatch.setattr(linears_module, "gemv_available", lambda: False)
         precision = "bf16"
     with torch.inference_mode():
         want = run(model, IDS, 4, torch.float32)
-        fused = FusedGPT(model, precision)
+        fused = inference_copy(model, precision)
         got = run(fused, IDS, 4, torch.bfloat16)
     assert got.dtype == torch.float32
     spread = want.std().item()
     tolerance = {"bf16": 0.05, "int8": 0.05, "int4": 0.25}[precision]  # 4 bits: 16 levels per group of 32
     assert (got - want).abs().max() < tolerance * spread, ((got - want).abs().max(), spread)
-    assert fused.weight_bytes_per_token() < FusedGPT(model, "fp32").weight_bytes_per_token()
+    assert weight_bytes_per_token(fused) < weight_bytes_per_token(inference_copy(model, "fp32"))
     if precision == "bf16":
         kinds = {type(m).__name__ for m in fused.modules()} & {"GemvLinear", "PackedLinear"}
-        packed = {"PackedLinear"} if fused_module.onednn_bf16() else set()  # AVX2-only CPUs: plain bf16 matmuls
+        packed = {"PackedLinear"} if linears_module.onednn_bf16() else set()  # AVX2-only CPUs: plain bf16 matmuls
         assert kinds == (packed if fallback or not gemv_available() else {"GemvLinear"})
     assert next(model.parameters()).dtype == torch.float32  # the model it was built from is untouched
+    assert type(fused) is GPT and type(fused).forward is GPT.forward  # one forward: a GPT with modules swapped
 
 
 def test_int8_linear_is_its_dequantized_weights():
@@ -113,7 +118,7 @@ def test_head_gives_fp32_logits_for_its_best_candidates(precision):
 def test_unknown_precision_is_an_error():
     model, _ = tiny_lm()
     with pytest.raises(ValueError, match="precision"):
-        FusedGPT(model, "fp8")
+        inference_copy(model, "fp8")
     assert PRECISIONS == ("fp32", "bf16", "int8", "int4")
 
 
@@ -124,7 +129,6 @@ def test_decode_kernel_equals_a_matmul_of_the_same_numbers(rows, n_out, n_in, bi
     """The decode kernels (or aten past 16 rows): fp32 sums of the products, one rounding to the output
     dtype. One row runs the AVX512 loop (weight rows in groups of 4 plus a tail), 2..16 bf16 and int8 rows
     the AMX tiles where the CPU has them (blocks of 4, 2 and 1 x 16 weight rows, the rest on AVX512)."""
-    from pocketlm.infer.fused import GemvLinear
     if not gemv_available():
         pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler)")
     torch.manual_seed(0)

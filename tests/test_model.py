@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from reference import generate
+
+from pocketlm.infer.batch import KVStore
+from pocketlm.model.gpt import GPT, ModelConfig, gelu_tanh
 from pocketlm.model.kernels import CausalAttention
-from pocketlm.model.gpt import GPT, KVCache, ModelConfig, gelu_tanh
 
 
 @pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", 2), ("llama", 1)])
@@ -12,8 +15,8 @@ def test_kv_cache_generation_equals_cacheless(arch, kv):
                       qkv_bias=arch == "llama")
     model = GPT(cfg).eval()
     prompt = torch.randint(0, 97, (1, 7))
-    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
-    without = model.generate(prompt, 30, temperature=0, use_cache=False)
+    with_cache = generate(model, prompt, 30, use_cache=True)
+    without = generate(model, prompt, 30, use_cache=False)
     assert torch.equal(with_cache, without)
 
 
@@ -22,16 +25,15 @@ def test_rows_of_a_batched_cache_advance_independently():
     cfg = ModelConfig(arch="llama", vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=64)
     model = GPT(cfg).eval()
     a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 4))
-    cache = KVCache(cfg, 2, 32)
-    # row 0 prefills 5 tokens while row 1 prefills 4; then row 0 adds 4 more while row 1 adds nothing useful
-    cache.lengths[:] = 0
-    padded = torch.cat([a[:, :5], torch.cat([b, torch.zeros(1, 1, dtype=torch.long)], 1)])
-    model(padded, cache=cache)
-    cache.lengths[1] = 4  # row 1's fifth token was padding
-    step = torch.cat([a[:, 5:6], torch.zeros(1, 1, dtype=torch.long)])
-    logits = model(step, cache=cache)
-    ref = model(a[:, :6])[:, -1]
-    assert torch.allclose(logits[0, -1], ref[0], atol=1e-5)
+    store = KVStore(cfg, 2, 32)
+    # row 0 prefills 5 tokens, row 1 prefills 4; then one step decodes a token in each, from different positions
+    model(a[:, :5], batch=store.step(0, 1, a[:, :5]))
+    model(b, batch=store.step(1, 2, b))
+    step = torch.cat([a[:, 5:6], a[:, 0:1]])
+    logits = model(step, batch=store.step(0, 2, step))
+    assert torch.allclose(logits[0, -1], model(a[:, :6])[0, -1], atol=1e-5)
+    assert torch.allclose(logits[1, -1], model(torch.cat([b, a[:, 0:1]], 1))[0, -1], atol=1e-5)
+    assert store.lengths == [6, 5]
 
 
 def test_param_count_and_flops():

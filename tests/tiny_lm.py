@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from reference import generate
+
 from pocketlm.model.gpt import GPT, ModelConfig
 from pocketlm.tokenizer import Tokenizer
 
@@ -84,7 +86,7 @@ def tiny_adapter(model: GPT, out: Path, scale: float = 0.3) -> tuple[Path, GPT]:
 
 def reference_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
     """n greedy tokens by recomputing the whole sequence each step (no KV cache)."""
-    out = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=False)
+    out = generate(model, torch.tensor([ids]), n, use_cache=False)
     return out[0, len(ids):].tolist()
 
 

@@ -2,23 +2,72 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+from pocketlm.errors import PocketLMError
+from pocketlm.serve.context import Limits
+
+
+def _sampling(args) -> dict:
+    return dict(adapter=args.adapter, dtype=args.dtype, compile=args.compile, threads=args.threads,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
 
 def _generate(args):
-    from pocketlm.infer.generate import generate_cli
+    from pocketlm.infer.generate import generate
 
-    generate_cli(args)
+    if args.system and not args.chat:
+        raise PocketLMError("--system needs --chat (it is a chat message)")
+    generate(args.model, args.prompt, chat=args.chat, system=args.system, **_sampling(args))
 
 
 def _chat(args):
-    from pocketlm.infer.generate import chat_cli
+    from pocketlm.infer.generate import chat
 
-    chat_cli(args)
+    chat(args.model, system=args.system, **_sampling(args))
+
+
+def _api_key(args) -> str | None:
+    """--api-key-file, else $POCKETLM_API_KEY, else --api-key (which `ps` shows to every local user)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise PocketLMError(f"{args.api_key_file}: the API key file is not UTF-8 text") from None
+        if not key:
+            raise PocketLMError(f"{args.api_key_file}: the API key file is empty")
+        return key
+    if args.api_key:
+        print("note: a key given with --api-key shows in `ps`; prefer --api-key-file or $POCKETLM_API_KEY",
+              file=sys.stderr)
+    return os.environ.get("POCKETLM_API_KEY") or args.api_key or None
 
 
 def _serve(args):
-    from pocketlm.serve.app import serve
+    from pocketlm.serve.server import serve
 
-    serve(args)
+    limits = Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS})
+    serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
+          model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
+          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()))
+
+
+# serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
+LIMIT_FLAGS = {
+    "max_queue": (int, "waiting requests beyond this get 429"),
+    "max_body_bytes": (int, "largest request body (413 beyond)"),
+    "max_messages": (int, "messages in one chat request (400 beyond)"),
+    "max_stop": (int, "stop strings per request (400 beyond)"),
+    "max_stop_chars": (int, "characters in one stop string (400 beyond)"),
+    "max_prompt_tokens": (int, "prompt tokens (400 beyond; default: the context less one)"),
+    "header_timeout": (float, "seconds a client has to send its request headers (then the connection is closed)"),
+    "body_timeout": (float, "seconds a client has to send its request body (408 beyond)"),
+    "keep_alive_timeout": (float, "seconds an idle kept-alive connection stays open"),
+    "max_connections": (int, "open connections and requests at once (503 beyond)"),
+}
 
 
 def _add_engine_args(sp, dtype: str):
@@ -66,8 +115,16 @@ def register(sub):
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the file or folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $POCKETLM_API_KEY, else none)")
+    sv.add_argument("--api-key-file", help="require `Authorization: Bearer KEY` on /v1, KEY read from this file "
+                    "(or set $POCKETLM_API_KEY; default: no key)")
+    sv.add_argument("--api-key", help="the key itself (visible to other local users in `ps`: prefer the two above)")
+    sv.add_argument("--allow-host", action="append", metavar="NAME", help="on loopback only requests whose Host is "
+                    "localhost/127.0.0.1/::1 are answered (DNS rebinding); add a name, e.g. behind a proxy (repeatable)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
-    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    limits = Limits()
+    for field, (kind, help) in LIMIT_FLAGS.items():
+        default = getattr(limits, field)
+        sv.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default,
+                        help=f"{help} (default: {default})" if default is not None else help)
     sv.set_defaults(func=_serve)

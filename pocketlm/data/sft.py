@@ -306,11 +306,13 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 
 
 def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of the conversation and, per token, whether the assistant wrote it."""
+    """Token ids of the conversation and, per token, whether the assistant wrote it. Contents are
+    text, markers and all, as the server reads them: a row cannot teach the model forged turns."""
     text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer.hf.encode(text, add_special_tokens=False)
-    scored = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
-    return enc.ids, scored
+    rendered, ids, offsets = tokenizer.encode_chat_with_offsets(messages, add_generation_prompt=False)
+    assert rendered == text  # the same template, rendered the same way
+    scored = [any(s <= start < e for s, e in spans) for start, _ in offsets]
+    return ids, scored
 
 
 def encode_examples(tokenizer, examples: list[Example], max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from pocketlm.data.sft import TaskSpec, encode_example, load_examples, pad_batch
 from pocketlm.eval.metrics import classification_report, normalize_answer, qa_report
-from pocketlm.model.gpt import KVCache
 from pocketlm.errors import InputError
 
 TASKS = ("lm", "classification", "qa")
@@ -47,40 +46,30 @@ def sequence_logprobs(model, rows, pad_id: int) -> list[float]:
     return torch.zeros(len(rows), device=logp.device).index_add_(0, row, logp).tolist()
 
 
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, batch_size: int = 8,
-                    progress=None) -> list[list[int]]:
-    """Greedy replies to token prompts of different lengths. Each prompt is prefilled alone, then the
-    batch decodes together with one KV cache whose rows sit at different positions."""
-    cfg, device = model.cfg, _device(model)
-    dtype = model.embed_tokens.weight.dtype
-    if torch.is_autocast_enabled(device.type):  # keep the cache in the dtype the keys are computed in
-        dtype = torch.get_autocast_dtype(device.type)
-    stop, out = set(stop_ids), []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        cache = KVCache(cfg, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype=dtype, device=device)
-        first = []
-        for b, p in enumerate(chunk):
-            one = KVCache(cfg, 1, len(p), dtype=dtype, device=device)
-            first.append(model(torch.tensor([p], device=device), cache=one)[0, -1].argmax())
-            cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)] = one.k[:, 0], one.v[:, 0]
-            cache.lengths[b] = len(p)
-        nxt = torch.stack(first)
-        replies = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        for step in range(max_new_tokens):
-            for b, t in enumerate(nxt.tolist()):
-                if not done[b]:
-                    replies[b].append(t)
-                    done[b] = t in stop
-            if all(done) or step == max_new_tokens - 1:
-                break
-            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
-        out += [r[:-1] if r and r[-1] in stop else r for r in replies]
-        if progress is not None:
-            progress.update(len(chunk))
-    return out
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                    progress=None, dtype: str = "fp32") -> list[list[int]]:
+    """Greedy replies (token ids, the end-of-turn token left off) to token prompts of different
+    lengths, through the serving engine: the one decode loop, continuous batching over batch_size
+    rows, the same numbers `pocketlm serve --dtype` gives. dtype: the engine's precision."""
+    from pocketlm.infer.engine import Engine
+    from pocketlm.infer.sampling import SamplingParams
+
+    if not prompts:
+        return []
+    longest = max(map(len, prompts)) + max_new_tokens
+    precision = dtype if dtype in ("fp32", "bf16") else "fp32"
+    engine = Engine(model, tokenizer, max_batch=min(batch_size, len(prompts)), precision=precision,
+                    max_seq_len=min(longest + 1, model.cfg.block_size))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    done = (lambda e: e.finish_reason and progress.update(1)) if progress is not None else None
+    reqs = [engine.submit(p, params, done) for p in prompts]
+    while engine.step():
+        pass
+    stops = set(tokenizer.stop_ids)
+    for r in reqs:
+        if r.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"generation failed: {r.error or r.finish_reason}")
+    return [r.output_ids[:-1] if r.output_ids and r.output_ids[-1] in stops else r.output_ids for r in reqs]
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
@@ -163,7 +152,7 @@ def eval_classification(model, tokenizer, spec: TaskSpec, examples, batch_size: 
             longest = max(max(len(tokenizer.encode(n)) for n in names), 10)
             prompts = [prompt_ids(tokenizer, ex.messages) for ex in examples]
             with tqdm(total=len(prompts), desc="eval classification (generation)", unit="ex") as bar:
-                replies = greedy_generate(model, prompts, longest + 2, tokenizer.stop_ids, batch_size, bar)
+                replies = greedy_generate(model, tokenizer, prompts, longest + 2, batch_size, bar, dtype)
             preds = [_match_label(tokenizer.decode(r, skip_special_tokens=True), names) for r in replies]
             result["generation"] = classification_report(gold, preds, names)
     return result
@@ -173,7 +162,7 @@ def eval_qa(model, tokenizer, spec: TaskSpec, examples, batch_size: int = 8, dty
             max_new_tokens: int = 32, keep_predictions: int = 20) -> dict:
     prompts = [prompt_ids(tokenizer, ex.messages) for ex in examples]
     with autocast(dtype), tqdm(total=len(prompts), desc="eval qa", unit="ex") as bar:
-        replies = greedy_generate(model, prompts, max_new_tokens, tokenizer.stop_ids, batch_size, bar)
+        replies = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, bar, dtype)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
     no_answer = normalize_answer(spec.no_answer)
     preds = ["" if normalize_answer(t) == no_answer else t for t in texts]

@@ -1,10 +1,14 @@
 """The inference engine: prefill, then decode one token at a time for every running request.
 
-A request is prefilled into its own row (slot) of one preallocated KV cache; each decode step then
-runs the model once on the last token of every running request. New requests join between decode
-steps and finished ones leave (continuous batching); the cache's size (slots x positions) is the
-memory budget, and a request that finds no free slot waits in the queue. Text is streamed as it is
-decoded, never splitting a multi-byte character and never showing the start of a stop string.
+A request is prefilled into its own slot of one preallocated KV store (pocketlm/infer/batch.py);
+each decode step then runs the model once on the last token of every running request. New requests
+join between decode steps and finished ones leave (continuous batching); the store's size (slots x
+positions) is the memory budget, and a request that finds no free slot waits in the queue.
+
+Each request brings its own logits processors (processors.py: the repetition penalty, a grammar, a
+ban list) and output filters (textstream.py: redaction, moderation), an optional per-row adapter
+(adapters.py) and optionally embeddings in place of prompt tokens. Text is streamed as it is decoded,
+never splitting a multi-byte character and never showing the start of a stop string.
 
     engine = Engine(model, tokenizer)
     for event in engine.stream(tokenizer.encode("Once upon a time"), SamplingParams(max_tokens=50)):
@@ -14,83 +18,30 @@ decoded, never splitting a multi-byte character and never showing the start of a
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from pocketlm.infer.fused import ACTIVATIONS, FusedGPT
-from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
-from pocketlm.model.gpt import GPT, KVCache
-from pocketlm.tokenizer import Tokenizer
 from pocketlm.errors import InputError, PocketLMError
+from pocketlm.infer import adapters as row_adapters
+from pocketlm.infer.batch import KVStore
+from pocketlm.infer.fused import ACTIVATIONS, inference_copy
+from pocketlm.infer.processors import Processor, RepetitionPenalty
+from pocketlm.infer.runner import Event, Runner
+from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
+from pocketlm.infer.textstream import OutputFilter, StreamDecoder, TextStream
+from pocketlm.model.gpt import GPT
+from pocketlm.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the (chunk x vocab) logits a long prompt allocates
+__all__ = ["ContextLengthError", "Engine", "Event", "Request", "StreamDecoder"]
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations a long prompt allocates
 
 
 class ContextLengthError(PocketLMError):
     pass
-
-
-class StreamDecoder:
-    """Incremental detokenization: turns a growing list of token ids into text deltas.
-
-    Byte-level BPE can split one character over several tokens; a piece that decodes to a trailing
-    U+FFFD is held back until the rest of the character arrives. Decoding from a few tokens before the
-    new ones (prefix) keeps the spacing right for tokenizers that drop a leading space at the start."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # ids[prefix:read] were decoded already, and give the context for the next piece
-        self.read = 0
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        seen = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if len(text) > len(seen) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(seen):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character stays as U+FFFD)."""
-        seen = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(seen):]
-
-
-@dataclass
-class Event:
-    """What a request's listener receives: new text, and finish_reason on the last event."""
-    request: "Request"
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-
-
-class CacheRows:
-    """Rows start:stop of the engine's KVCache, as views the model fills in place. The engine keeps
-    every row's length in Python too, so the cache's shape questions (end, mask, update: the same
-    code as KVCache's) are answered without reading a tensor back: the decode step compiles whole."""
-    end, mask, update = KVCache.end, KVCache.mask, KVCache.update
-
-    def __init__(self, cache: KVCache, start: int, stop: int, lengths: list[int]):
-        self.k, self.v = cache.k[:, start:stop], cache.v[:, start:stop]
-        self.lengths = cache.lengths[start:stop]
-        self.max_len = cache.max_len
-        self.known = lengths
-
-    def host_lengths(self) -> list[int]:
-        return self.known
 
 
 _ids = itertools.count()
@@ -98,9 +49,12 @@ _ids = itertools.count()
 
 @dataclass
 class Request:
-    prompt_ids: list[int]
+    prompt_ids: list[int]           # ids < 0: positions whose embedding comes from input_embeds
     params: SamplingParams
     on_event: Callable[[Event], None] | None = None  # called from the engine's thread
+    processors: list[Processor] = field(default_factory=list)
+    adapter: str | None = None
+    input_embeds: torch.Tensor | None = None  # (number of ids < 0, n_embd)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""                  # the reply so far (a stop string and what follows it cut off)
@@ -111,17 +65,16 @@ class Request:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first_token: float | None = None
     t_done: float | None = None
-    _sent: int = 0                  # characters of `text` already handed to the listener
-    _decoder: StreamDecoder | None = None
+    _stream: TextStream | None = None
     _generator: torch.Generator | None = None
-    _seen: torch.Tensor | None = None  # (V,) bool, for the repetition penalty
+    _pending: list[int] = field(default_factory=list)  # accepted tokens not yet in the KV store
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-class Engine:
+class Engine(Runner):
     """Runs requests against one model. Either call step() yourself (stream() does when no
     background thread runs) or start() a thread that steps whenever there is work (the server)."""
 
@@ -129,22 +82,18 @@ class Engine:
                  precision: str = "fp32", compile: bool = False):
         if max_batch < 1:
             raise InputError(f"max_batch: expected at least 1, got {max_batch}")
+        super().__init__()
         # the engine runs its own copy of the weights, fused and laid out for `precision` (see fused.py)
-        self.model = FusedGPT(model, precision, compiled=compile)
-        self.precision = precision
-        self.tokenizer = tokenizer
+        self.model = inference_copy(model, precision, compiled=compile)
+        self.precision, self.tokenizer, self.compiled = precision, tokenizer, compile
         cfg = model.cfg
         self.max_seq_len = min(max_seq_len or 2048, cfg.block_size)
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
-        self.cache = KVCache(cfg, max_batch, self.max_seq_len, dtype=ACTIVATIONS[precision], device=self.device)
+        self.cache = KVStore(cfg, max_batch, self.max_seq_len, dtype=ACTIVATIONS[precision], device=self.device)
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
-        self.lengths = [0] * max_batch  # positions each cache row holds (the cache's lengths, host side)
-        self.waiting: deque[Request] = deque()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self.adapters: dict[str, list] = {}
         # Compiling fuses the small ops between the matmuls (weights frozen in as constants), and the C++
         # wrapper calls the kernels without Python in between (~1 ms a token less than the Python one).
         # Measured on 2 cores with SmolLM2-135M at batch 1: ~1.3x at fp32, ~1.9x at bf16, for about two
@@ -157,7 +106,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.cache.k.numel() * self.cache.k.element_size() * 2
+        return self.cache.nbytes
 
     def warmup(self) -> None:
         """Run a few throwaway requests so a compiled decode step is compiled now, for one row and for
@@ -169,79 +118,78 @@ class Engine:
             while self.step():
                 pass
 
+    # ---- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter) -> None:
+        """Register a LoRA adapter (a PEFT folder, or (module, A, B, scaling) updates) that requests
+        name with adapter_id=name; rows of one batch may each run a different one."""
+        if self.compiled:  # a compiled step has the copy's modules frozen in: it would not see the wrappers
+            raise InputError("per-row adapters need an engine built with compile=False")
+        self.adapters[name] = row_adapters.read_adapter(self.model.cfg, adapter)
+        row_adapters.install(self.model, list(self.adapters.values()))
+
+    def remove_adapter(self, name: str) -> None:
+        if any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting]):
+            raise InputError(f"adapter {name!r} is in use by a running or waiting request")
+        del self.adapters[name]
+        row_adapters.install(self.model, list(self.adapters.values()))
+
     # ---- submitting ----------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a request; it starts at the next step that finds a free slot."""
+    def submit(self, prompt_ids: list[int] | None, params: SamplingParams, on_event: Callable[[Event], None] | None = None,
+               *, processors=(), output_filters=(), adapter_id: str | None = None, input_embeds=None) -> Request:
+        """Queue a request; it starts at the next step that finds a free slot. input_embeds (N, n_embd):
+        embeddings for the prompt's N positions whose id is -1 (all of it when prompt_ids is None)."""
+        cfg = self.model.cfg
+        if prompt_ids is None and input_embeds is not None:
+            prompt_ids = [-1] * len(input_embeds)
+        prompt_ids = list(prompt_ids or [])
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.max_seq_len:
             raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens; this engine's context is "
                                      f"{self.max_seq_len} tokens and must leave room for at least one new token")
-        vocab = self.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InputError(f"prompt token ids must be in [0, {vocab})")
-        req = Request(list(prompt_ids), params, on_event)
-        with self._cv:
-            self.waiting.append(req)
-            self._cv.notify()
+        holes = sum(t < 0 for t in prompt_ids)
+        if any(t >= cfg.vocab_size or (t < 0 and input_embeds is None) for t in prompt_ids):
+            raise InputError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+        if input_embeds is not None:
+            input_embeds = torch.as_tensor(input_embeds, dtype=torch.float32, device=self.device)
+            if input_embeds.shape != (holes, cfg.n_embd):
+                raise InputError(f"input_embeds: expected shape ({holes}, {cfg.n_embd}) (one row per prompt id "
+                                 f"of -1), got {tuple(input_embeds.shape)}")
+        if adapter_id is not None and adapter_id not in self.adapters:
+            raise InputError(f"adapter_id {adapter_id!r}: no such adapter (added: {sorted(self.adapters)})")
+        procs = list(processors)
+        if params.repetition_penalty != 1.0:
+            procs.insert(0, RepetitionPenalty(params.repetition_penalty, prompt_ids, cfg.vocab_size))
+        req = Request(prompt_ids, params, on_event, procs, adapter_id, input_embeds)
+        req._stream = TextStream(self.tokenizer, params.stop, output_filters)
+        self._enqueue(req)
         return req
-
-    def cancel(self, req: Request) -> None:
-        """Stop a request (a client went away); its slot is freed at the next step."""
-        req.cancelled = True
-        with self._cv:
-            self._cv.notify()
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Event]:
-        """Submit and yield events until the request finishes; closing the iterator cancels it."""
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        req = self.submit(prompt_ids, params, events.put)
-        try:
-            while True:
-                if self._thread is None:
-                    while events.empty():
-                        if not self.step() and events.empty():
-                            raise RuntimeError("engine idle but the request never finished")
-                event = events.get()
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            if not req.finished:
-                self.cancel(req)
-                if self._thread is None:
-                    self.step()
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Run one request to the end and return it (req.text, req.output_ids, req.finish_reason)."""
-        for event in self.stream(prompt_ids, params):
-            pass
-        return event.request
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit waiting requests into free slots (prefill), then one decode step for all running
-        requests. Returns False when there was nothing to do."""
+        """Admit waiting requests into free slots (prefill), run the extends that forced tokens asked
+        for, then one decode step for all running requests. Returns False when there was nothing to do."""
         self._drop_cancelled()
         admitted = []
         with self._cv:
             while self.waiting and None in self.slots:
                 req = self.waiting.popleft()
-                req.slot = self.slots.index(None)
+                req.slot = self.cache.allocate()
                 self.slots[req.slot] = req
                 admitted.append(req)
         for req in admitted:
             self._guarded([req], self._prefill, req)
-        running = [r for r in self.slots if r is not None]
+        for req in [r for r in self.slots if r is not None and len(r._pending) > 1]:
+            self._guarded([req], self._extend, req)
+        running = [r for r in self.slots if r is not None and len(r._pending) == 1]
         if running:
             self._guarded(running, self._decode, running)
-        return bool(admitted or running)
+        return bool(admitted or running or self.running)
 
     def _guarded(self, reqs, fn, *args):
         """A failure inside the model fails the requests involved, never the engine."""
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):  # (eval runs under autocast)
                 fn(*args)
         except Exception as e:  # noqa: BLE001 - reported to the requests' listeners
             for r in reqs:
@@ -249,141 +197,110 @@ class Engine:
                     r.error = f"{type(e).__name__}: {e}"
                     self._finish(r, "error")
 
-    def _drop_cancelled(self):
-        with self._cv:
-            for r in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(r)
-                self._finish(r, "cancelled")
-        for r in self.slots:
-            if r is not None and r.cancelled and not r.finished:
-                self._finish(r, "cancelled")
+    def _adapter_index(self, req: Request) -> int:
+        return -1 if req.adapter is None else list(self.adapters).index(req.adapter)
 
-    def _rows(self, start: int, stop: int) -> CacheRows:
-        return CacheRows(self.cache, start, stop, self.lengths[start:stop])
+    def _feed(self, req: Request, ids: list[int], embeds=None) -> torch.Tensor:
+        """Append tokens to the request's row, PREFILL_CHUNK at a time; the last position's logits."""
+        ids_t = torch.tensor([ids], device=self.device)
+        adapter = None if req.adapter is None else [self._adapter_index(req)]
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids_t[:, start:start + PREFILL_CHUNK]
+            e = None if embeds is None else embeds[None, start:start + PREFILL_CHUNK]
+            batch = self.cache.step(req.slot, req.slot + 1, chunk, e, adapter_ids=adapter)
+            logits = self.model(chunk, input_embeds=e, batch=batch)
+        return logits[0, -1]
 
     def _prefill(self, req: Request):
-        p = req.params
-        req._decoder = StreamDecoder(self.tokenizer)
-        req._generator = make_generator(p.seed)
-        if p.repetition_penalty != 1.0:
-            req._seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
-            req._seen[req.prompt_ids] = True
-        self.cache.lengths[req.slot] = self.lengths[req.slot] = 0
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        for start in range(0, ids.size(1), PREFILL_CHUNK):
-            chunk = ids[:, start:start + PREFILL_CHUNK]
-            logits = self.model(chunk, cache=self._rows(req.slot, req.slot + 1))
-            self.lengths[req.slot] += chunk.size(1)
-        self._accept(req, self._sample(req, logits[0, -1]))
+        req._generator = make_generator(req.params.seed)
+        embeds = None
+        if req.input_embeds is not None:  # one (T, n_embd) table; ids < 0 take their row from it
+            ids = torch.tensor(req.prompt_ids, device=self.device)
+            embeds = torch.zeros(len(ids), self.model.cfg.n_embd, device=self.device)
+            embeds[ids < 0] = req.input_embeds
+        self._choose(req, self._feed(req, req.prompt_ids, embeds))
+
+    def _extend(self, req: Request):
+        """Forced tokens: one forward over all of them (an extend of the running row), not one each."""
+        tokens, req._pending = req._pending, []
+        self._choose(req, self._feed(req, tokens))
 
     def _decode(self, running: list[Request]):
-        n = max(r.slot for r in running) + 1  # rows 0..n-1; idle rows among them compute a throwaway token
-        tokens = [0] * n
+        n = max(r.slot for r in running) + 1  # rows 0..n-1; the others among them compute a throwaway token
+        tokens, adapter = [0] * n, [-1] * n
         for r in running:
-            tokens[r.slot] = r.output_ids[-1]
-        for i in set(range(n)) - {r.slot for r in running}:
-            self.cache.lengths[i] = self.lengths[i] = 0  # idle rows stay at position 0, never run off the end
-        logits = self.forward(torch.tensor(tokens, device=self.device)[:, None], cache=self._rows(0, n))[:, -1]
-        for i in range(n):
-            self.lengths[i] += 1
-        greedy = [r for r in running if r.params.greedy and r._seen is None]
-        if greedy:
-            best = logits.argmax(-1).tolist()
+            tokens[r.slot], adapter[r.slot] = r._pending.pop(), self._adapter_index(r)
+        # rows not decoding: free ones sit at position 0 (never run off the end); a row waiting for its
+        # extend gets a throwaway write at its next position, which the extend overwrites
+        others = {i: 0 if self.slots[i] is None else self.cache.lengths[i] for i in set(range(n)) - {r.slot for r in running}}
+        for i, length in others.items():
+            self.cache.lengths[i] = length
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        batch = self.cache.step(0, n, ids, adapter_ids=adapter if max(adapter) >= 0 else None)
+        logits = self.forward(ids, batch=batch)[:, -1]
+        for i, length in others.items():
+            self.cache.lengths[i] = length
+        fast = [r for r in running if r.params.greedy and not r.processors]
+        best = logits.argmax(-1).tolist() if fast else None  # one read-back for every greedy row
         for r in running:
-            token = best[r.slot] if r in greedy else self._sample(r, logits[r.slot])
-            self._accept(r, token)
+            if r in fast:
+                self._accept(r, best[r.slot])
+            else:
+                self._choose(r, logits[r.slot])
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        return sample_token(logits, req.params, req._generator, req._seen)
+    def _choose(self, req: Request, logits: torch.Tensor):
+        """Run the request's processors over its row's logits, sample, accept."""
+        if req.processors:
+            logits = logits.float()
+            for p in req.processors:
+                logits = p.process(logits)
+        self._accept(req, sample_token(logits, req.params, req._generator))
 
     def _accept(self, req: Request, token: int):
-        """Record a new token: update the text, stream what is safe to show, finish if it is time."""
+        """Record a chosen token, then the tokens the processors force after it (they join the row's
+        pending tokens, which the next step feeds as one extend)."""
+        self._record(req, token)
+        while not req.finished:
+            forced = next((f for p in req.processors if (f := p.forced())), [])
+            if not forced:
+                break
+            for t in forced:
+                self._record(req, t)
+                if req.finished:
+                    break
+
+    def _record(self, req: Request, token: int):
+        """Add one token: update the text, stream what is safe to show, finish if it is time."""
         if req.t_first_token is None:
             req.t_first_token = time.perf_counter()
         req.output_ids.append(token)
-        if req._seen is not None:
-            req._seen[token] = True
-        p = req.params
-        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            req.text += req._decoder.flush()
-            if p.stop:
-                self._cut_at_stop(req)
+        req._pending.append(token)
+        for p in req.processors:
+            p.accept(token)
+        params = req.params
+        if (token in self.stop_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return self._finish(req, "stop")
-        req.text += req._decoder.push(token)
-        if p.stop and self._cut_at_stop(req):
-            return self._finish(req, "stop")
+        reason = req._stream.push(token)
+        req.text = req._stream.text
+        if reason is None and any(p.is_done() for p in req.processors):
+            reason = "stop"
         position = len(req.prompt_ids) + len(req.output_ids)
-        if len(req.output_ids) >= p.max_tokens or position >= self.max_seq_len:
-            req.text += req._decoder.flush()
-            return self._finish(req, "length")
-        safe = len(req.text) - _partial_stop(req.text, p.stop)
-        if safe > req._sent:
-            self._emit(req, req.text[req._sent:safe])
-
-    @staticmethod
-    def _cut_at_stop(req: Request) -> bool:
-        longest = max(len(s) for s in req.params.stop)
-        window = max(0, req._sent - longest)  # a stop string can only end in the new text
-        hits = [i for i in (req.text.find(s, window) for s in req.params.stop) if i >= 0]
-        if hits:
-            req.text = req.text[:min(hits)]
-        return bool(hits)
+        if reason is None and (len(req.output_ids) >= params.max_tokens or position >= self.max_seq_len):
+            reason = "length"
+        if reason is not None:
+            return self._finish(req, reason)
+        text = req._stream.release()
+        if text:
+            self._emit(req, text)
 
     def _finish(self, req: Request, reason: str):
         req.finish_reason = reason
         req.t_done = time.perf_counter()
         if req.slot >= 0 and self.slots[req.slot] is req:
             self.slots[req.slot] = None
-        self._emit(req, req.text[req._sent:] if reason in ("stop", "length") else "", reason)
-
-    def _emit(self, req: Request, text: str, finish_reason: str | None = None):
-        req._sent += len(text)
-        if req.on_event is not None:
-            try:
-                req.on_event(Event(req, text, finish_reason))
-            except Exception:  # noqa: BLE001 - a broken listener loses its own request only
-                req.cancelled = True
-
-    # ---- background thread (servers) -----------------------------------------------------
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def running(self) -> int:
-        return sum(r is not None for r in self.slots)
-
-    def start(self) -> "Engine":
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="pocketlm-engine", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _loop(self):
-        while True:
-            with self._cv:
-                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            self.step()
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string (held back)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+            self.cache.free(req.slot)
+        text = ""
+        if reason in ("stop", "length", "content_filter") and req._stream is not None:
+            text = req._stream.close()
+            req.text = req._stream.text
+        self._emit(req, text, reason)

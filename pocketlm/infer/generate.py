@@ -39,21 +39,17 @@ def load_engine(source, *, adapter=None, dtype: str = "int8", max_batch: int = 1
     return engine
 
 
-def encode_completion(tokenizer: Tokenizer, text: str) -> list[int]:
+def encode_completion(tokenizer: Tokenizer, text: str, *, special: bool = False) -> list[int]:
     """Token ids of a plain-text prompt. Like training documents it starts with BOS, unless the
-    tokenizer's config says otherwise (many Hugging Face models add none)."""
-    return tokenizer.encode(text, add_bos=bool(tokenizer.config.get("add_bos_token", True)))
+    tokenizer's config says otherwise (many Hugging Face models add none). Special-token markers in
+    the text stay text unless `special` (trusted callers who write raw prompts)."""
+    return tokenizer.encode(text, add_bos=bool(tokenizer.config.get("add_bos_token", True)), special=special)
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ending where the assistant speaks."""
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-
-
-def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=getattr(args, "min_p", 0.0),
-                          repetition_penalty=getattr(args, "repetition_penalty", 1.0), seed=args.seed)
+    """Token ids of a conversation in the model's chat template, ending where the assistant speaks;
+    contents are text (a marker typed in a message cannot open another turn)."""
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
 def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO) -> str:
@@ -71,21 +67,28 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
     return "".join(text)
 
 
-def generate_cli(args) -> None:
-    engine = load_engine(args.model, adapter=args.adapter, dtype=args.dtype, compile=args.compile, threads=args.threads)
-    params = sampling_from_args(args)
-    tok = engine.tokenizer
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        ids = encode_chat(tok, messages)
+def generate(model, prompt: str = "", *, chat: bool = False, system: str | None = None, adapter=None,
+             dtype: str = "int8", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, out: TextIO | None = None) -> str:
+    """Continue `prompt` (or, with chat, answer it as a user message), streaming to `out` (stdout);
+    returns the generated text. A plain prompt is the caller's own raw text: markers in it are
+    special tokens, as in a training document."""
+    out = out or sys.stdout
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    if system and not chat:
+        raise InputError("system needs chat (it is a chat message)")
+    engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = encode_chat(engine.tokenizer, messages)
     else:
-        if args.system:
-            raise InputError("--system needs --chat (it is a chat message)")
-        ids = encode_completion(tok, args.prompt)
-        sys.stdout.write(args.prompt)
-    stream_to(engine, ids, params, sys.stdout)
-    sys.stdout.write("\n")
+        ids = encode_completion(engine.tokenizer, prompt, special=True)
+        out.write(prompt)
+    text = stream_to(engine, ids, params, out)
+    out.write("\n")
+    return text
 
 
 HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"
@@ -145,6 +148,11 @@ def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -
     return None
 
 
-def chat_cli(args) -> None:
-    engine = load_engine(args.model, adapter=args.adapter, dtype=args.dtype, compile=args.compile, threads=args.threads)
-    chat_repl(engine, sampling_from_args(args), system=args.system)
+def chat(model, *, system: str | None = None, adapter=None, dtype: str = "int8", compile: bool = False,
+         threads: int | None = None, max_new_tokens: int = 512, temperature: float = 0.8, top_k: int = 0,
+         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> list[dict]:
+    """A conversation in the terminal; returns its history."""
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
+    return chat_repl(engine, params, system=system)

@@ -107,12 +107,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                 seen: torch.Tensor | None = None) -> int:
-    """One token id from a (V,) row of logits."""
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from a (V,) row of logits (already through the request's processors: the
+    repetition penalty is one, pocketlm/infer/processors.py). The only sampler: the engine, and so
+    eval and the server, draw through it."""
     logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)

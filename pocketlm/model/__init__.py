@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from pocketlm.model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from pocketlm.model.gpt import GPT, KVCache, ModelConfig
+from pocketlm.model.gpt import GPT, ModelConfig
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "load_model", "save_checkpoint", "CheckpointError"]
+__all__ = ["GPT", "ModelConfig", "load_model", "save_checkpoint", "CheckpointError"]
 
 
 def load_model(source, device="cpu"):

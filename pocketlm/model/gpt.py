@@ -131,59 +131,11 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values for every layer; `lengths[b]` is how many positions row b holds.
-
-    Rows advance independently, which is what continuous batching needs.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
-        super().__init__()
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-
-    def reset(self, rows=None):
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[rows] = 0
-
-    def host_lengths(self) -> list[int]:
-        """`lengths` as Python ints. The shapes below depend on them; the serving engine, which tracks
-        them itself, overrides this so a compiled decode step never reads a tensor back."""
-        return self.lengths.tolist()
-
-    def end(self, T: int) -> int:
-        """Positions attention covers once T new tokens are written: the longest row's length + T."""
-        return max(self.host_lengths()) + T
-
-    def mask(self, positions):
-        """(B, 1, T, end) bool: a query at position p sees keys 0..p of its own row; None when plain
-        causal attention is right (one row, and one new token or a prefill from position 0)."""
-        B, T = positions.shape
-        if B == 1 and (T == 1 or self.host_lengths()[0] == 0):
-            return None
-        keys = torch.arange(self.end(T), device=positions.device)
-        return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-
-    def update(self, layer: int, k, v):
-        """Write new keys/values (B, H, T, D) at each row's own positions; return what attention reads."""
-        B, T = k.size(0), k.size(2)
-        ck, cv = self.k[layer], self.v[layer]
-        if B == 1:
-            start = self.host_lengths()[0]
-            ck[:, :, start:start + T] = k
-            cv[:, :, start:start + T] = v
-            return ck[:, :, :start + T], cv[:, :, :start + T]
-        pos = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
-        rows = torch.arange(B, device=k.device)[:, None]
-        ck[rows, :, pos] = k.transpose(1, 2)
-        cv[rows, :, pos] = v.transpose(1, 2)
-        end = self.end(T)
-        return ck[:, :, :end], cv[:, :, :end]
+def project(linear: nn.Module, x, batch):
+    """Every projection is called through here. A module that declares `takes_batch` (the engine's
+    per-row adapters, pocketlm/infer/adapters.py) also gets the step's batch; nn.Linear and the
+    engine's kernels take x alone. The engine installs those modules; this file never asks which."""
+    return linear(x, batch) if getattr(linear, "takes_batch", False) else linear(x)
 
 
 class Attention(nn.Module):
@@ -198,16 +150,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache: KVCache | None, mask):
+    def project_qkv(self, x, batch):
+        """q, k, v (B, T, heads x head_dim); the engine's copy overrides this with one fused matrix."""
+        return project(self.q_proj, x, batch), project(self.k_proj, x, batch), project(self.v_proj, x, batch)
+
+    def forward(self, x, rope, batch, mask):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x, batch)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+        if batch is not None:  # a KV-cached step: store the new keys/values, attend over the row's past
+            k, v = batch.write(self.layer_idx, k, v)
         dropout = cfg.attention_dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
         y = None
@@ -217,7 +174,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
-        return self.resid_dropout(self.o_proj(y))
+        return self.resid_dropout(project(self.o_proj, y, batch))
 
 
 class MLP(nn.Module):
@@ -231,12 +188,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def hidden(self, x, batch):
+        """The activations before down_proj; the engine's copy overrides this with one fused gate/up."""
         if self.swiglu:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = gelu_tanh(self.up_proj(x))
-        return self.dropout(self.down_proj(h))
+            return F.silu(project(self.gate_proj, x, batch)) * project(self.up_proj, x, batch)
+        return gelu_tanh(project(self.up_proj, x, batch))
+
+    def forward(self, x, batch=None):
+        return self.dropout(project(self.down_proj, self.hidden(x, batch), batch))
 
 
 class Block(nn.Module):
@@ -247,9 +206,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, mask):
-        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, rope, batch, mask):
+        x = x + self.attn(self.attn_norm(x), rope, batch, mask)
+        return x + self.mlp(self.mlp_norm(x), batch)
 
 
 class GPT(nn.Module):
@@ -312,40 +271,52 @@ class GPT(nn.Module):
             return cos[None, None, :end], sin[None, None, :end]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, doc_ids=None):
-        """idx: (B, T) token ids. With a cache, the new tokens start at cache.lengths[b] in row b
-        and the cache is advanced. Returns logits, or (logits, mean loss) when targets are given.
-        Targets equal to -100 are ignored; when some are (fine-tuning scores only the replies), the
-        head runs only where there is a target and the logits returned are those rows, (n_scored, V).
-        doc_ids (B, T), for packed rows: which example each token belongs to (non-decreasing along a
-        row). Tokens attend only within their own example and positions restart at each example."""
-        B, T = idx.shape
-        device = idx.device
-        positions = mask = None  # no cache: positions 0..T-1, plain causal attention (compile-friendly)
-        if cache is not None:
+    def forward(self, idx=None, targets=None, *, input_embeds=None, batch=None, doc_ids=None):
+        """The one forward: training, scoring, and the engine's inference copy (pocketlm/infer/fused.py,
+        the same class with its linears swapped for per-precision kernels).
+
+        idx: (B, T) token ids, or input_embeds: (B, T, n_embd) embeddings in their place; with both,
+        ids < 0 mark where the embeddings go (a multimodal prompt). batch: a StepBatch
+        (pocketlm/infer/batch.py) for a KV-cached step: its positions, mask and per-row adapters, and
+        where the new keys/values go. Returns logits (the last position's only if batch.last_only),
+        or (logits, mean loss) when targets are given. Targets equal to -100 are ignored; when some
+        are (fine-tuning scores only the replies), the head runs only where there is a target and the
+        logits returned are those rows, (n_scored, V). doc_ids (B, T), for packed rows: which example
+        each token belongs to (non-decreasing along a row). Tokens attend only within their own
+        example and positions restart at each example."""
+        ref = idx if idx is not None else input_embeds
+        if ref is None:
+            raise InputError("GPT.forward needs token ids or input embeddings")
+        B, T = ref.shape[0], ref.shape[1]
+        positions = mask = None  # no batch: positions 0..T-1, plain causal attention (compile-friendly)
+        end = T
+        if batch is not None:
             if doc_ids is not None:
                 raise InputError("doc_ids (packed rows) is for training and scoring, not with a KV cache")
-            positions = cache.lengths[:, None] + torch.arange(T, device=device)
-            mask = cache.mask(positions)
+            positions, mask, end = batch.positions, batch.mask, batch.end
         elif doc_ids is not None:
             positions, mask = packed_positions_and_mask(doc_ids)
-        end = T if cache is None else cache.end(T)
         if end > self.cfg.block_size and self.cfg.arch == "gpt2":
             raise InputError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} (learned positions)")
-        x = self.embed_tokens(idx)
+        if input_embeds is None:
+            x = self.embed_tokens(idx)
+        elif idx is None:
+            x = input_embeds
+        else:
+            x = torch.where((idx < 0).unsqueeze(-1), input_embeds, self.embed_tokens(idx.clamp(min=0)))
         rope = None
         if self.cfg.arch == "gpt2":
             x = x + (self.embed_positions.weight[:T] if positions is None else self.embed_positions(positions))
         else:
-            rope = self._rope(positions, end, device)
+            rope = self._rope(positions, end, ref.device)
         x = self.embed_dropout(x)
         for layer in self.layers:
-            x = layer(x, rope, cache, mask)
-        if cache is not None:
-            cache.lengths += T
+            x = layer(x, rope, batch, mask)
+        if batch is not None and batch.last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x.to(self.lm_head.weight.dtype))  # the engine may keep the head in fp32
+            return self.lm_head(x)
         scored = targets != -100
         # (a compiled graph keeps the full head rather than break on a data-dependent branch)
         if not torch.compiler.is_compiling() and not bool(scored.all()):  # skip the vocabulary-wide head and softmax on unscored positions
@@ -357,24 +328,3 @@ class GPT(nn.Module):
         else:
             loss = F.cross_entropy(flat.float(), flat_targets, ignore_index=-100)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None):
-        """Plain sampling loop (greedy when temperature == 0); the serving engine lives in pocketlm.infer."""
-        cache = KVCache(self.cfg, idx.size(0), idx.size(1) + max_new_tokens,
-                        dtype=self.embed_tokens.weight.dtype, device=idx.device) if use_cache else None
-        out, step_in = idx, idx
-        for _ in range(max_new_tokens):
-            logits = self(step_in if use_cache else out, cache=cache)[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
-            out = torch.cat((out, nxt), dim=1)
-            step_in = nxt
-        return out

@@ -1,0 +1,114 @@
+"""The request plumbing around the engine's steps: the queue, cancelling, listeners, streaming to an
+iterator, and the background thread a server runs. Engine (engine.py) supplies step() and submit()."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+
+@dataclass
+class Event:
+    """What a request's listener receives: new text, and finish_reason on the last event."""
+    request: Any  # the Request
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "content_filter"
+
+
+class Runner:
+    def __init__(self):
+        self.waiting: deque = deque()
+        self.slots: list = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _enqueue(self, req) -> None:
+        with self._cv:
+            self.waiting.append(req)
+            self._cv.notify()
+
+    def cancel(self, req) -> None:
+        """Stop a request (a client went away); its slot is freed at the next step."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def stream(self, prompt_ids, params, **kw) -> Iterator:
+        """Submit (with submit's keywords) and yield events until the request finishes; closing the
+        iterator cancels it."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        req = self.submit(prompt_ids, params, events.put, **kw)
+        try:
+            while True:
+                if self._thread is None:
+                    while events.empty():
+                        if not self.step() and events.empty():
+                            raise RuntimeError("engine idle but the request never finished")
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not req.finished:
+                self.cancel(req)
+                if self._thread is None:
+                    self.step()
+
+    def generate(self, prompt_ids, params, **kw):
+        """Run one request to the end and return it (req.text, req.output_ids, req.finish_reason)."""
+        for event in self.stream(prompt_ids, params, **kw):
+            pass
+        return event.request
+
+    def _drop_cancelled(self):
+        with self._cv:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled")
+        for r in self.slots:
+            if r is not None and r.cancelled and not r.finished:
+                self._finish(r, "cancelled")
+
+    def _emit(self, req, text: str, finish_reason: str | None = None):
+        if req.on_event is not None:
+            try:
+                req.on_event(Event(req, text, finish_reason))
+            except Exception:  # noqa: BLE001 - a broken listener loses its own request only
+                req.cancelled = True
+
+    # ---- background thread (servers) -----------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def start(self):
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="pocketlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self.step()

@@ -1,0 +1,1 @@
+"""One router per API area; app.py includes them."""
