@@ -200,6 +200,17 @@ def test_a_row_too_long_for_the_context_is_reported_not_fatal(model_dir, tmp_pat
     assert res["status"] == {"ok": 1, rows[1]["status"]: 1}
 
 
+def test_shared_prefix_reuse_gives_the_same_answers(model_dir, tmp_path):
+    src = tickets(tmp_path / "t.csv", 6)
+    kw = dict(model=model_dir, text="message", labels=LABELS, batch_size=3, progress=False)
+    res = analyze(src, out=tmp_path / "a.csv", **kw)
+    analyze(src, out=tmp_path / "b.csv", reuse_prefix=False, **kw)
+    assert res["shared_prefix_tokens"] > 10 and res["prompt_tokens_reused"] == 6 * res["shared_prefix_tokens"]
+    a, b = read_csv(tmp_path / "a.csv"), read_csv(tmp_path / "b.csv")
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert [float(r["confidence"]) for r in a] == pytest.approx([float(r["confidence"]) for r in b], abs=1e-4)
+
+
 def test_dry_run(model_dir, tmp_path):
     src = tickets(tmp_path / "t.csv", 4)
     res = analyze(src, model=model_dir, text="message", labels=LABELS, dry_run=True, out=tmp_path / "o.csv")
@@ -244,23 +255,26 @@ def test_bad_inputs_name_the_file_line_column_or_field(model_dir, tmp_path):
 
 
 def test_constrained_and_free_requests_share_a_batch(model_dir):
-    from pocketlm.analyze.runner import ProcessorEngine
+    from pocketlm.infer.engine import Engine
     from pocketlm.infer.constrain import Choice
     from pocketlm.infer.sampling import SamplingParams
     from pocketlm.model.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(model_dir)
-    engine = ProcessorEngine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4)
     ids = tok.encode("ROMEO: hello there")
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     alone = engine.generate(ids, params).output_ids
+    decoded = []  # the requests of every decode step
+    real_decode = engine._decode
+    engine._decode = lambda running: (decoded.append(list(running)), real_decode(running))
+    labels = ["a b", "a c", "x b", "x c"]  # two choices in a row: the second is a decode step
     free = engine.submit(ids, params)
-    choices = [Choice(tok, LABELS) for _ in range(3)]
-    reqs = [engine.submit(tok.encode(m), SamplingParams(max_tokens=16, temperature=0), processors=[c])
+    choices = [Choice(tok, labels) for _ in range(3)]
+    reqs = [engine.submit(tok.encode(m), SamplingParams(max_tokens=32, temperature=0), processors=[c])
             for m, c in zip(MESSAGES, choices)]
-    engine.step()
-    assert engine.running == 4  # all four rows decode in the same step
     while engine.step():
         pass
-    assert free.output_ids == alone
-    assert all(r.finish_reason == "stop" and c.label in LABELS and r.text == c.label for r, c in zip(reqs, choices))
+    assert free.output_ids == alone  # constrained neighbours do not change a free row
+    assert all(r.finish_reason == "stop" and c.label in labels and r.text == c.label for r, c in zip(reqs, choices))
+    assert any(free in step and any(r in step for r in reqs) for step in decoded)  # one batch, both kinds

@@ -6,7 +6,9 @@
 Each row becomes one chat request (instruction first, so every row shares that prefix; the row's
 text last), constrained to one of the labels (`Choice`) or to a JSON schema (`JsonSchema`). Rows go
 to the engine a batch at a time, all of a batch submitted at once so they decode in one continuous
-batch; each finished batch is appended to the journal, which is what `resume` continues from."""
+batch (the engine feeds the tokens a constraint forces as one extend); the shared start of the
+prompts is computed once (prefix.py). Each finished batch is appended to the journal, which is what
+`resume` continues from."""
 
 from __future__ import annotations
 
@@ -18,20 +20,22 @@ from collections import Counter
 from pathlib import Path
 
 from pocketlm.analyze.journal import Journal
-from pocketlm.analyze.runner import ProcessorEngine
+from pocketlm.analyze.prefix import PrefixEngine, common_prefix
 from pocketlm.analyze.table import Table, TableError, cell, read_table, write_table
 from pocketlm.errors import InputError
 from pocketlm.infer.engine import ContextLengthError
 from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_schema, load_schema
 from pocketlm.infer.sampling import SamplingParams
 
+PREFIX_SAMPLE = 64  # rows whose common start is the shared prefix (a row that differs just prefills in full)
 SCHEMA_INSTRUCTION = "Extract these fields from the text and answer with JSON only, matching this schema: {schema}"
 
 
 def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=None, schema=None, adapter=None,
             out=None, gold=None, limit=None, dry_run=False, resume=False, temperature=0.0, top_k=0, top_p=1.0,
             min_p=0.0, seed=None, max_tokens=None, system=None, instruction=None, batch_size=16, dtype="fp32",
-            journal=None, report=None, group_by=None, date_column=None, threads=None, progress=True) -> dict:
+            journal=None, report=None, group_by=None, date_column=None, threads=None, progress=True,
+            reuse_prefix=True) -> dict:
     """Label (labels / labels_from) or extract (schema) every row of `path`; returns a summary dict
     (and writes `out`, its journal, and the report when asked). See the module docstring."""
     table = read_table(path, limit)
@@ -84,8 +88,11 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
                    "sampling": {k: getattr(params, k) for k in ("max_tokens", "temperature", "top_k", "top_p",
                                                                  "min_p", "seed")},
                    "input": {"path": str(Path(path).resolve()), "rows": len(table.rows)},
-                   "batching": {"batch_size": batch_size, "dtype": dtype}}
+                   "batching": {"batch_size": batch_size, "dtype": dtype, "reuse_prefix": reuse_prefix}}
     log = Journal(journal_path, fingerprint, resume)
+    if reuse_prefix:  # the instruction every row starts with: computed once (the first rows decide it)
+        head = [encode(r) for r in table.rows[:PREFIX_SAMPLE]]
+        engine.set_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
     grammar = compile_schema(schema_dict, tok, engine.model.cfg.vocab_size) if schema_dict is not None else None
 
     def constraint():
@@ -117,7 +124,8 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
 
     summary = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
                "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
-               "new_rows": n_new, "seconds": round(seconds, 3),
+               "new_rows": n_new, "seconds": round(seconds, 3), "shared_prefix_tokens": len(engine.prefix),
+               "prompt_tokens_reused": engine.reused_tokens,
                "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
     if gold is not None:
         from pocketlm.eval.metrics import classification_report
@@ -203,7 +211,7 @@ def _output_names(columns: list[str], keys: list[str]) -> dict[str, str]:
     return names
 
 
-def _engine(model, adapter, dtype, batch_size, threads) -> ProcessorEngine:
+def _engine(model, adapter, dtype, batch_size, threads) -> PrefixEngine:
     import torch
 
     from pocketlm.model.lora import load_model_with_adapter
@@ -213,7 +221,7 @@ def _engine(model, adapter, dtype, batch_size, threads) -> ProcessorEngine:
     m, tok = load_model_with_adapter(model, adapter)
     if tok is None:
         raise InputError(f"{model}: has no tokenizer.json beside the weights")
-    return ProcessorEngine(m, tok, max_batch=batch_size, precision=dtype)
+    return PrefixEngine(m, tok, max_batch=batch_size, precision=dtype)
 
 
 def _run_batch(engine, table, idx, encode, constraint, params, fields, is_labels) -> list[dict]:
@@ -273,14 +281,6 @@ def _dry_run(engine, table, messages, encode, params, labels, schema) -> dict:
     rendered = engine.tokenizer.apply_chat_template(messages(first), add_generation_prompt=True)
     return {"rows": len(table.rows), "prompt": rendered, "prompt_tokens": len(ids),
             "total_prompt_tokens": sum(lengths), "max_prompt_tokens": max(lengths),
-            "shared_prefix_tokens": _common_prefix(lengths and [encode(r) for r in table.rows[:8]]),
+            "shared_prefix_tokens": len(common_prefix([encode(r) for r in table.rows[:PREFIX_SAMPLE]])),
             "row1_reply": req.text, "row1_seconds": round(row_seconds, 3),
             "estimated_seconds_at_most": round(row_seconds * len(table.rows), 1)}
-
-
-def _common_prefix(seqs) -> int:
-    n = min(len(s) for s in seqs)
-    for j in range(n):
-        if any(s[j] != seqs[0][j] for s in seqs):
-            return j
-    return n
