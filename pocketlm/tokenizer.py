@@ -133,7 +133,7 @@ class Tokenizer:
         """special=True: a marker such as `<|im_end|>` written in `text` becomes that special token,
         which is right only for trusted text (a rendered template, a training document).
         special=False: the text is all text, markers included (what users and clients send)."""
-        ids = (self.hf if special else self.text_hf).encode(text, add_special_tokens=False).ids
+        ids = _ids(self.hf if special else self.text_hf, text)
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     @property
@@ -197,24 +197,33 @@ class Tokenizer:
         """Token ids of a conversation in the chat template: the template's markers are special
         tokens, the messages' contents are text (a `<|im_start|>` a user typed stays characters, so
         one message cannot forge another turn)."""
-        return self.encode_chat_with_offsets(messages, add_generation_prompt)[1]
+        return self._encode_chat(messages, add_generation_prompt, offsets=False)[1]
 
     def encode_chat_with_offsets(self, messages: list[dict], add_generation_prompt: bool = True
                                  ) -> tuple[str, list[int], list[tuple[int, int]]]:
         """The rendered conversation, its token ids, and each token's character span in the text."""
+        return self._encode_chat(messages, add_generation_prompt, offsets=True)
+
+    def _encode_chat(self, messages, add_generation_prompt, offsets: bool):
         text = self.apply_chat_template(messages, add_generation_prompt)
         if not any(marker in m["content"] for m in messages for marker in self.markers):
-            enc = self.hf.encode(text, add_special_tokens=False)  # nothing to keep apart: one pass
-            return text, enc.ids, enc.offsets
-        ids, offsets, at = [], [], 0
-        for start, end in [*self._content_spans(messages, add_generation_prompt, text), (len(text), len(text))]:
-            for a, b, hf in ((at, start, self.hf), (start, end, self.text_hf)):  # template, then content
-                if b > a:
-                    enc = hf.encode(text[a:b], add_special_tokens=False)
-                    ids += enc.ids
-                    offsets += [(a + s, a + e) for s, e in enc.offsets]
-            at = end
-        return text, ids, offsets
+            pieces = [(0, len(text), self.hf)]  # nothing to keep apart: one pass
+        else:
+            pieces, at = [], 0
+            for start, end in [*self._content_spans(messages, add_generation_prompt, text), (len(text), len(text))]:
+                pieces += [(at, start, self.hf), (start, end, self.text_hf)]  # template, then content
+                at = end
+        ids, spans = [], []
+        for a, b, hf in pieces:
+            if b <= a:
+                continue
+            if offsets:
+                enc = hf.encode(text[a:b], add_special_tokens=False)
+                ids += enc.ids
+                spans += [(a + s, a + e) for s, e in enc.offsets]
+            else:
+                ids += _ids(hf, text[a:b])
+        return text, ids, spans
 
     def _content_spans(self, messages: list[dict], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """Where the contents sit in `text`: render again with each content between two sentinels
@@ -241,6 +250,12 @@ class Tokenizer:
                 return spans
         raise TokenizerError("the chat template changes message contents as it renders them, so they cannot be "
                              "kept apart from its own markers; refusing messages that contain special tokens")
+
+
+def _ids(hf: HFTokenizer, text: str) -> list[int]:
+    """Token ids without offsets: tokenizers' batch call releases the GIL while it works (the single
+    encode holds it), so a server's other threads run on while a long prompt is tokenized."""
+    return hf.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
 
 def _raise_template_error(message):

@@ -75,3 +75,52 @@ def test_batches_are_deterministic_and_rank_sliced(data_dir):
     assert (again.next_batch()[0] == one.next_batch()[0]).all()
     val = list(EvalBatches(data_dir, 8, 16)())
     assert sum(v[0].shape[0] for v in val) == (EvalBatches(data_dir, 8, 16).tokens.__len__() - 1) // 16
+
+
+def test_compressed_and_parquet_inputs_give_the_same_tokens(tmp_path, tokenizer_dir, shakespeare_small):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [b.strip("\n") for b in shakespeare_small.read_text()[:40_000].split("\n\n") if b.strip()]
+    lines = "".join(json.dumps({"body": t}) + "\n" for t in texts).encode()
+    (tmp_path / "a.jsonl").write_bytes(lines)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as fh:
+        fh.write(lines)
+    half = len(lines) // 2  # two zstd frames: a reader must go on across the frame boundary
+    cut = lines.index(b"\n", half) + 1
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "a.jsonl.zst").write_bytes(c.compress(lines[:cut]) + c.compress(lines[cut:]))
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), tmp_path / "a.parquet",
+                   row_group_size=7)  # many row groups, read one at a time
+    assert pq.ParquetFile(tmp_path / "a.parquet").num_row_groups > 5
+    streams = {}
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
+        out = tmp_path / ("out-" + name)
+        assert main(["prepare", "--input", str(tmp_path / name), "--text-field", "body", "--tokenizer", str(tokenizer_dir),
+                     "--out", str(out)]) == 0
+        streams[name] = b"".join((out / f).read_bytes() for split in ("train", "val")
+                                 for f in json.loads((out / "meta.json").read_text())["mixture"][0][split]["shards"])
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["train"]["documents"] + meta["val"]["documents"] == len(texts) + 1
+    assert len(set(streams.values())) == 1 and len(streams["a.jsonl"]) > 10_000
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "b.parquet")
+    assert main(["prepare", "--input", str(tmp_path / "b.parquet"), "--tokenizer", str(tokenizer_dir),
+                 "--out", str(tmp_path / "b")]) == 2
+
+
+def test_input_form_dedup_flag(tmp_path, tokenizer_dir, capsys):
+    docs = [f"line {i} of a document that repeats\n" * 5 for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + docs[:7]))
+    assert main(["prepare", "--input", str(tmp_path / "d.jsonl"), "--dedup", "exact", "--tokenizer", str(tokenizer_dir),
+                 "--out", str(tmp_path / "o"), "--val-fraction", "0.3"]) == 0
+    assert "dropped 7 exact and 0 near duplicates" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    # 20 distinct documents kept; the one straddling the 70% cut (the 19th) counts in both splits, and
+    # validation is its tail plus the 20th: the repeats in the corpus's last share were dropped
+    assert (meta["train"]["documents"], meta["val"]["documents"]) == (19, 2)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["dedup"]["dropped"] == {"exact": 7, "near": 0}

@@ -1,17 +1,13 @@
 """The OpenAI-compatible server, driven by the official `openai` client against `pocketlm serve` on
-loopback, plus in-process checks (API key, metrics, page) and a fuzz test: no body makes it answer 5xx."""
+loopback, plus in-process checks (API key, page). Hostile input (fuzzing, limits, timeouts): test_serve_limits.py."""
 
 import asyncio
-import json
 import time
 
 import httpx
 import openai
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from tiny_lm import reference_greedy, running_server, tiny_adapter, tiny_lm
+from tiny_lm import in_process, reference_greedy, running_server, tiny_adapter, tiny_lm
 
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.generate import encode_chat, encode_completion
@@ -140,7 +136,7 @@ def test_serve_applies_an_adapter(lm, server, tmp_path):
 
 
 def test_chunked_body_over_the_limit_gets_413_and_is_not_read_to_the_end(server):
-    from pocketlm.serve.app import MAX_BODY_BYTES
+    from pocketlm.serve.context import Limits
 
     sent = 0
 
@@ -152,41 +148,18 @@ def test_chunked_body_over_the_limit_gets_413_and_is_not_read_to_the_end(server)
 
     r = httpx.post(server + "/v1/completions", content=body(), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    assert sent < 16 * MAX_BODY_BYTES  # the limit plus what socket buffers took, far from 256 MiB
+    assert sent < 16 * Limits.max_body_bytes  # the limit plus what socket buffers took, far from 256 MiB
     ok = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
-
-
-def test_client_that_disconnects_frees_its_slot(server):
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0.8, "stream": True}
-    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 6:
-                break  # hang up mid-reply
-    for _ in range(100):
-        health = httpx.get(server + "/health", timeout=30).json()
-        if health["running"] == 0:
-            break
-        time.sleep(0.1)
-    assert health["running"] == 0 and health["waiting"] == 0
-    metrics = httpx.get(server + "/metrics", timeout=30).text
-    assert 'pocketlm_requests_total{endpoint="/v1/chat/completions",code="200"}' in metrics
-    assert "pocketlm_queue_depth 0" in metrics and "pocketlm_completion_tokens_total" in metrics
 
 
 # ---- in-process (FastAPI's TestClient): API key, page, fuzzing -----------------------------------
 @pytest.fixture(scope="module")
 def app_client(lm):
-    from fastapi.testclient import TestClient
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model, tok = lm
-    app = create_app(Engine(model, tok, max_batch=2, max_seq_len=48), "tiny", api_key="sesame")
-    with TestClient(app) as c:
-        c.headers["Authorization"] = "Bearer sesame"
+    with in_process(create_app(Engine(model, tok, max_batch=2, max_seq_len=48), "tiny", api_key="sesame"),
+                    api_key="sesame") as c:
         yield c
-    torch.set_num_threads(threads)
 
 
 def test_api_key_is_required_on_v1(app_client):
@@ -209,15 +182,13 @@ def test_oversized_body_gets_413(app_client):
 
 
 def test_a_chat_template_that_refuses_the_messages_gives_400(lm):
-    from fastapi.testclient import TestClient
-
     from pocketlm.tokenizer import Tokenizer
 
     model, tok = lm
     template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('a conversation starts with a user turn') }}"
                 "{% endif %}{{ messages[0]['content'] }}")
     strict = Tokenizer(tok.hf, {**tok.config, "chat_template": template})
-    with TestClient(create_app(Engine(model, strict, max_batch=1, max_seq_len=48), "tiny")) as c:
+    with in_process(create_app(Engine(model, strict, max_batch=1, max_seq_len=48), "tiny")) as c:
         r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                                  "messages": [{"role": "assistant", "content": "Hi"}]})
         assert r.status_code == 400 and "starts with a user turn" in r.json()["error"]["message"]
@@ -226,45 +197,26 @@ def test_a_chat_template_that_refuses_the_messages_gives_400(lm):
         assert ok.status_code == 200
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=30),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=12)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", 3]),
-                                           "content": st.text(max_size=40) | json_values}), max_size=3)
-fields = {"model": st.sampled_from(["tiny", "other", ""]) | json_values, "messages": messages | json_values,
-          "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 500), max_size=5) | json_values,
-          "max_tokens": st.integers(-3, 60) | json_values, "temperature": st.floats(-1, 3) | json_values,
-          "top_p": st.floats(-0.5, 1.5) | json_values, "top_k": st.integers(-2, 500), "min_p": st.floats(-1, 2),
-          "repetition_penalty": st.floats(-1, 3), "seed": st.integers(-2**70, 2**70) | json_values,
-          "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3) | json_values,
-          "stream": st.booleans() | json_values, "n": st.integers(-1, 3),
-          "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_values}
-valid = {"max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2),
-         "top_p": st.floats(0.01, 1), "top_k": st.integers(0, 50), "min_p": st.floats(0, 1), "seed": st.integers(0, 99),
-         "repetition_penalty": st.floats(0.5, 2), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
-         "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})}
-chat_base = st.fixed_dictionaries({"model": st.just("tiny"), "messages": st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=40)}), min_size=1, max_size=3)},
-    optional=valid)
-completion_base = st.fixed_dictionaries({"model": st.just("tiny"), "prompt": st.text(min_size=1, max_size=40)},
-                                        optional=valid)
-# a valid body with 0-2 fields replaced by anything at all, or an arbitrary JSON value
-mutations = st.dictionaries(st.sampled_from(sorted(fields)), st.none(), max_size=2).flatmap(
-    lambda keys: st.fixed_dictionaries({k: fields[k] for k in keys}))
-bodies = st.one_of(st.tuples(chat_base | completion_base, mutations).map(lambda bm: {**bm[0], **bm[1]}), json_values)
+def test_input_check_hooks_can_refuse_or_add_context(lm):
+    """The pipeline's extension point (memory, moderation): ctx.input_checks run before tokenizing."""
+    from pocketlm.serve.errors import APIError
 
+    model, tok = lm
+    app = create_app(Engine(model, tok, max_batch=1, max_seq_len=96), "tiny")
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
-@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-       raw=st.none() | st.binary(max_size=40))
-def test_fuzzed_bodies_never_get_a_server_error(app_client, body, path, raw):
-    content = raw if raw is not None else json.dumps(body).encode()
-    r = app_client.post(path, content=content, headers={"content-type": "application/json"})
-    assert r.status_code < 500, r.text
-    if r.status_code >= 400:
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    elif r.headers["content-type"].startswith("text/event-stream"):
-        assert r.text.rstrip().endswith("data: [DONE]")
-    else:
-        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    def no_swearing(turn):
+        if any("zounds" in m["content"] for m in turn.messages or []):
+            raise APIError(400, "messages: not here", param="messages", code="content_policy")
+
+    async def remember(turn):  # a hook may be async, and may edit the conversation
+        if turn.messages is not None:
+            turn.messages.insert(0, {"role": "system", "content": "The user's name is Kate."})
+
+    app.state.ctx.input_checks += [no_swearing, remember]
+    body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    with in_process(app) as c:
+        r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "zounds"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy"
+        used = c.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+    with_memory = [{"role": "system", "content": "The user's name is Kate."}, {"role": "user", "content": "Hi"}]
+    assert used == len(encode_chat(tok, with_memory))

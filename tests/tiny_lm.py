@@ -121,3 +121,31 @@ def running_server(checkpoint: Path, *extra_args: str, timeout: float = 120.0):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextlib.contextmanager
+def in_process(app, api_key: str | None = None):
+    """FastAPI's TestClient over `app` (engine thread started), torch on one thread as for tiny_lm."""
+    from fastapi.testclient import TestClient
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with TestClient(app) as c:
+            if api_key:
+                c.headers["Authorization"] = f"Bearer {api_key}"
+            yield c
+    finally:
+        torch.set_num_threads(threads)
+
+
+def wide_checkpoint(out: Path, block_size: int = 65536) -> Path:
+    """An untrained tiny model with a long context (its replies are noise; tests that need long
+    prompts or long replies use it with ignore_eos)."""
+    from pocketlm.model import save_checkpoint
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
+                      n_kv_head=2, n_embd=64)
+    return save_checkpoint(out, GPT(cfg).eval(), tok)

@@ -31,19 +31,20 @@ def _chat(args):
 
 
 def _api_key(args) -> str | None:
-    """--api-key-file, else $POCKETLM_API_KEY, else --api-key (which `ps` shows to every local user)."""
+    """--api-key-file, else --api-key (which `ps` shows to every local user), else $POCKETLM_API_KEY."""
     if args.api_key_file:
         try:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
             raise PocketLMError(f"{args.api_key_file}: the API key file is not UTF-8 text") from None
-        if not key:
-            raise PocketLMError(f"{args.api_key_file}: the API key file is empty")
+        if not key or "\n" in key:
+            raise PocketLMError(f"{args.api_key_file}: expected the API key on one line, got "
+                                f"{'nothing' if not key else 'several lines'}")
         return key
     if args.api_key:
         print("note: a key given with --api-key shows in `ps`; prefer --api-key-file or $POCKETLM_API_KEY",
               file=sys.stderr)
-    return os.environ.get("POCKETLM_API_KEY") or args.api_key or None
+    return args.api_key or os.environ.get("POCKETLM_API_KEY") or None
 
 
 def _serve(args):
@@ -52,8 +53,9 @@ def _serve(args):
     limits = Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS})
     serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
-          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), moderation=args.moderation,
-          moderation_backend=args.moderation_backend, guard_model=args.guard_model, moderation_words=args.moderation_words)
+          threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
+          memory_tokens=args.memory_tokens, moderation=args.moderation, moderation_backend=args.moderation_backend,
+          guard_model=args.guard_model, moderation_words=args.moderation_words)
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -121,6 +123,10 @@ def register(sub):
     sv.add_argument("--api-key", help="the key itself (visible to other local users in `ps`: prefer the two above)")
     sv.add_argument("--allow-host", action="append", metavar="NAME", help="on loopback only requests whose Host is "
                     "localhost/127.0.0.1/::1 are answered (DNS rebinding); add a name, e.g. behind a proxy (repeatable)")
+    sv.add_argument("--data-dir", help="serve the users of this folder (pocketlm user add): their keys, and each "
+                    "user's memory in its chats; --api-key stays the admin key")
+    sv.add_argument("--memory-tokens", type=int, default=300, help="the most prompt tokens a user's memory adds "
+                    "(default: 300)")
     sv.add_argument("--moderation", default="", help="input,output: refuse flagged prompts (400, code content_filter) "
                     "and end flagged replies (finish_reason content_filter); /v1/moderations is always served")
     sv.add_argument("--moderation-backend", choices=("rules", "classifier", "guard"), default="rules")

@@ -3,13 +3,15 @@
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events, then `data: [DONE]`)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
     POST /v1/moderations        (moderation.py; with --moderation also the input and output of replies)
+    /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
 
 Errors take OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 unreadable body, an
 unsupported field, a limit exceeded, or a prompt the context cannot hold; 401 bad API key; 404
 unknown model or route; 408 body too slow; 413 body too large; 421 unknown Host; 422 a field of the
-wrong type or out of range; 429 queue full. This module only assembles: schemas.py (bodies),
-errors.py, guard.py (middleware), pipeline.py (body -> checks -> ids -> engine -> reply),
-responses.py, routes/ (one router per area), server.py (uvicorn, timeouts).
+wrong type or out of range; 403 another user's data; 409 a user that exists; 429 queue full.
+This module only assembles: schemas.py (bodies), errors.py, guard.py (middleware), pipeline.py
+(body -> checks -> ids -> engine -> reply), responses.py, routes/ (one router per area),
+personal.py (users and memory), server.py (uvicorn, timeouts).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
 from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
+from pocketlm.serve import personal
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.routes import openai, ops
 from pocketlm.serve.routes.ops import STATIC
@@ -33,12 +36,17 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
-               moderation=(), moderation_backend=None) -> FastAPI:
+               data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None) -> FastAPI:
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
     ctx = ServerContext(engine, model_name, limits, api_key=api_key,
-                        allowed_hosts=tuple(h.lower() for h in allowed_hosts) if allowed_hosts else None)
+                        allowed_hosts=tuple(h.lower() for h in allowed_hosts) if allowed_hosts else None,
+                        memory_tokens=memory_tokens)
+    if data_dir is not None:  # users, their keys and memories (pocketlm.memory)
+        from pocketlm.memory import Store
+
+        ctx.memory_store = Store(data_dir)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -46,6 +54,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
         yield
         engine.stop()
         ctx.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if ctx.memory_store is not None:
+            ctx.memory_store.close()
 
     ctx.longest_token  # computed now rather than at the first request
     app = FastAPI(title="pocketlm", version="0.1.0", lifespan=lifespan)
@@ -59,4 +69,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     app.include_router(moderation_routes.router)
     from pocketlm.safety import get_backend
     moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)
+    if ctx.memory_store is not None:
+        personal.install(app, ctx)
     return app

@@ -3,6 +3,8 @@
     ctx.input_checks.append(check)      # check(turn) -> None | awaitable; raise APIError to refuse,
                                         # or edit turn.messages (memory adds context, moderation blocks)
     ctx.output_filters.append(make)     # make(turn) -> an OutputFilter (engine contract), one per request
+    turn.extra[name] = value            # a field of the reply (the JSON body; the first chunk of a stream)
+    turn.on_done.append(f)              # f(reply text) when the reply is complete (history)
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Turn:
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None     # None: what the context leaves room for
     ids: list[int] | None = None      # filled by the pipeline
+    extra: dict = field(default_factory=dict)  # top-level fields hooks add to the reply (memory_updates)
+    on_done: list[Callable] = field(default_factory=list)  # f(reply text) once the reply is complete
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     input_checks: list[Callable] = field(default_factory=list)
     output_filters: list[Callable] = field(default_factory=list)
+    memory_store: Any = None          # pocketlm.memory.Store with --data-dir: users, their keys and memories
+    memory_tokens: int = 300          # the most prompt tokens a user's memory block may add
     created: int = field(default_factory=lambda: int(time.time()))
     # tokenizing a long prompt takes a while: off the event loop, in a few threads (tokenizers releases
     # the GIL), so /health and streaming replies never wait for it

@@ -48,11 +48,20 @@ def _validation_error(request, e: RequestValidationError):
         return error_response(400, "the body must be a JSON object, sent with Content-Type: application/json",
                               code="invalid_json")
 
-    def where(err) -> str:
-        return ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    # the deepest location first: of a union's failed branches, the one that got furthest is the one meant
+    errors = sorted(errors, key=lambda err: -len(_where(err)))
+    message = "; ".join(f"{'.'.join(_where(err)) or 'body'}: {err.get('msg')}" for err in errors[:5])
+    return error_response(422, message, param=".".join(_where(errors[0])) or None, code="invalid_value")
 
-    message = "; ".join(f"{where(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
-    return error_response(422, message, param=where(first) or None, code="invalid_value")
+
+def _where(err) -> list[str]:
+    """A field's path as a client wrote it: messages.0.content, not pydantic's
+    body.messages.0.content.function-after[_encodable(), str] (the union branch it tried)."""
+    return [str(p) for p in err.get("loc", ()) if p != "body" and not (isinstance(p, str) and (
+        "[" in p or p in _BRANCHES))]
+
+
+_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _http_error(request, e: StarletteHTTPException):

@@ -6,13 +6,13 @@ than @app.middleware, which buffers streamed responses and hides client disconne
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pocketlm.serve.context import ServerContext
 from pocketlm.serve.errors import error_response, internal_error, log
+from pocketlm.serve.personal import principal
 
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
@@ -64,7 +64,7 @@ class Guard:
                                                  headers={"Connection": "close"})
             return message
 
-        refusal = self._refusal(path, headers)
+        refusal = self._refusal(path, headers, scope)
         try:
             await (refusal or self.app)(scope, receive_within_limits, send_and_note)
         except Exception:
@@ -74,7 +74,7 @@ class Guard:
         finally:
             self.ctx.metrics.request_done(path if path in KNOWN_PATHS else "other", status[0])
 
-    def _refusal(self, path: str, headers: dict):
+    def _refusal(self, path: str, headers: dict, scope):
         limits, ctx = self.ctx.limits, self.ctx
         host = headers.get(b"host", b"").decode("latin-1")
         if ctx.allowed_hosts is not None and _host_name(host).lower() not in ctx.allowed_hosts:
@@ -89,12 +89,11 @@ class Guard:
         if length > limits.max_body_bytes:
             return error_response(413, f"the request body is over {limits.max_body_bytes} bytes",
                                   code="request_too_large", headers={"Connection": "close"})
-        if ctx.api_key and path.startswith("/v1") and not self._authorized(headers):
-            return error_response(401, "missing or incorrect API key (send `Authorization: Bearer KEY`)",
-                                  code="invalid_api_key")
+        if path.startswith("/v1"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            who = principal(ctx.memory_store, ctx.api_key, token.strip() if scheme.lower() == "bearer" else None)
+            if who is None:
+                return error_response(401, "missing or incorrect API key (send `Authorization: Bearer KEY`)",
+                                      code="invalid_api_key")
+            scope.setdefault("state", {})["principal"] = who
         return None
-
-    def _authorized(self, headers) -> bool:
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode("latin-1"),
-                                                                     self.ctx.api_key.encode())

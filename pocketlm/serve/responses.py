@@ -33,7 +33,7 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
     if body.stream:
         await events.__anext__()  # submitted (errors surface here, as a status, before the stream starts)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(ctx, rid, events, chat, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(ctx, turn, rid, events, chat, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await events.__anext__()
     text, req = await _until_done(events, turn.http)
@@ -42,11 +42,13 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
     if req.finish_reason == "error":
         log.error("generation failed: %s", req.error)
         raise APIError(500, "generation failed (logged on the server)", type="server_error")
+    for done in turn.on_done:
+        done(text)
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                "finish_reason": req.finish_reason} if chat else
               {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": ctx.model_name, "choices": [choice], "usage": usage(req)}
+            "model": ctx.model_name, "choices": [choice], "usage": usage(req), **turn.extra}
 
 
 async def _run(ctx: ServerContext, ids, params, filters):
@@ -94,11 +96,11 @@ async def _until_done(events, http):
             return "", None
 
 
-async def _sse(ctx: ServerContext, rid, events, chat: bool, include_usage: bool):
+async def _sse(ctx: ServerContext, turn: Turn, rid, events, chat: bool, include_usage: bool):
     created_at = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text=None, finish=None, role=False, usage_=None, choices=True):
+    def chunk(text=None, finish=None, role=False, usage_=None, choices=True, extra=None):
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -108,19 +110,23 @@ async def _sse(ctx: ServerContext, rid, events, chat: bool, include_usage: bool)
                 "choices": [choice] if choices else []}
         if include_usage:
             data["usage"] = usage_
-        return f"data: {_json(data)}\n\n"
+        return f"data: {_json({**data, **(extra or {})})}\n\n"
 
     try:
         if chat:
-            yield chunk(role=True)
+            yield chunk(role=True, extra=turn.extra)
+        parts = []
         async for ev in events:
             if ev.finish_reason == "error":
                 log.error("generation failed: %s", ev.request.error)
                 yield f"data: {_json(error_body('generation failed (logged on the server)', 'server_error'))}\n\n"
                 break
             if ev.text:
+                parts.append(ev.text)
                 yield chunk(ev.text)
             if ev.finish_reason is not None:
+                for done in turn.on_done:
+                    done("".join(parts))
                 yield chunk(finish=ev.finish_reason)
                 if include_usage:
                     yield chunk(usage_=usage(ev.request), choices=False)

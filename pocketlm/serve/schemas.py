@@ -82,6 +82,7 @@ class Generation(_Body):
     repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=10)  # idem
     seed: Seed | None = None
     stop: Text | list[Text] | None = None
+    ignore_eos: bool = False                             # vLLM's: run to max_tokens (benchmarks)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -91,7 +92,7 @@ class Generation(_Body):
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
-                              stop=self.stop_list())
+                              stop=self.stop_list(), ignore_eos=self.ignore_eos)
 
     def unsupported(self) -> str | None:
         """The first recognised field of OpenAI's API this request uses and this server lacks."""
@@ -102,6 +103,10 @@ class Generation(_Body):
 class ChatCompletionRequest(Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
+    # OpenAI's end-user id; with --data-dir and the admin key, the user whose memory the chat uses
+    user: Text | None = None
+    # not OpenAI's: false is a temporary chat, memory neither read nor written (serve --data-dir)
+    memory: bool = True
 
 
 class CompletionRequest(Generation):

@@ -1,0 +1,98 @@
+"""Users and memory in the server (`serve --data-dir`): who a request is, and the chat hook that gives
+a user's requests its memory (pocketlm.memory) and reports what the turn wrote (`memory_updates`).
+
+Keys: the admin key (--api-key) reaches everything, and with the admin key a chat's `user` field
+picks whose memory it uses; a user's key (pocketlm user add) reaches its own data only, and its
+`user` field is ignored. `"memory": false` in a chat request is a temporary chat: nothing read,
+nothing written, no history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+from pocketlm.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: the admin, a user (by id and name), or anonymous."""
+    admin: bool = False
+    user_id: int | None = None
+    name: str | None = None
+
+
+def principal(store, admin_key: str | None, token: str | None) -> Principal | None:
+    """A bearer token -> who it is; None for a key this server refuses (a 401).
+
+    With an admin key set, every /v1 request needs that key or a user's. Without one, the server is
+    open as before users existed: a request without a user's key is anonymous (it chats, without
+    memory), and, on a server with no data dir either, the admin."""
+    if token and admin_key is not None and secrets.compare_digest(token.encode("latin-1"), admin_key.encode()):
+        return Principal(admin=True)
+    if token and store is not None:
+        from pocketlm.memory.store import KEY_PREFIX
+
+        found = store.authenticate_user(token) if token.startswith(KEY_PREFIX) else None
+        if found is not None:
+            return Principal(user_id=found[0], name=found[1])
+    if admin_key is not None:
+        return None
+    return Principal(admin=store is None)
+
+
+def who(request) -> Principal:
+    return request.scope.get("state", {}).get("principal") or Principal()
+
+
+def install(app, ctx) -> None:
+    """Users' routes and the chat hook, for a context with a memory store."""
+    from pocketlm.serve.routes import users
+
+    ctx.input_checks.append(lambda turn: _with_memory(ctx, turn))
+    app.include_router(users.router)
+
+
+def _chat_user(ctx, turn) -> int | None:
+    """Whose memory this chat uses, if anyone's."""
+    p, body = who(turn.http), turn.body
+    if p.admin and body.user is not None:
+        from pocketlm.memory import MemoryStoreError
+
+        try:
+            return ctx.memory_store.user_id(body.user)
+        except MemoryStoreError as e:
+            raise APIError(404, str(e), param="user", code="user_not_found") from None
+    return p.user_id
+
+
+async def _with_memory(ctx, turn) -> None:
+    if turn.kind != "chat" or not turn.body.memory:
+        return
+    uid = _chat_user(ctx, turn)
+    if uid is None:
+        return
+    from pocketlm.memory import UnknownUser, personalize
+
+    store, tok = ctx.memory_store, ctx.engine.tokenizer
+    last = next((m["content"] for m in reversed(turn.messages) if m["role"] == "user"), None)
+    try:
+        messages, updates, _ = await asyncio.to_thread(personalize, store, uid, turn.messages,
+                                                       lambda text: len(tok.encode(text, special=False)),
+                                                       budget=ctx.memory_tokens)
+        keep_history = last is not None and store.history_days(uid) > 0
+    except UnknownUser as e:  # erased since the key was checked
+        raise APIError(404, str(e), param="user", code="user_not_found") from None
+    turn.messages = messages
+    turn.extra["memory_updates"] = updates
+    if keep_history:
+        conversation = turn.http.headers.get("x-conversation-id") or "default"
+
+        def keep(reply: str):  # called on the event loop: the writes go to a thread
+            def write():
+                store.history_add(uid, conversation, "user", last)
+                store.history_add(uid, conversation, "assistant", reply)
+            asyncio.get_running_loop().run_in_executor(None, write)
+        turn.on_done.append(keep)
