@@ -127,6 +127,10 @@ def test_caps_on_stop_strings_messages_and_prompt_tokens(app_client, lm):
     with in_process(capped) as c:
         refused(post(c, "/v1/completions", {**COMPLETION, "prompt": "word " * 4}), 400, "prompt")
         assert post(c, "/v1/completions", {**COMPLETION, "prompt": "Hi"}).status_code == 200
+    full = create_app(Engine(model, tok, max_batch=1, max_seq_len=48), "tiny", limits=Limits(max_queue=0))
+    with in_process(full) as c:  # a queue that is always full
+        r = post(c, "/v1/chat/completions", CHAT)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
 
 
 @pytest.mark.parametrize("field, value, neutral", [

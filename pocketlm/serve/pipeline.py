@@ -13,7 +13,6 @@ import inspect
 
 from jinja2 import TemplateError
 
-from pocketlm.infer.engine import ContextLengthError
 from pocketlm.infer.generate import encode_chat, encode_completion
 from pocketlm.infer.sampling import SamplingError, SamplingParams
 from pocketlm.serve.context import ServerContext, Turn
@@ -31,9 +30,6 @@ async def run_turn(ctx: ServerContext, turn: Turn):
     loop = asyncio.get_running_loop()
     turn.ids = await loop.run_in_executor(ctx.tokenize_pool, prompt_ids, ctx, turn)
     params = sampling(ctx, turn)
-    if ctx.engine.queue_depth >= ctx.limits.max_queue:
-        raise APIError(429, f"{ctx.engine.queue_depth} requests are waiting; try again shortly",
-                       code="queue_full", type="rate_limit_error")
     filters = [make(turn) for make in ctx.output_filters]
     return await respond(ctx, turn, params, filters)
 
@@ -48,6 +44,9 @@ def cheap_checks(ctx: ServerContext, turn: Turn) -> None:
     if body.model != ctx.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server has {ctx.model_name!r}",
                        param="model", code="model_not_found")
+    if ctx.engine.queue_depth >= limits.max_queue:  # overloaded: refuse before spending a tokenizer on it
+        raise APIError(429, f"{ctx.engine.queue_depth} requests are waiting; try again shortly",
+                       code="queue_full", type="rate_limit_error")
     if (field := body.unsupported()) is not None:
         _refuse(field, "this server does not support this field yet (leave it out, or null)", "unsupported_parameter")
     stop = body.stop_list()
@@ -107,5 +106,5 @@ def sampling(ctx: ServerContext, turn: Turn) -> SamplingParams:
                        code="context_length_exceeded")
     try:
         return turn.body.sampling(turn.max_tokens or room)
-    except (SamplingError, ContextLengthError) as e:
+    except SamplingError as e:
         raise APIError(422, str(e), code="invalid_value") from None
