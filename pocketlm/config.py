@@ -45,8 +45,8 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after N evals without val improvement; 0 = off
     dtype: str = "bf16"             # autocast dtype: bf16 | fp32
     compile: bool = False           # torch.compile the model
-    compile_scope: str = "model"    # model: one graph, fastest steps | blocks: each block alone, a
-                                    # ~2.5x quicker cold compile for ~10% slower steps (measured on CPU)
+    compile_scope: str = "model"    # model: one graph, fastest steps | blocks: one graph all blocks share,
+                                    # a shorter cold compile for ~10% slower steps (measured on CPU)
     seed: int = 1337
     log_every: int = 10
     dist: str = "auto"              # under torchrun: auto (today DDP) | ddp; one process trains the plain model

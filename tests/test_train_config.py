@@ -60,3 +60,20 @@ def test_config_errors_are_pocketlm_errors():
         load_config(None, {"train.grad_accum": "0"})
     with pytest.raises(PocketLMError, match="unknown config section 'optim'"):
         load_config(None, {"optim.lr": "1"})
+
+
+def test_the_demo_config_documents_every_key():
+    """configs/demo.yaml lists every model and train key with a comment on its line (vocab_size, which
+    pretrain takes from the data, in a comment of its own)."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from pocketlm.config import TrainConfig
+    from pocketlm.model import ModelConfig
+
+    lines = (Path(__file__).parents[1] / "configs" / "demo.yaml").read_text().splitlines()
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            documented = [ln for ln in lines if re.match(rf"\s+{f.name}: \S.*#\s*\S", ln) or re.match(rf"\s+# {f.name} ", ln)]
+            assert documented, f"configs/demo.yaml: {section}.{f.name} missing or without a comment"
