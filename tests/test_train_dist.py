@@ -62,14 +62,19 @@ def torchrun(script, data_dir, out, minutes, mode):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            str(script), str(data_dir), str(out), str(minutes), mode]
-    # its own session, so a hung run's workers are killed with it, not left waiting on a collective
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
+        # a hung run: SIGTERM lets torchrun stop its workers (they wait on a collective, in sessions of
+        # their own); SIGKILL to the launcher's group only if that does not end it
+        proc.terminate()
+        try:
+            log, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
         pytest.fail(f"the 2-rank run hung (ranks out of step?):\n{log[-3000:]}")
     assert proc.returncode == 0, log[-3000:]
     results = [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
