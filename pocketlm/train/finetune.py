@@ -10,7 +10,8 @@ torchrun all come from pocketlm.train.loop. What is particular to fine-tuning:
   - RUN/task.json records how rows became prompts, so `pocketlm eval` renders them the same way.
 
 A config file may have `model:` (only `dropout` applies: the architecture comes from --model),
-`train:` (TrainConfig) and `finetune:` (FinetuneConfig) sections; flags and --key=value win over it.
+`train:` (TrainConfig) and `finetune:` (FinetuneConfig) sections, parsed and validated by
+pocketlm.config like pre-training's; flags and --key=value win over it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ import json
 import random
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pocketlm.config import ConfigError, load_config
+from pocketlm.config import ConfigError, FinetuneConfig, load_finetune_config
 from pocketlm.data.sft import (SFTBatches, SFTEvalBatches, TaskSpec, detect_file_format, encode_examples, load_examples,
                                parse_labels)
 from pocketlm.model import load_model
@@ -36,87 +35,10 @@ from pocketlm.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, appl
 from pocketlm.train.dist import setup_distributed, teardown
 from pocketlm.train.loop import train
 
-# Fine-tuning wants gentler settings than pre-training's TrainConfig defaults; a config file or a
-# --key=value override replaces any of them.
-TRAIN_DEFAULTS = {"batch_size": 8, "seq_len": 1024, "max_steps": 300, "warmup_steps": 20, "lr": 3e-5,
-                  "weight_decay": 0.0, "min_lr_ratio": 0.0, "eval_every": 50, "eval_batches": 50, "log_every": 10}
-LORA_LR = 5e-4
-
-
-@dataclass
-class FinetuneConfig:
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    val_fraction: float = 0.05      # held out of the training file when there is no --val-data
-    max_val_examples: int = 500
-    group_by_length: bool = True    # batch examples of similar length (less padding)
-    # Pack short examples into rows of up to seq_len tokens (batch_size then counts rows). Off by default:
-    # on 2 CPU cores, grouping by length already leaves ~1% padding, and packed epochs ran ~12% slower
-    # (longer rows, masked attention; benchmarks/packing.py). It pays where grouping cannot (37% padding unsorted).
-    pack: bool = False
-    system: str | None = None
-    instruction: str | None = None
-    labels: str | None = None       # classification: "0=negative,1=positive"
-    no_answer: str | None = None    # QA reply for unanswerable questions
-    limit: int = 0                  # use only the first N training rows (0: all)
-    skip_invalid: bool = False      # leave out rows that fail validation (counted and reported) instead of stopping
-
-
-def _read_sections(path) -> tuple[dict, dict, dict]:
-    if path is None:
-        return {}, {}, {}
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict) or set(raw) - {"model", "train", "finetune"}:
-        raise ConfigError(f"{path}: expected sections model, train, finetune; got {list(raw) if isinstance(raw, dict) else raw!r}")
-    return raw.get("model") or {}, raw.get("train") or {}, raw.get("finetune") or {}
-
-
-def _finetune_config(values: dict, where: str) -> FinetuneConfig:
-    valid = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-    unknown = set(values) - set(valid)
-    if unknown:
-        raise ConfigError(f"{where}: unknown finetune keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
-    out = FinetuneConfig()
-    for k, v in values.items():
-        default = getattr(out, k)
-        try:
-            if isinstance(default, bool):
-                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-            elif isinstance(default, (int, float)) and not isinstance(v, (int, float)):
-                v = type(default)(v)
-        except ValueError:
-            raise ConfigError(f"finetune.{k}: expected {type(default).__name__}, got {v!r}") from None
-        setattr(out, k, v)
-    return out
-
-
 def build_configs(config_path=None, overrides: dict | None = None, flags: dict | None = None):
     """(TrainConfig, FinetuneConfig, dropout or None) from defaults < config file < flags/overrides."""
-    model_sec, train_sec, ft_sec = _read_sections(config_path)
-    if set(model_sec) - {"dropout"}:
-        raise ConfigError(f"{config_path}: model section: only 'dropout' applies when fine-tuning "
-                          f"(the architecture comes from --model), got {sorted(model_sec)}")
-    overrides = dict(overrides or {})
-    ft_over = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("finetune.")}
-    ft = _finetune_config({**ft_sec, **ft_over, **{k: v for k, v in (flags or {}).items() if v is not None}},
-                          config_path or "flags")
-    dropout = overrides.pop("model.dropout", overrides.pop("dropout", model_sec.get("dropout")))
-    defaults = {**TRAIN_DEFAULTS, **({"lr": LORA_LR} if ft.lora else {})}
-    merged = {f"train.{k}": v for k, v in {**defaults, **train_sec}.items()}
-    for k, v in overrides.items():
-        if k.startswith("model."):
-            raise ConfigError(f"--{k}: only model.dropout applies when fine-tuning")
-        merged[k if "." in k else f"train.{k}"] = v
-    cfg = load_config(None, merged).train
-    return cfg, ft, (None if dropout is None else float(dropout))
+    run = load_finetune_config(config_path, overrides, flags)
+    return run.train, run.finetune, run.dropout
 
 
 def set_dropout(model, p: float) -> None:

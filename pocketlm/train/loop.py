@@ -2,8 +2,14 @@
 
 It takes a model, a TrainConfig and two batch sources, and owns everything a run needs: AdamW or
 Muon, warmup + cosine / WSD schedule (stretched to a time budget), gradient accumulation and
-clipping, bf16 autocast, optional torch.compile, DDP under torchrun, periodic validation
-(loss, bits per byte), early stopping with the best checkpoint kept, atomic checkpoints and exact resume.
+clipping, bf16 autocast, optional torch.compile, periodic validation (loss, bits per byte), early
+stopping with the best checkpoint kept. The parallel wrapper (DDP under torchrun) comes from
+pocketlm.train.dist, checkpoints and resume from pocketlm.train.checkpointer.
+
+Resume reproduces the uninterrupted run bit for bit when the run is bounded by steps. With a time
+budget (max_minutes) the lr schedule and the last step follow the wall clock, so neither a resumed nor
+a repeated run matches another bit for bit; the resumed run continues the budget where it stopped.
+Under torchrun the clock read is rank 0's, broadcast every step, so all ranks stop at the same step.
 
 Batch sources:
     train_data.next_batch() -> (inputs, targets[, doc_ids, real_tokens])
@@ -19,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from pocketlm.config import TrainConfig
-from pocketlm.model.checkpoint import CheckpointError, list_checkpoints, load_weights, save_checkpoint, WEIGHTS
-from pocketlm.train.dist import DistInfo, all_reduce_mean, barrier
+from pocketlm.train.checkpointer import Checkpointer
+from pocketlm.train.dist import DistInfo, all_reduce_mean, from_main, grad_sync, wrap_model
 from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
 from pocketlm.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -46,63 +51,6 @@ def _unpack(batch, device):
         return x, y, None, x.numel()
     doc_ids, real = batch[2], batch[3]
     return x, y, (None if doc_ids is None else doc_ids.to(device)), real
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-class Checkpointer:
-    """Writes step-N checkpoints (and `best`) on rank 0, keeps the newest few, and restores a run.
-    `save_weights(dir, model)` / `load_weights(dir, model)` replace the full-weights save and load
-    (a LoRA run saves and restores only its adapter; the frozen base is read from its source again)."""
-
-    def __init__(self, run_dir: Path, model, tokenizer, optimizers, train_data, cfg: TrainConfig, dist: DistInfo,
-                 extra_config: dict | None = None, save_weights=None, load_weights=None):
-        self.dir = run_dir / "checkpoints"
-        self.model, self.tokenizer, self.optimizers, self.train_data = model, tokenizer, optimizers, train_data
-        self.cfg, self.dist, self.extra_config = cfg, dist, extra_config
-        self.save_weights, self.load_weights = save_weights, load_weights
-
-    def save(self, step: int, state: dict, name: str | None = None) -> None:
-        if self.dist.is_main:
-            path = self.dir / (name or f"step-{step:06d}")
-            full_state = {**state, "step": step, "data": self.train_data.state_dict(), "rng": _rng_state()}
-            optim = {"optimizers": [o.state_dict() for o in self.optimizers]}
-            save_checkpoint(path, self.model, self.tokenizer, state=full_state, optimizer_state=optim,
-                            extra_config=self.extra_config, save_weights=self.save_weights)
-            if name is None:
-                for old in list_checkpoints(self.dir.parent)[: -self.cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
-        barrier()
-
-    def restore(self) -> dict | None:
-        found = list_checkpoints(self.dir.parent)
-        if not found:
-            return None
-        path = found[-1]
-        if self.load_weights is not None:
-            self.load_weights(path, self.model)
-        elif (path / WEIGHTS).exists():
-            load_weights(self.model, path / WEIGHTS)
-        else:
-            raise CheckpointError(f"{path}: holds a LoRA adapter, not {WEIGHTS}; resume it as a LoRA run (--lora)")
-        optim = torch.load(path / "optim.pt", weights_only=True)
-        for opt, sd in zip(self.optimizers, optim["optimizers"]):
-            opt.load_state_dict(sd)
-        state = json.loads((path / "state.json").read_text())
-        self.train_data.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
-        return state
 
 
 def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, resume: bool = False,
@@ -133,10 +81,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     elif dist.is_main and log.file.exists():
         log.file.unlink()  # a fresh run starts a fresh log
 
-    step_model = model
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        step_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    step_model = parallel = wrap_model(model, cfg.dist, dist)
     # batches of varying length (fine-tuning) compile once with symbolic shapes, not once per length
     dynamic = True if varying_lengths else None
     if cfg.compile and cfg.compile_scope == "blocks":
@@ -172,10 +117,14 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             bar.write(f"step 0: val loss {state['initial_val']['val_loss']:.4f}")
     stop_reason = "max_steps"
     while step < cfg.max_steps:
-        elapsed = time.perf_counter() - t_start
+        # rank 0's clock decides the stop and the lr for every rank: ranks whose own clocks disagreed
+        # would stop at different steps (a collective mismatch) and train with different lrs
+        elapsed = from_main(time.perf_counter() - t_start, dist.device) if budget else 0.0
         if budget and elapsed >= budget:
             stop_reason = "time budget"
             break
+        if step == 1 and budget:  # the first step's time, cold compile included, on rank 0's clock
+            state["first_step_s"] = elapsed
         # a time budget's schedule spans the time left after the first step (the cold compile), not the wall clock
         warm = state["first_step_s"]
         progress = max(step / cfg.max_steps, (elapsed - warm) / (budget - warm) if budget else 0.0)
@@ -183,8 +132,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         loss_sum = step_tokens = step_flops = 0.0
         for micro in range(cfg.grad_accum):
             x, y, doc_ids, real = _unpack(train_data.next_batch(), dist.device)
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or dist.world_size == 1 else step_model.no_sync()
-            with sync:
+            with grad_sync(parallel, enabled=micro == cfg.grad_accum - 1):
                 with autocast:
                     _, loss = step_model(x, y, doc_ids=doc_ids)
                 (loss / cfg.grad_accum).backward()
@@ -208,8 +156,6 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         window_flops += step_flops
         state["tokens"] += round(step_tokens)
         state["elapsed"] = time.perf_counter() - t_start
-        if step == 1:
-            state["first_step_s"] = state["elapsed"]
 
         if step % cfg.log_every == 0 or step == 1:
             dt = time.perf_counter() - t_window
