@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from pocketlm.infer import gemv  # noqa: E402
 from pocketlm.infer.engine import Engine  # noqa: E402
+from pocketlm.infer.fused import weight_bytes_per_token  # noqa: E402
 from pocketlm.infer.generate import encode_chat  # noqa: E402
 from pocketlm.infer.sampling import SamplingParams  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
@@ -171,7 +172,7 @@ def main():
             batch = make_engine(max_batch=args.streams, compile=best != "pocketlm")
             engine_decode_rate(batch, prompts, 8)
             streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
-        weight_bytes = model.weight_bytes_per_token()  # every weight once, the embedding table one row
+        weight_bytes = weight_bytes_per_token(model)  # every weight once, the embedding table one row
         kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * \
             engines["pocketlm"].cache.k.element_size() * (len(prompts[0]) + args.new_tokens / 2)
         res = {k: summary(v) for k, v in rates.items()}
