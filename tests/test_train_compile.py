@@ -44,13 +44,8 @@ def test_compiled_pretrain_matches_eager(data_dir, tmp_path, compile_backend):
     compiled_and_eager(args, tmp_path, ["--train.compile_scope=model"])
 
 
-GRAPH_BREAK = ("model/gpt.py passes is_causal=(mask is None and T > 1), a SymBool under symbolic lengths: "
-               "every attention call breaks the graph")
-
-
 @pytest.mark.parametrize("pack", [pytest.param(True, id="packed"),
-                                  pytest.param(False, id="by-length", marks=[pytest.mark.slow, pytest.mark.xfail(
-                                      reason=GRAPH_BREAK, strict=True)])])
+                                  pytest.param(False, id="by-length", marks=pytest.mark.slow)])
 def test_compiled_finetune_matches_eager(base, tmp_path, compile_backend, pack):  # noqa: F811
     # per block, as the recipes run; unpacked batches vary in length and compile with symbolic shapes
     data = keyword_data(tmp_path / "train.jsonl", 40)

@@ -171,7 +171,9 @@ class Attention(nn.Module):
         if mask is None and T > 1 and dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled():
             y = training_attention(q, k, v, cfg.n_head // cfg.n_kv_head)  # None where SDPA is the better choice
         if y is None:  # no mask: training or a full prefill from position 0, the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            # a plain bool: under symbolic lengths `T > 1` is a SymBool, and SDPA given one breaks the graph
+            causal = mask is None and bool(T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
         return self.resid_dropout(project(self.o_proj, y, batch))
