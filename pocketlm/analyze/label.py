@@ -77,7 +77,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
     def encode(row):
-        return tok.encode(tok.apply_chat_template(messages(row), add_generation_prompt=True))
+        return tok.encode_chat(messages(row))  # contents as text: a row cannot forge a turn
 
     if dry_run:
         return _dry_run(engine, table, messages, encode, params, labels, schema_dict)

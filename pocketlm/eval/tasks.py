@@ -76,7 +76,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
     """The conversation without its last (assistant) message, ending in the generation prompt."""
-    return tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True))
+    return tokenizer.encode_chat(messages[:-1])  # contents as text, as the server and fine-tuning encode them
 
 
 # ---- tasks --------------------------------------------------------------------------------------
