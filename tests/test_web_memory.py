@@ -30,7 +30,7 @@ XSS = '<img src=x onerror="window.pwned=1">Bob\'s <b>bold</b> note'
 def setup(tmp_path_factory):
     model, tok = tiny_lm()
     data = tmp_path_factory.mktemp("users")
-    keys = {name: user_add(name, data) for name in ("alice", "bob")}
+    keys = {name: user_add(name, data) for name in ("alice", "bob", "cy")}
     ckpt = save_checkpoint(tmp_path_factory.mktemp("web") / "tiny", model, tok)
     with running_server(ckpt, "--max-batch", "2", "--data-dir", str(data), "--api-key", ADMIN) as url:
         for user, text, kind in (("alice", "I like green tea", "preference"), ("alice", "My locker code is 4312", "fact"),
@@ -110,6 +110,17 @@ def test_whoami_tells_a_key_its_own_user(setup):
     for headers in ({"Authorization": "Bearer plm-not-a-key"}, {}):
         r = httpx.get(url + "/v1/users/me", headers=headers, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_an_update_reports_the_memory_before_it_for_undo(setup):
+    url, keys, _ = setup
+    say = lambda text: api(url, keys["cy"], "POST", "/v1/chat/completions", {  # noqa: E731
+        "model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": text}]})["memory_updates"]
+    mid = say("My name is Ana.")[0]["id"]
+    api(url, keys["cy"], "PATCH", f"/v1/users/cy/memories/{mid}", {"enabled": False})
+    (update,) = say("My name is Bea.")
+    assert update == {"id": mid, "action": "update", "text": "The user's name is Bea.", "kind": "fact",
+                      "previous": {"text": "The user's name is Ana.", "kind": "fact", "enabled": False}}
 
 
 @needs_chromium
