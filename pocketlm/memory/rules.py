@@ -1,6 +1,7 @@
 """The write path: what a user's message asks to be remembered or forgotten, by explicit phrases and a
 few simple rules. Each write or delete comes back as a `memory_updates` record
-{"id", "action": "add" | "update" | "delete", "text", "kind"} for the server to report (and undo).
+{"id", "action": "add" | "update" | "delete", "text", "kind"} for the server to report (and undo); an
+update also carries "previous": {"text", "kind", "enabled"}, the memory before it, so undo restores it.
 
 Rules, per sentence (questions are never writes):
     remember (that) X          -> X as a fact (a preference if it says "I prefer/like …", an
@@ -105,4 +106,5 @@ def _set_slot(store: Store, user_id: int, slot: str, text: str, kind: str) -> li
         return [_record(store.memory_add(user_id, text, kind, slot=slot), "add")]
     if old["text"] == text:
         return []
-    return [_record(store.memory_edit(user_id, old["id"], text=text, enabled=True), "update")]
+    previous = {"text": old["text"], "kind": old["kind"], "enabled": old["enabled"]}
+    return [{**_record(store.memory_edit(user_id, old["id"], text=text, enabled=True), "update"), "previous": previous}]

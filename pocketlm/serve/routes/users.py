@@ -2,6 +2,7 @@
 
     POST   /v1/users                         admin: create a user {"name", "history_days"?}; its key, once
     GET    /v1/users                         admin: the users' names
+    GET    /v1/users/me                      who this key is: {"name": the user's or null, "admin"}
     GET    /v1/users/{u}/memories            the user's memories (?kind=fact)
     POST   /v1/users/{u}/memories            add one {"text", "kind"?, "enabled"?}
     PATCH  /v1/users/{u}/memories/{id}       change text / kind / enabled
@@ -104,6 +105,13 @@ def create_user(body: NewUser, request: Request):
 def list_users(request: Request):
     store = _admin(request, "listing users")
     return {"object": "list", "data": [{"object": "user", "name": n} for n in store.users()]}
+
+
+@router.get("/me")
+def whoami(request: Request):
+    """The web page's first question: whose memory a key reaches (a user's key learns its own name)."""
+    p = who(request)
+    return {"object": "user", "name": p.name, "admin": p.admin}
 
 
 @router.get("/{name}/memories")

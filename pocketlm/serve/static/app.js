@@ -1,25 +1,23 @@
 // pocketlm web chat: keeps the conversation, streams replies from /v1/chat/completions (SSE),
-// and lets the reader stop a reply. Plain browser JavaScript, no build step.
+// and lets the reader stop a reply. Plain browser JavaScript modules, no build step: api.js holds the
+// key, memory.js the Memory panel, the temporary-chat switch and the memory notes under replies.
 "use strict";
+
+import { headers, initKey } from "./api.js";
+import { initMemory, noteUpdates, temporary, whoami } from "./memory.js";
 
 const $ = (id) => document.getElementById(id);
 const els = {
   messages: $("messages"), empty: $("empty"), composer: $("composer"), input: $("input"), send: $("send"),
   system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
-  maxTokens: $("max-tokens"), apiKey: $("api-key"), modelName: $("model-name"), dot: $("status-dot"),
+  maxTokens: $("max-tokens"), modelName: $("model-name"), dot: $("status-dot"),
   settings: $("settings"), toggleSettings: $("toggle-settings"), newChat: $("new-chat"),
 };
 
-const SAVED = ["system", "temperature", "maxTokens", "apiKey"];  // settings remembered across visits
+const SAVED = ["system", "temperature", "maxTokens"];  // settings remembered across visits (the key: api.js)
 let model = null;
 let history = [];        // [{role, content}] sent with every turn
 let controller = null;   // AbortController of the reply being streamed
-
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  if (els.apiKey.value.trim()) h["Authorization"] = "Bearer " + els.apiKey.value.trim();
-  return h;
-}
 
 async function loadModel() {
   try {
@@ -98,6 +96,8 @@ async function send(text) {
     model, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number(els.temperature.value), max_tokens: Number(els.maxTokens.value) || 256,
   };
+  const temp = temporary();
+  if (temp) body.memory = false;  // a temporary chat: the server neither reads nor writes memory
   let content = "", usage = null, finish = null;
   const started = performance.now();
   try {
@@ -111,6 +111,7 @@ async function send(text) {
     for await (const chunk of sse(r)) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) usage = chunk.usage;
+      if (chunk.memory_updates) noteUpdates(reply.wrap, chunk.memory_updates);
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
       if (choice.delta && choice.delta.content) {
@@ -124,6 +125,8 @@ async function send(text) {
     const parts = [];
     if (usage) parts.push(`${usage.completion_tokens} tokens`, `${(usage.completion_tokens / seconds).toFixed(1)} tok/s`);
     if (finish === "length") parts.push("stopped at max tokens");
+    if (temp) parts.push("temporary chat: memory not used");
+    if (usage) reply.wrap.dataset.promptTokens = usage.prompt_tokens;
     reply.meta.textContent = parts.join(" · ");
   } catch (e) {
     if (e.name === "AbortError") {
@@ -180,6 +183,8 @@ for (const key of SAVED) {
   if (saved !== null) els[key].value = saved;
   els[key].addEventListener("change", () => localStorage.setItem("pocketlm." + key, els[key].value));
 }
-els.apiKey.addEventListener("change", loadModel);
+initKey(() => { loadModel(); whoami(); });
+initMemory();
 els.temperatureValue.textContent = Number(els.temperature.value).toFixed(2);
 loadModel();
+whoami();
