@@ -27,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, print_machine  # noqa: E402
 
-from pocketlm.data.sft import TaskSpec, encode_examples, load_examples, pad_batch, parse_labels  # noqa: E402
+from pocketlm.data.sft import TaskSpec, encode_examples, load_examples, parse_labels  # noqa: E402
+from pocketlm.data.sft_batches import pad_batch  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 from pocketlm.model.lora import ALL_TARGETS, add_lora  # noqa: E402
 from pocketlm.train.finetune import frozen_to_bf16  # noqa: E402

@@ -28,7 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_machine  # noqa: E402
 
-from pocketlm.data.sft import SFTBatches, encode_examples, load_examples  # noqa: E402
+from pocketlm.data.sft import encode_examples, load_examples  # noqa: E402
+from pocketlm.data.sft_batches import SFTBatches  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 from pocketlm.model.lora import add_lora  # noqa: E402
 from pocketlm.train.finetune import build_configs, frozen_to_bf16, task_spec  # noqa: E402

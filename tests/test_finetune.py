@@ -146,7 +146,8 @@ def test_the_loop_passes_packed_rows_to_the_model_and_counts_only_real_tokens(ba
     """The first logged loss of packed rows is the unpacked loss of the same examples (so doc_ids
     reached the model), and the run's token count is the real tokens, not rows x seq_len."""
     from pocketlm.config import load_config
-    from pocketlm.data.sft import encode_examples, load_examples, pack_batch, pack_rows, pad_batch
+    from pocketlm.data.sft import encode_examples, load_examples
+    from pocketlm.data.sft_batches import pack_batch, pack_rows, pad_batch
     from pocketlm.train.loop import train
 
     model, tok = load_model(base)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pocketlm.cli import main
-from pocketlm.data.sft import (SFTBatches, SFTDataError, TaskSpec, assistant_spans, encode_example, encode_examples,
-                               load_examples, pack_batch, pack_rows, pad_batch, parse_labels)
+from pocketlm.data.sft import SFTDataError, TaskSpec, assistant_spans, encode_example, encode_examples, load_examples, parse_labels
+from pocketlm.data.sft_batches import SFTBatches, pack_batch, pack_rows, pad_batch
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import Tokenizer
 

@@ -16,7 +16,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from pocketlm.data.sft import pad_batch
+from pocketlm.data.sft_batches import pad_batch
 from pocketlm.errors import InputError
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pocketlm.data.sft import TaskSpec, encode_example, load_examples, pad_batch
+from pocketlm.data.sft import TaskSpec, encode_example, load_examples
+from pocketlm.data.sft_batches import pad_batch
 from pocketlm.eval.metrics import classification_report, normalize_answer, qa_report
 from pocketlm.errors import InputError
 

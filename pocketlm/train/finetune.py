@@ -27,8 +27,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pocketlm.config import ConfigError, FinetuneConfig, load_finetune_config
-from pocketlm.data.sft import (SFTBatches, SFTEvalBatches, TaskSpec, detect_file_format, encode_examples, load_examples,
-                               parse_labels)
+from pocketlm.data.sft import TaskSpec, detect_file_format, encode_examples, load_examples, parse_labels
+from pocketlm.data.sft_batches import SFTBatches, SFTEvalBatches
 from pocketlm.model import load_model
 from pocketlm.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, apply_adapter, load_adapter_weights,
                                  lora_modules, save_adapter)
