@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
 from pocketlm.serve.context import Limits, ServerContext
-from pocketlm.serve import personal
+from pocketlm.serve import personal, structured
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.routes import openai, ops
 from pocketlm.serve.routes.ops import STATIC
@@ -55,6 +55,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
         if ctx.memory_store is not None:
             ctx.memory_store.close()
 
+    structured.install(ctx)  # response_format
     ctx.longest_token  # computed now rather than at the first request
     app = FastAPI(title="pocketlm", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
