@@ -24,6 +24,8 @@ import asyncio
 import functools
 import json
 
+import torch
+
 from pocketlm.infer.constrain import NEG_INF, JsonSchema, SchemaError, compile_schema, end_token
 from pocketlm.serve.context import ServerContext, Turn
 from pocketlm.serve.errors import APIError
@@ -120,7 +122,10 @@ class Guarded:
     def process(self, logits):
         if self.failure is None:
             try:
-                return self.inner.process(logits)
+                out = self.inner.process(logits)
+                if bool(torch.isfinite(out).any()):
+                    return out
+                self._fail("the grammar allows no next token")  # sampling from all -inf would fail the step
             except Exception as e:  # noqa: BLE001 - ends this reply only
                 self._fail(e)
         out = logits.new_full(logits.shape, NEG_INF)
