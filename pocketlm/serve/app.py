@@ -1,6 +1,7 @@
 """`pocketlm serve`: an OpenAI-compatible HTTP API over the engine, and a web chat page at /.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events, then `data: [DONE]`)
+    POST /v1/embeddings         with a sentence encoder (routes/embeddings.py)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
     POST /v1/moderations        (moderation.py; with --moderation also the input and output of replies)
     /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
@@ -25,9 +26,9 @@ from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
 from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
-from pocketlm.serve import personal
+from pocketlm.serve import personal, structured
 from pocketlm.serve.guard import Guard
-from pocketlm.serve.routes import openai, ops
+from pocketlm.serve.routes import embeddings, openai, ops
 from pocketlm.serve.routes.ops import STATIC
 from pocketlm.serve.server import serve  # noqa: F401  (pocketlm.serve.app.serve, the library verb)
 
@@ -36,7 +37,8 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
-               data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None) -> FastAPI:
+               data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None,
+               embedding_model=None) -> FastAPI:
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
@@ -57,6 +59,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
         if ctx.memory_store is not None:
             ctx.memory_store.close()
 
+    structured.install(ctx)  # response_format
     ctx.longest_token  # computed now rather than at the first request
     app = FastAPI(title="pocketlm", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
@@ -71,4 +74,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)
     if ctx.memory_store is not None:
         personal.install(app, ctx)
+    if embeddings.available(embedding_model):  # /v1/embeddings (None: the default model if installed)
+        app.state.embedder = embeddings.Embedder(embedding_model)
+        app.include_router(embeddings.router)
     return app

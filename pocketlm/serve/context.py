@@ -5,6 +5,7 @@
     ctx.output_filters.append(make)     # make(turn) -> an OutputFilter (engine contract), one per request
     turn.extra[name] = value            # a field of the reply (the JSON body; the first chunk of a stream)
     turn.on_done.append(f)              # f(reply text) when the reply is complete (history)
+    turn.processors.append(p)           # a logits processor (engine contract) for this request (response_format)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Turn:
     ids: list[int] | None = None      # filled by the pipeline
     extra: dict = field(default_factory=dict)  # top-level fields hooks add to the reply (memory_updates)
     on_done: list[Callable] = field(default_factory=list)  # f(reply text) once the reply is complete
+    processors: list = field(default_factory=list)  # the request's logits processors (structured.py)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _json(obj) -> str:
 async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
     chat = turn.kind == "chat"
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    events = _run(ctx, turn.ids, params, filters)
+    events = _run(ctx, turn.ids, params, filters, turn.processors)
     body = turn.body
     if body.stream:
         await events.__anext__()  # submitted (errors surface here, as a status, before the stream starts)
@@ -51,12 +51,14 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
             "model": ctx.model_name, "choices": [choice], "usage": usage(req), **turn.extra}
 
 
-async def _run(ctx: ServerContext, ids, params, filters):
+async def _run(ctx: ServerContext, ids, params, filters, processors=()):
     """Yields None once submitted, then the request's events as they come out of the engine thread;
     cancels the request when abandoned."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     extras = {"output_filters": filters} if filters else {}  # engines before the output-filter hook take none
+    if processors:
+        extras["processors"] = processors
     try:
         req = ctx.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), **extras)
     except ContextLengthError as e:
@@ -125,8 +127,12 @@ async def _sse(ctx: ServerContext, turn: Turn, rid, events, chat: bool, include_
                 parts.append(ev.text)
                 yield chunk(ev.text)
             if ev.finish_reason is not None:
-                for done in turn.on_done:
-                    done("".join(parts))
+                try:
+                    for done in turn.on_done:
+                        done("".join(parts))
+                except APIError as e:  # the reply is refused after all (a schema that could not be followed)
+                    yield f"data: {_json(error_body(e.message, e.type, e.param, e.code))}\n\n"
+                    break
                 yield chunk(finish=ev.finish_reason)
                 if include_usage:
                     yield chunk(usage_=usage(ev.request), choices=False)

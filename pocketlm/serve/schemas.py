@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from pocketlm.infer.sampling import MIN_PENALTY, SamplingParams
 
@@ -43,7 +43,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": _in_use(None),
     "top_logprobs": _in_use(0),
     "n": _in_use(1),
-    "response_format": _in_use({"type": "text"}),
 }
 
 
@@ -69,6 +68,25 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for the name
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # either way the reply is valid by construction (structured.py)
+
+
+class ResponseFormat(_Body):
+    """OpenAI's three: text, json_object, json_schema (with json_schema given); pocketlm.serve.structured."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema' ({\"name\", \"schema\"})")
+        return self
+
+
 class Generation(_Body):
     # extra fields are kept (not validated) so the pipeline can name the unsupported ones
     model_config = ConfigDict(strict=True, extra="allow")
@@ -85,6 +103,7 @@ class Generation(_Body):
     ignore_eos: bool = False                             # vLLM's: run to max_tokens (benchmarks)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None        # OpenAI's for chat; vLLM's for completions too
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

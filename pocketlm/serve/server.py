@@ -55,7 +55,8 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 8, max_seq_len: int = 2048,
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
           allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, moderation=(),
-          moderation_backend: str = "rules", guard_model=None, moderation_words=None) -> None:
+          moderation_backend: str = "rules", guard_model=None, moderation_words=None,
+          embedding_model=None) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
     host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding."""
     import uvicorn
@@ -80,7 +81,8 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
     from pocketlm.safety import get_backend
     backend = get_backend(moderation_backend, guard_model=guard_model, words=moderation_words)
     app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, data_dir=data_dir,
-                     memory_tokens=memory_tokens, moderation=moderation, moderation_backend=backend)
+                     memory_tokens=memory_tokens, moderation=moderation, moderation_backend=backend,
+                     embedding_model=embedding_model)
     protocol = type("TimedH11", (TimedH11,), {"header_timeout": limits.header_timeout})
     uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol,
                 timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections)
