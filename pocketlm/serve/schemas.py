@@ -69,6 +69,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class LoraChoice(_Body):
+    name: Text
+    scale: float | None = None  # accepted for shape only; 1 (the adapter as trained) is all this server runs
+
+
 class Generation(_Body):
     # extra fields are kept (not validated) so the pipeline can name the unsupported ones
     model_config = ConfigDict(strict=True, extra="allow")
@@ -85,6 +90,7 @@ class Generation(_Body):
     ignore_eos: bool = False                             # vLLM's: run to max_tokens (benchmarks)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    lora: Text | LoraChoice | None = None                # not OpenAI's: the adapter to run (serve --lora)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
