@@ -197,16 +197,20 @@ def test_hot_load_time_of_a_five_megabyte_adapter(tmp_path):
     ckpt, adapter = _five_mb_adapter(tmp_path)
     size = (adapter / "adapter_model.safetensors").stat().st_size
     assert 4e6 < size < 7e6
-    with running_server(ckpt, "--max-loras", "2") as url:
-        times = []
+    with running_server(ckpt, "--max-loras", "2") as url, httpx.Client(base_url=url, timeout=60) as http:
+        times, health = [], []
         for i in range(3):
             t0 = time.perf_counter()
-            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": f"x{i}", "lora_path": str(adapter)}, timeout=60)
-            times.append(time.perf_counter() - t0)
+            assert http.get("/health").status_code == 200
+            t1 = time.perf_counter()
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": f"x{i}", "lora_path": str(adapter)})
+            times.append(time.perf_counter() - t1)
+            health.append(t1 - t0)
             assert r.status_code == 200, r.text
-            assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": f"x{i}"}, timeout=60).status_code == 200
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": f"x{i}"}).status_code == 200
         reply = json.loads(r.text)
     best = min(times)
     print(f"\nhot-load of a {size / 1e6:.1f} MB adapter over HTTP: best {best * 1000:.0f} ms of "
-          f"{[round(t * 1000) for t in times]} ms (server-side {reply['load_ms']} ms; target <= 200 ms)")
+          f"{[round(t * 1000) for t in times]} ms (server-side {reply['load_ms']} ms; a GET /health takes "
+          f"{min(health) * 1000:.0f} ms; target <= 200 ms)")
     assert best < 2.0  # the 200 ms target is measured, not asserted, on this shared 2-core machine

@@ -26,6 +26,12 @@ class LoraSet:
     created: dict[str, int] = field(default_factory=dict)
     _lock: asyncio.Lock | None = None  # one load/unload at a time (the check and the change stay together)
 
+    def __post_init__(self):
+        if not self.engine.compiled:  # built now, not during the first hot load (~200 ms)
+            from pocketlm.infer.adapters import skeleton
+
+            skeleton(self.engine.model.cfg)
+
     @property
     def lock(self) -> asyncio.Lock:
         if self._lock is None:
