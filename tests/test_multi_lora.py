@@ -214,3 +214,19 @@ def test_hot_load_time_of_a_five_megabyte_adapter(tmp_path):
           f"{[round(t * 1000) for t in times]} ms (server-side {reply['load_ms']} ms; a GET /health takes "
           f"{min(health) * 1000:.0f} ms; target <= 200 ms)")
     assert best < 2.0  # the 200 ms target is measured, not asserted, on this shared 2-core machine
+
+
+def test_one_batch_of_mixed_adapters_matches_the_merged_models_logits(lm, tmp_path):
+    """At fp32, each row of one forward (adapter a, none, b) has the logits of its merged model to 1e-3."""
+    model, tok = lm
+    (path_a, merged_a), (path_b, merged_b) = tiny_adapter(model, tmp_path / "a"), tiny_adapter(model, tmp_path / "b", -0.3)
+    engine = Engine(model, tok, max_batch=3)
+    engine.add_adapter("a", path_a)
+    engine.add_adapter("b", path_b)
+    ids = torch.tensor([encode_completion(tok, PROMPT)] * 3)
+    with torch.inference_mode():
+        batch = engine.cache.step(0, 3, ids, adapter_ids=[0, -1, 1])
+        got = engine.model(ids, batch=batch)[:, -1]
+        want = torch.stack([m(ids[:1])[0, -1] for m in (merged_a, model, merged_b)])
+    assert (got - want).abs().max() < 1e-3
+    assert (want[0] - want[1]).abs().max() > 0.1 and (want[2] - want[1]).abs().max() > 0.1  # the adapters matter
