@@ -230,3 +230,14 @@ def test_one_batch_of_mixed_adapters_matches_the_merged_models_logits(lm, tmp_pa
         want = torch.stack([m(ids[:1])[0, -1] for m in (merged_a, model, merged_b)])
     assert (got - want).abs().max() < 1e-3
     assert (want[0] - want[1]).abs().max() > 0.1 and (want[2] - want[1]).abs().max() > 0.1  # the adapters matter
+
+
+@pytest.mark.parametrize("args,message", [(["--lora", "nodir"], "expected NAME=DIR"),
+                                          (["--lora", "a=x", "--lora", "a=y"], "given twice"),
+                                          (["--lora", "a=x", "--compile"], "without --compile")])
+def test_serve_refuses_bad_lora_flags_in_one_line_before_loading(args, message, capsys):
+    from pocketlm.cli import main
+
+    assert main(["serve", "--model", "/nonexistent/model", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

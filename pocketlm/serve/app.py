@@ -50,6 +50,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     ctx = ServerContext(engine, model_name, limits, api_key=api_key,
                         allowed_hosts=tuple(h.lower() for h in allowed_hosts) if allowed_hosts else None,
                         memory_tokens=memory_tokens)
+    if max_loras < 0 or len(loras or ()) > max_loras:
+        raise PocketLMError(f"--max-loras {max_loras}: expected at least 0 and at least the {len(loras or ())} --lora given")
     ctx.loras = LoraSet(engine, max_loras)
     for name, path in (loras or {}).items():
         try:
