@@ -171,6 +171,8 @@ def test_adapter_routes_take_the_admin_key_and_a_compiled_engine_refuses(lm, tmp
     with in_process(create_app(Engine(model, tok, max_batch=2), "tiny", api_key="admin-key")) as c:
         assert c.post("/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.post("/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer admin-key"}).status_code == 200
+    with pytest.raises(ValueError, match="--max-loras 0"):
+        create_app(Engine(model, tok, max_batch=1), "tiny", loras={"a": str(path)}, max_loras=0)
     compiled = Engine(model, tok, max_batch=1)
     compiled.compiled = True  # what add_adapter and the server check (compiling itself takes minutes)
     with in_process(create_app(compiled, "tiny")) as c:
