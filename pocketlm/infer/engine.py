@@ -124,13 +124,22 @@ class Engine(Runner):
         name with adapter_id=name; rows of one batch may each run a different one."""
         if self.compiled:  # a compiled step has the copy's modules frozen in: it would not see the wrappers
             raise InputError("per-row adapters need an engine built with compile=False")
-        self.adapters[name] = row_adapters.read_adapter(self.model.cfg, adapter)
-        row_adapters.install(self.model, list(self.adapters.values()))
+        updates = row_adapters.read_adapter(self.model.cfg, adapter)
+        with self._cv:
+            self.adapters[name] = updates
+        try:
+            row_adapters.install(self.model, list(self.adapters.values()))
+        except Exception:
+            with self._cv:
+                del self.adapters[name]
+            row_adapters.install(self.model, list(self.adapters.values()))
+            raise
 
     def remove_adapter(self, name: str) -> None:
-        if any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting]):
-            raise InputError(f"adapter {name!r} is in use by a running or waiting request")
-        del self.adapters[name]
+        with self._cv:  # submit checks and queues under the same lock: no request slips in meanwhile
+            if any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting]):
+                raise InputError(f"adapter {name!r} is in use by a running or waiting request")
+            del self.adapters[name]
         row_adapters.install(self.model, list(self.adapters.values()))
 
     # ---- submitting ----------------------------------------------------------------------
@@ -155,14 +164,15 @@ class Engine(Runner):
             if input_embeds.shape != (holes, cfg.n_embd):
                 raise InputError(f"input_embeds: expected shape ({holes}, {cfg.n_embd}) (one row per prompt id "
                                  f"of -1), got {tuple(input_embeds.shape)}")
-        if adapter_id is not None and adapter_id not in self.adapters:
-            raise InputError(f"adapter_id {adapter_id!r}: no such adapter (added: {sorted(self.adapters)})")
         procs = list(processors)
         if params.repetition_penalty != 1.0:
             procs.insert(0, RepetitionPenalty(params.repetition_penalty, prompt_ids, cfg.vocab_size))
         req = Request(prompt_ids, params, on_event, procs, adapter_id, input_embeds)
         req._stream = TextStream(self.tokenizer, params.stop, output_filters)
-        self._enqueue(req)
+        with self._cv:  # (an RLock) remove_adapter checks the queue under it
+            if adapter_id is not None and adapter_id not in self.adapters:
+                raise InputError(f"adapter_id {adapter_id!r}: no such adapter (added: {sorted(self.adapters)})")
+            self._enqueue(req)
         return req
 
     # ---- the loop ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -25,6 +26,26 @@ class Runner:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._commands: deque = deque()  # (fn, Future): run on the engine's thread between steps
+
+    def between_steps(self, fn) -> Future:
+        """Run fn() on the engine's thread between two steps (now, when no thread runs), so it may change
+        what a step reads (adapters) without pausing running requests for longer than it takes."""
+        fut: Future = Future()
+        with self._cv:
+            if self._thread is not None:
+                self._commands.append((fn, fut))
+                self._cv.notify()
+                return fut
+        self._run_command(fn, fut)
+        return fut
+
+    @staticmethod
+    def _run_command(fn, fut: Future) -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
 
     def _enqueue(self, req) -> None:
         with self._cv:
@@ -107,8 +128,17 @@ class Runner:
     def _loop(self):
         while True:
             with self._cv:
-                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
+                while (not self._stopping and not self.waiting and not self._commands
+                       and all(r is None for r in self.slots)):
                     self._cv.wait()
                 if self._stopping:
-                    return
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:
+                self._run_command(fn, fut)
             self.step()
+        with self._cv:  # nobody will run these now
+            for _, fut in self._commands:
+                fut.set_exception(RuntimeError("the engine stopped"))
+            self._commands.clear()

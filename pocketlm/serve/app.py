@@ -5,11 +5,13 @@
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
     POST /v1/moderations        (moderation.py; with --moderation also the input and output of replies)
     /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
+    POST /v1/load_lora_adapter  POST /v1/unload_lora_adapter   adapters at run time (routes/loras.py, loras.py)
 
 Errors take OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 unreadable body, an
 unsupported field, a limit exceeded, or a prompt the context cannot hold; 401 bad API key; 404
-unknown model or route; 408 body too slow; 413 body too large; 421 unknown Host; 422 a field of the
-wrong type or out of range; 403 another user's data; 409 a user that exists; 429 queue full.
+unknown model, adapter or route; 408 body too slow; 413 body too large; 421 unknown Host; 422 a field of the
+wrong type or out of range; 403 another user's data; 409 a user that exists, an adapter loaded
+or in use, or --max-loras reached; 429 queue full.
 This module only assembles: schemas.py (bodies), errors.py, guard.py (middleware), pipeline.py
 (body -> checks -> ids -> engine -> reply), responses.py, routes/ (one router per area),
 personal.py (users and memory), server.py (uvicorn, timeouts).
@@ -28,7 +30,9 @@ from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
 from pocketlm.serve import personal, structured
 from pocketlm.serve.guard import Guard
+from pocketlm.serve.loras import LoraSet
 from pocketlm.serve.routes import embeddings, openai, ops
+from pocketlm.serve.routes import loras as lora_routes
 from pocketlm.serve.routes.ops import STATIC
 from pocketlm.serve.server import serve  # noqa: F401  (pocketlm.serve.app.serve, the library verb)
 
@@ -38,13 +42,15 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
                data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None,
-               embedding_model=None) -> FastAPI:
+               embedding_model=None, loras: dict | None = None, max_loras: int = 8) -> FastAPI:
+    """loras: {name: PEFT folder} served beside the base model (routes/loras.py adds more at run time)."""
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
     ctx = ServerContext(engine, model_name, limits, api_key=api_key,
                         allowed_hosts=tuple(h.lower() for h in allowed_hosts) if allowed_hosts else None,
                         memory_tokens=memory_tokens)
+    ctx.loras = LoraSet.from_flags(engine, loras, max_loras)
     if data_dir is not None:  # users, their keys and memories (pocketlm.memory)
         from pocketlm.memory import Store
 
@@ -69,6 +75,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     app.add_middleware(Guard, ctx=ctx)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(lora_routes.router)
     app.include_router(moderation_routes.router)
     from pocketlm.safety import get_backend
     moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)

@@ -49,6 +49,7 @@ class Turn:
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None     # None: what the context leaves room for
     ids: list[int] | None = None      # filled by the pipeline
+    adapter: str | None = None        # the LoRA adapter the request runs under (serve --lora), None: the base
     extra: dict = field(default_factory=dict)  # top-level fields hooks add to the reply (memory_updates)
     on_done: list[Callable] = field(default_factory=list)  # f(reply text) once the reply is complete
     processors: list = field(default_factory=list)  # the request's logits processors (structured.py)
@@ -66,6 +67,7 @@ class ServerContext:
     output_filters: list[Callable] = field(default_factory=list)
     memory_store: Any = None          # pocketlm.memory.Store with --data-dir: users, their keys and memories
     memory_tokens: int = 300          # the most prompt tokens a user's memory block may add
+    loras: Any = None                 # loras.LoraSet: the adapters requests may pick (serve --lora)
     created: int = field(default_factory=lambda: int(time.time()))
     # tokenizing a long prompt takes a while: off the event loop, in a few threads (tokenizers releases
     # the GIL), so /health and streaming replies never wait for it

@@ -15,7 +15,7 @@ from pocketlm.serve.errors import error_response, internal_error, log
 from pocketlm.serve.personal import principal
 
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-               "/v1/embeddings"}
+               "/v1/embeddings", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
 
 def _host_name(host: str) -> str:

@@ -41,9 +41,7 @@ def _refuse(param: str, message: str, code: str = "invalid_value", status: int =
 def cheap_checks(ctx: ServerContext, turn: Turn) -> None:
     """Everything that needs no tokenizer, so a bad request costs next to nothing."""
     body, limits = turn.body, ctx.limits
-    if body.model != ctx.model_name:
-        raise APIError(404, f"the model {body.model!r} does not exist; this server has {ctx.model_name!r}",
-                       param="model", code="model_not_found")
+    turn.adapter = ctx.loras.resolve(body.model, body.lora, ctx.model_name)  # 404 for an unknown model
     if ctx.engine.queue_depth >= limits.max_queue:  # overloaded: refuse before spending a tokenizer on it
         raise APIError(429, f"{ctx.engine.queue_depth} requests are waiting; try again shortly",
                        code="queue_full", type="rate_limit_error")

@@ -11,6 +11,7 @@ import uuid
 
 from fastapi.responses import StreamingResponse
 
+from pocketlm.errors import InputError
 from pocketlm.infer.engine import ContextLengthError
 from pocketlm.serve.context import ServerContext, Turn
 from pocketlm.serve.errors import APIError, error_body, error_response, log
@@ -28,7 +29,7 @@ def _json(obj) -> str:
 async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
     chat = turn.kind == "chat"
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    events = _run(ctx, turn.ids, params, filters, turn.processors)
+    events = _run(ctx, turn.ids, params, filters, turn.processors, turn.adapter)
     body = turn.body
     if body.stream:
         await events.__anext__()  # submitted (errors surface here, as a status, before the stream starts)
@@ -48,10 +49,10 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
                "finish_reason": req.finish_reason} if chat else
               {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": ctx.model_name, "choices": [choice], "usage": usage(req), **turn.extra}
+            "model": turn.adapter or ctx.model_name, "choices": [choice], "usage": usage(req), **turn.extra}
 
 
-async def _run(ctx: ServerContext, ids, params, filters, processors=()):
+async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=None):
     """Yields None once submitted, then the request's events as they come out of the engine thread;
     cancels the request when abandoned."""
     loop = asyncio.get_running_loop()
@@ -59,10 +60,16 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=()):
     extras = {"output_filters": filters} if filters else {}  # engines before the output-filter hook take none
     if processors:
         extras["processors"] = processors
+    if adapter is not None:
+        extras["adapter_id"] = adapter
     try:
         req = ctx.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), **extras)
     except ContextLengthError as e:
         raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+    except InputError as e:  # the adapter was unloaded after the request was checked
+        if adapter is None:
+            raise
+        raise APIError(404, str(e), param="model", code="lora_not_found") from None
     try:
         yield None
         while True:
@@ -108,7 +115,7 @@ async def _sse(ctx: ServerContext, turn: Turn, rid, events, chat: bool, include_
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        data = {"id": rid, "object": obj, "created": created_at, "model": ctx.model_name,
+        data = {"id": rid, "object": obj, "created": created_at, "model": turn.adapter or ctx.model_name,
                 "choices": [choice] if choices else []}
         if include_usage:
             data["usage"] = usage_

@@ -87,6 +87,11 @@ class ResponseFormat(_Body):
         return self
 
 
+class LoraChoice(_Body):
+    name: Text
+    scale: float | None = None  # accepted for shape only; 1 (the adapter as trained) is all this server runs
+
+
 class Generation(_Body):
     # extra fields are kept (not validated) so the pipeline can name the unsupported ones
     model_config = ConfigDict(strict=True, extra="allow")
@@ -104,6 +109,7 @@ class Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None        # OpenAI's for chat; vLLM's for completions too
+    lora: Text | LoraChoice | None = None                # not OpenAI's: the adapter to run (serve --lora)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -9,6 +9,7 @@ from pathlib import Path
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pocketlm.errors import PocketLMError
 from pocketlm.serve.context import LOOPBACK, Limits
 
 
@@ -56,7 +57,7 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
           allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, moderation=(),
           moderation_backend: str = "rules", guard_model=None, moderation_words=None,
-          embedding_model=None) -> None:
+          embedding_model=None, loras: dict | None = None, max_loras: int = 8) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
     host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding."""
     import uvicorn
@@ -66,6 +67,8 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
 
     from pocketlm.serve.moderation import parse_where
     limits, moderation = limits or Limits(), parse_where(moderation)  # a bad --moderation fails before loading
+    if loras and compile:  # a compiled step has the weights frozen in; it cannot run per-row adapters
+        raise PocketLMError("--lora needs an engine without --compile (adapters run per request, unmerged)")
     engine = load_engine(model, adapter=adapter, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
                          compile=compile, threads=threads)
     name = model_name or Path(model).name
@@ -82,7 +85,9 @@ def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", 
     backend = get_backend(moderation_backend, guard_model=guard_model, words=moderation_words)
     app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, data_dir=data_dir,
                      memory_tokens=memory_tokens, moderation=moderation, moderation_backend=backend,
-                     embedding_model=embedding_model)
+                     embedding_model=embedding_model, loras=loras, max_loras=max_loras)
+    if loras:
+        print(f"LoRA adapters (pick one with \"model\": NAME): {', '.join(loras)}", flush=True)
     protocol = type("TimedH11", (TimedH11,), {"header_timeout": limits.header_timeout})
     uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol,
                 timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections)

@@ -15,8 +15,12 @@ router = APIRouter(prefix="/v1")
 @router.get("/models")
 async def models(request: Request):
     ctx = request.app.state.ctx
-    return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": ctx.created,
-                                        "owned_by": "pocketlm", "max_model_len": ctx.engine.max_seq_len}]}
+    base = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "pocketlm",
+            "root": ctx.model_name, "parent": None, "max_model_len": ctx.engine.max_seq_len}
+    # adapters as vLLM lists them: their own id, the folder as root, the base model as parent
+    loras = [{**base, "id": name, "created": ctx.loras.created[name], "root": path, "parent": ctx.model_name}
+             for name, path in list(ctx.loras.paths.items())]
+    return {"object": "list", "data": [base, *loras]}
 
 
 @router.post("/chat/completions")
