@@ -43,7 +43,9 @@ from pocketlm.model.gpt import GPT, MLP, Attention, gelu_tanh, project, rope_tab
 
 __all__ = ["ACTIVATIONS", "PRECISIONS", "Head", "inference_copy", "weight_bytes_per_token"]
 
-HEAD_PRECISION = {"int4": "int8"}  # a 4-bit head would lose more than a Q4 file's own (often 8-bit) table
+# a 4-bit head would lose more than a Q4 file's own (often Q8_0) table, which group-wise int8 holds exactly
+HEAD_PRECISION = {"int4": "int8g"}
+FAITHFUL = ("int8g", "int4")  # precisions that hold a GGUF file's own blocks: their token table stays fp32 too
 REFINED = 32  # candidates per position whose logits the bf16 and int8 heads recompute in fp32
 
 
@@ -70,7 +72,7 @@ class Head(nn.Module):
         if self.precision == "fp32":
             return logits
         top = logits.topk(REFINED, dim=-1).indices
-        rows = self.fast.rows(top) if self.precision == "int8" else self.rows[top].float()
+        rows = self.fast.rows(top) if self.precision in ("int8", "int8g") else self.rows[top].float()
         exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter(-1, top, exact)
 
@@ -152,9 +154,10 @@ def inference_copy(model: GPT, precision: str = "fp32", compiled: bool = False) 
     with torch.device("meta"):
         twin = GPT(cfg)  # the skeleton; every module holding weights is replaced below
     with torch.no_grad():
-        twin.embed_tokens = Embedding32(model.embed_tokens.weight, dtype)
+        twin.embed_tokens = Embedding32(model.embed_tokens.weight, torch.float32 if precision in FAITHFUL else dtype)
         tied = model.lm_head.weight is model.embed_tokens.weight
-        twin.lm_head = Head(model.lm_head.weight, precision, twin.embed_tokens.weight if tied else None, compiled)
+        shared = twin.embed_tokens.weight if tied and twin.embed_tokens.weight.dtype == torch.bfloat16 else None
+        twin.lm_head = Head(model.lm_head.weight, precision, shared, compiled)
         if cfg.arch == "gpt2":
             twin.embed_positions = _copy(model.embed_positions, torch.float32)
         for mine, theirs in zip(twin.layers, model.layers):
