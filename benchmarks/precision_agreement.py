@@ -53,10 +53,11 @@ def main():
                     help="comma-separated (bf16 is slow on CPUs without AVX512-BF16: ~1 s a step on AVX2)")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=len(QUESTIONS), help="how many of the prompts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.gguf)
-    prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:args.prompts]]
     auto = faithful_precision(model)
     print(f"{Path(args.gguf).name} ({getattr(model, 'source_quant', '?')}): auto = {auto}; "
           f"{len(prompts)} prompts, {args.new_tokens} teacher-forced decode steps each, {args.threads} threads")

@@ -5,12 +5,12 @@ every precision still matches fp32 with each hand-written or vendor fast path fo
 import numpy as np
 import pytest
 import torch
+from test_fused import IDS, run  # a prefill and decode steps, as the engine runs them
 from tiny_lm import tiny_lm
 
 import pocketlm.infer.gemv as gemv_module
 import pocketlm.infer.linears as linears_module
 from pocketlm import native
-from pocketlm.infer.batch import KVStore
 from pocketlm.infer.fused import ACTIVATIONS, inference_copy
 from pocketlm.infer.generate import faithful_precision, load_engine
 from pocketlm.infer.linears import Int4Linear, Int8GroupLinear, describe
@@ -85,19 +85,6 @@ def test_auto_follows_the_gguf_block_type(qtype, want, tok, tmp_path, capsys):
 def test_auto_for_a_full_precision_checkpoint():
     model, _ = tiny_lm("llama")
     assert not hasattr(model, "source_quant") and faithful_precision(model) == "int8g"
-
-
-def run(model, ids, steps, dtype):
-    """Logits of a prefill then `steps` decode steps fed the argmax."""
-    store = KVStore(model.cfg, ids.size(0), 64, dtype=dtype)
-    out = [model(ids, batch=store.step(0, ids.size(0), ids))[:, -1]]
-    for _ in range(steps):
-        nxt = out[-1].argmax(-1, keepdim=True)
-        out.append(model(nxt, batch=store.step(0, ids.size(0), nxt))[:, -1])
-    return torch.stack(out, 1)
-
-
-IDS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("forced", ["kernels-off", "amx-off", "onednn-off"])
