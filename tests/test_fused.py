@@ -119,7 +119,7 @@ def test_unknown_precision_is_an_error():
     model, _ = tiny_lm()
     with pytest.raises(ValueError, match="precision"):
         inference_copy(model, "fp8")
-    assert PRECISIONS == ("fp32", "bf16", "int8", "int4")
+    assert PRECISIONS == ("fp32", "bf16", "int8", "int8g", "int4")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 9, 16, 17])

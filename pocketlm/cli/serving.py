@@ -87,21 +87,22 @@ LIMIT_FLAGS = {
 }
 
 
-def _add_engine_args(sp, dtype: str):
+def _add_engine_args(sp):
     """How generate / chat / serve load and run the model."""
     sp.add_argument("--adapter", help="LoRA adapter folder (PEFT format, or a LoRA fine-tuning run) applied on top "
                                       "of --model; merged into the weights at load, so it costs nothing per token")
-    sp.add_argument("--dtype", choices=("int8", "int4", "bf16", "fp32"), default=dtype,
-                    help=f"weight precision (default {dtype}): int8 (one scale per row, bf16 activations) decodes one "
-                         "stream fast on CPU; int4 (groups of 32, as GGUF Q4_1) faster still, and exact for Q4_1 "
-                         "files but lossy for others; bf16 decodes many streams at once fastest; fp32 is exact. "
-                         "Logits are fp32 in all. See benchmarks/decode_speed.py")
+    sp.add_argument("--dtype", choices=("auto", "int8g", "int8", "int4", "bf16", "fp32"), default="auto",
+                    help="weight precision (default auto: the faithful one; a Q4_0/Q4_1 GGUF runs int4, its own "
+                         "blocks; a Q8_0 GGUF or a full-precision checkpoint runs int8g, int8 in groups of 32 with "
+                         "a scale each, as Q8_0). int8: one scale per row (lossier); int4 on other weights is "
+                         "round-to-nearest 4-bit; bf16 decodes many streams at once fastest; fp32 is exact. "
+                         "Activations bf16 except fp32; logits fp32 in all. See benchmarks/precision_agreement.py")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to start, faster decode)")
     sp.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
 
 
 def _add_sampling_args(sp, max_new_tokens=200):
-    _add_engine_args(sp, dtype="int8")  # one stream
+    _add_engine_args(sp)
     sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     sp.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     sp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -128,7 +129,7 @@ def register(sub):
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page at /")
     sv.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
-    _add_engine_args(sv, dtype="bf16")  # batches of requests: bf16 has the higher throughput there (measured)
+    _add_engine_args(sv)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the file or folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)

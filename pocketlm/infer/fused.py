@@ -16,7 +16,11 @@ the LM head, so the kernel that reads the weights decides the speed (measured on
           file's own weights, exactly), int8 LM head, through torch._weight_int4pack_mm_for_cpu
           (a widening kernel like int8's was tried: with a scale and zero per 32 weights it was slower
           than aten's up to 4 rows, 1.3x faster at 8). For other models it is round-to-nearest
-          4-bit, lossier than int8.
+          4-bit, lossier than int8. Its LM head is int8g, which holds a Q8_0 token table exactly.
+    int8g int8 weights in groups of 32, one scale each (GGUF Q8_0's layout), bf16 activations; aten
+          has no kernel for it, so a batched matmul over the groups (linears.Int8GroupLinear): exact,
+          but ~4x the time of row-wise int8 at one row on an AVX2 CPU (the int8 -> fp32 widening).
+          `--dtype auto`'s choice for Q8_0 files and full-precision checkpoints.
 
 The copy is a GPT (pocketlm/model/gpt.py) whose modules are swapped in place, so GPT.forward is the
 one forward: its linears become the kernels above (pocketlm/infer/linears.py), its attention and MLP
@@ -43,7 +47,9 @@ from pocketlm.model.gpt import GPT, MLP, Attention, gelu_tanh, project, rope_tab
 
 __all__ = ["ACTIVATIONS", "PRECISIONS", "Head", "inference_copy", "weight_bytes_per_token"]
 
-HEAD_PRECISION = {"int4": "int8"}  # a 4-bit head would lose more than a Q4 file's own (often 8-bit) table
+# a 4-bit head would lose more than a Q4 file's own (often Q8_0) table, which group-wise int8 holds exactly
+HEAD_PRECISION = {"int4": "int8g"}
+FAITHFUL = ("int8g", "int4")  # precisions that hold a GGUF file's own blocks: their token table stays fp32 too
 REFINED = 32  # candidates per position whose logits the bf16 and int8 heads recompute in fp32
 
 
@@ -70,7 +76,7 @@ class Head(nn.Module):
         if self.precision == "fp32":
             return logits
         top = logits.topk(REFINED, dim=-1).indices
-        rows = self.fast.rows(top) if self.precision == "int8" else self.rows[top].float()
+        rows = self.fast.rows(top) if self.precision in ("int8", "int8g") else self.rows[top].float()
         exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter(-1, top, exact)
 
@@ -152,9 +158,10 @@ def inference_copy(model: GPT, precision: str = "fp32", compiled: bool = False) 
     with torch.device("meta"):
         twin = GPT(cfg)  # the skeleton; every module holding weights is replaced below
     with torch.no_grad():
-        twin.embed_tokens = Embedding32(model.embed_tokens.weight, dtype)
+        twin.embed_tokens = Embedding32(model.embed_tokens.weight, torch.float32 if precision in FAITHFUL else dtype)
         tied = model.lm_head.weight is model.embed_tokens.weight
-        twin.lm_head = Head(model.lm_head.weight, precision, twin.embed_tokens.weight if tied else None, compiled)
+        shared = twin.embed_tokens.weight if tied and twin.embed_tokens.weight.dtype == torch.bfloat16 else None
+        twin.lm_head = Head(model.lm_head.weight, precision, shared, compiled)
         if cfg.arch == "gpt2":
             twin.embed_positions = _copy(model.embed_positions, torch.float32)
         for mine, theirs in zip(twin.layers, model.layers):

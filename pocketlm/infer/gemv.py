@@ -21,6 +21,7 @@ x (M <= MAX_ROWS, K) and weight (N, K) with K a multiple of 32. Built once per m
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -30,9 +31,27 @@ from pocketlm import native
 MAX_ROWS = 16  # activation rows the kernel takes (one AMX tile); beyond that (prefill) oneDNN is faster
 
 
-@functools.cache
+def enabled() -> bool:
+    """POCKETLM_KERNELS=0 turns every hand-written decode kernel off (aten's paths run instead)."""
+    return os.environ.get("POCKETLM_KERNELS", "1") != "0"
+
+
 def available() -> bool:
-    """Builds (once per machine) and loads the kernel; False where it cannot run here."""
+    """Whether the kernels run here: enabled, and built and loaded (once per machine)."""
+    return enabled() and _built()
+
+
+def why_not() -> str | None:
+    """Why the kernels are off (None where they run)."""
+    if not enabled():
+        return "POCKETLM_KERNELS=0"
+    if not native.has("avx512_bf16"):
+        return "no AVX512-BF16"
+    return None if _built() else "build failed"
+
+
+@functools.cache
+def _built() -> bool:
     if not native.has("avx512_bf16"):
         return False
     errors = []

@@ -18,19 +18,39 @@ from pocketlm.tokenizer import Tokenizer
 from pocketlm.errors import InputError
 
 
-def load_engine(source, *, adapter=None, dtype: str = "int8", max_batch: int = 1, max_seq_len: int | None = None,
+# dtype "auto": a GGUF file's own block type where a kernel holds it exactly, else group-wise int8
+FAITHFUL = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8g"}
+DTYPES = ("auto", *PRECISIONS)
+
+
+def faithful_precision(model, adapter=None) -> str:
+    """The precision "auto" picks for a loaded model: int4 for Q4_0/Q4_1 GGUF weights (the file's own
+    blocks), group-wise int8 (Q8_0's layout) for Q8_0 files and for everything else (full-precision
+    checkpoints, other block types, or weights an adapter was merged into)."""
+    quant = None if adapter else getattr(model, "source_quant", None)
+    return FAITHFUL.get(quant, "int8g")
+
+
+def load_engine(source, *, adapter=None, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None,
                 compile: bool = False, threads: int | None = None) -> Engine:
     """An Engine over a run, checkpoint, Hugging Face folder or .gguf file, with an optional LoRA
-    adapter (PEFT format) folded into the weights, so it costs nothing per token."""
+    adapter (PEFT format) folded into the weights, so it costs nothing per token. Prints the kernels
+    it chose (one line, stderr)."""
+    from pocketlm.infer.linears import describe
     from pocketlm.model.lora import load_model_with_adapter
 
-    if dtype not in PRECISIONS:
-        raise InputError(f"dtype: expected one of {', '.join(PRECISIONS)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model_with_adapter(source, adapter)
     if tokenizer is None:
         raise InputError(f"{source}: has no tokenizer.json beside the weights; the engine needs one to read prompts")
+    if dtype == "auto":
+        dtype = faithful_precision(model, adapter)
+    source_quant = None if adapter else getattr(model, "source_quant", None)
+    print(describe(dtype, source_quant if FAITHFUL.get(source_quant) == dtype else None),
+          file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, precision=dtype, compile=compile)
     del model  # the engine holds its own fused copy of the weights
     if compile:
@@ -68,7 +88,7 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 
 
 def generate(model, prompt: str = "", *, chat: bool = False, system: str | None = None, adapter=None,
-             dtype: str = "int8", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
+             dtype: str = "auto", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, out: TextIO | None = None) -> str:
     """Continue `prompt` (or, with chat, answer it as a user message), streaming to `out` (stdout);
@@ -148,7 +168,7 @@ def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -
     return None
 
 
-def chat(model, *, system: str | None = None, adapter=None, dtype: str = "int8", compile: bool = False,
+def chat(model, *, system: str | None = None, adapter=None, dtype: str = "auto", compile: bool = False,
          threads: int | None = None, max_new_tokens: int = 512, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> list[dict]:
     """A conversation in the terminal; returns its history."""

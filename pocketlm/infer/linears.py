@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from pocketlm.infer.gemv import MAX_ROWS, bf16_gemv, f32_gemv, int8_gemv
 from pocketlm.infer.gemv import available as gemv_available
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
-ACTIVATIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8", "int8g", "int4")
+ACTIVATIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int8g": torch.bfloat16,
+               "int4": torch.bfloat16}
+GROUP = 32  # inputs per scale of int8g and int4 (GGUF's Q8_0, Q4_0 and Q4_1 blocks)
 
 
 class DenseLinear(nn.Module):
@@ -87,24 +89,87 @@ class Int8Linear(nn.Module):
         return self.qweight[ids].float() * self.scale[ids, None].float()
 
 
-class Int4Linear(nn.Module):
-    """x W^T + b with W in 4 bits, in groups of GROUP inputs that each have a scale and a zero
-    (w = (q - 8) * scale + zero, q in 0..15), bf16 activations (torch._weight_int4pack_mm_for_cpu).
-    Scale and zero come from each group's min and max. GGUF's Q4_1 stores blocks of 32 as
-    min + step * (0..15) with the block's min and max at 0 and 15, so a Q4_1 file's weights come
-    back exactly (up to bf16 scales and zeros)."""
-    GROUP = 32
+class Int8GroupLinear(nn.Module):
+    """x W^T + b with W as int8 in groups of GROUP inputs, one scale per group (symmetric: w = q * scale,
+    GGUF Q8_0's layout, so a Q8_0 file's weights come back exactly: its scale is the block's
+    max |w| / 127, which is what this recomputes). No aten kernel takes a scale per group, so a decode
+    step's few rows take one batched matmul over the groups (fp32, exact) and the scales after; a
+    prompt's many rows dequantize the matrix once. Measured at one row on 2 cores (AVX2), per
+    SmolLM2 matrix: ~1-4x aten's row-wise int8 kernel's time, far faster than one
+    torch._weight_int8pack_mm per group (a call per 32 inputs) or dequantizing per call."""
     takes_batch = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         w = weight.detach().float()
         N, K = w.shape
-        g = w.view(N, K // self.GROUP, self.GROUP)
+        g = w.view(N, K // GROUP, GROUP)
+        scale = g.abs().amax(-1).clamp(min=1e-30) / 127
+        q = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q.permute(1, 2, 0).contiguous())  # (groups, GROUP, N): bmm's right side
+        self.register_buffer("scale", scale.t().contiguous())  # (groups, N), fp32
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        G, _, N = self.qweight.shape
+        if x.size(0) <= 16:
+            parts = torch.bmm(x.view(-1, G, GROUP).transpose(0, 1), self.qweight.float())  # (G, M, N)
+            y = (parts * self.scale[:, None, :]).sum(0)
+        else:
+            y = F.linear(x, self.dequantized())
+        y = y.to(torch.bfloat16).view(*shape[:-1], N)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights (N, K) in fp32."""
+        G, _, N = self.qweight.shape
+        return (self.qweight.float() * self.scale[:, None, :]).permute(2, 0, 1).reshape(N, G * GROUP)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight rows `ids`, in fp32."""
+        flat = ids.reshape(-1)
+        w = self.qweight[:, :, flat].float() * self.scale[:, None, flat]  # (G, GROUP, n)
+        return w.permute(2, 0, 1).reshape(*ids.shape, -1)
+
+
+class Int4Linear(nn.Module):
+    """x W^T + b with W in 4 bits, in groups of GROUP inputs that each have a scale and a zero
+    (w = (q - 8) * scale + zero, q in 0..15), bf16 activations (torch._weight_int4pack_mm_for_cpu).
+    Each group takes the better of two fits: min/max (scale = (max - min) / 15, zero = min + 8 scale),
+    which is GGUF Q4_1's block (min + d * (0..15) with the min and max at 0 and 15), and symmetric
+    (zero = 0, scale = the value of largest magnitude / -8), which is Q4_0's (d * (q - 8), the largest
+    magnitude at q = 0). So a Q4_0 or Q4_1 file's weights come back exactly, up to the bf16 rounding
+    of scale and zero (aten's kernel takes bf16 ones only); other weights are round-to-nearest."""
+    GROUP = GROUP
+    takes_batch = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        N, K = w.shape
+        g = w.view(N, K // GROUP, GROUP)
+        fits = []
         lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
-        zero = (lo + 8 * scale).to(torch.bfloat16).float()
-        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).view(N, K)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        fits.append((scale, lo + 8 * scale))
+        big = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = torch.where(big.abs() < 1e-12, torch.full_like(big, 1e-12), big / -8)
+        fits.append((scale, torch.zeros_like(scale)))
+        best = None
+        for scale, zero in fits:
+            scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
+            q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+            err = ((q - 8) * scale[..., None] + zero[..., None] - g).abs().amax(-1)
+            if best is None:
+                best = [q, scale, zero, err]
+            else:
+                better = err < best[3]
+                best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]), torch.minimum(err, best[3])]
+        q, scale, zero, _ = best
+        q = q.to(torch.int32).view(N, K)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
@@ -120,7 +185,9 @@ class Int4Linear(nn.Module):
 def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Module:
     if precision == "int4" and weight.size(1) % Int4Linear.GROUP == 0:
         return Int4Linear(weight, bias)
-    if precision in ("int8", "int4"):  # (int4 needs whole groups of inputs)
+    if precision == "int8g" and weight.size(1) % GROUP == 0:
+        return Int8GroupLinear(weight, bias)
+    if precision in ("int8", "int8g", "int4"):  # (int4 and int8g need whole groups of inputs)
         return Int8Linear(weight, bias)
     if precision in ("bf16", "fp32") and weight.size(1) % 32 == 0 and gemv_available():
         return GemvLinear(weight, bias, ACTIVATIONS[precision])
@@ -133,3 +200,35 @@ def onednn_bf16() -> bool:
     """oneDNN's packed bf16 matmul needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; on AVX2-only CPUs aten's
     plain bf16 matmul runs instead (DenseLinear)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_kind() -> str:
+    from pocketlm import native
+
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
+        if native.has(flag):
+            return f"{name} CPU"
+    return "CPU without AVX2"
+
+
+KERNELS = {"int4": "int4 (groups of 32, scale and zero) via aten's int4pack kernel",
+           "int8g": "int8 (groups of 32, one scale each) via aten bmm over the groups",
+           "int8": "int8 (one scale per row) via {gemv}",
+           "bf16": "bf16 via {gemv}", "fp32": "fp32 via {gemv}"}
+
+
+def describe(precision: str, source: str | None = None) -> str:
+    """The one line the engine prints at start: which kernel each part of a decode step runs."""
+    from pocketlm.infer.gemv import uses_amx, why_not
+
+    off = why_not()
+    gemv = "aten" if off else ("hand-written AMX/AVX512 gemv kernels" if uses_amx() else "hand-written AVX512 gemv kernels")
+    if precision == "bf16" and off and onednn_bf16():
+        gemv = "oneDNN's packed bf16 matmul"
+    line = f"decode: {KERNELS[precision].format(gemv=gemv)}"
+    if source:
+        line += f" (the file's {source} weights)"
+    line += f", {cpu_kind()}; hand-written gemv kernels {'off: ' + off if off else 'on'}"
+    if precision == "int4":
+        line += f"; LM head: {KERNELS['int8g']}"
+    return line

@@ -195,8 +195,18 @@ def read_tokenizer(f: GGUFFile, block_size: int) -> Tokenizer:
     return Tokenizer(hf, config)
 
 
+def source_quant(f: GGUFFile) -> str:
+    """The block type most of the file's matrices are stored in ("Q4_1", "Q8_0", "F16", ...): what
+    the engine's faithful precision (dtype "auto") follows. Norms and biases (1-D, F32) do not count."""
+    from collections import Counter
+
+    kinds = Counter(t.tensor_type.name for t in f.reader.tensors if len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else "F32"
+
+
 def load_gguf(file, device="cpu", dtype=torch.float32) -> tuple[GPT, Tokenizer]:
-    """(GPT, Tokenizer) from a .gguf file; quantized weights are dequantized to `dtype`."""
+    """(GPT, Tokenizer) from a .gguf file; quantized weights are dequantized to `dtype`, the file's
+    block type is kept as `model.source_quant`."""
     path = Path(file)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
@@ -204,4 +214,5 @@ def load_gguf(file, device="cpu", dtype=torch.float32) -> tuple[GPT, Tokenizer]:
     cfg = read_config(f)
     tokenizer = read_tokenizer(f, cfg.block_size)
     model = model_from_state(cfg, read_state(f, cfg, f["general.architecture"]), path, device, dtype)
+    model.source_quant = source_quant(f)
     return model, tokenizer

@@ -52,7 +52,7 @@ class TimedH11(H11Protocol):
             self.transport.close()
 
 
-def serve(model, *, adapter=None, dtype: str = "bf16", host: str = "127.0.0.1", port: int = 8000,
+def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 8, max_seq_len: int = 2048,
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
           allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, moderation=(),

@@ -1,0 +1,107 @@
+"""The faithful default precision (--dtype auto) and the kernel fallbacks: a GGUF file's Q4_0/Q4_1
+blocks come back exactly in int4, Q8_0's and full-precision weights run group-wise int8 (int8g), and
+every precision still matches fp32 with each hand-written or vendor fast path forced off."""
+
+import numpy as np
+import pytest
+import torch
+from test_fused import IDS, run  # a prefill and decode steps, as the engine runs them
+from tiny_lm import tiny_lm
+
+import pocketlm.infer.gemv as gemv_module
+import pocketlm.infer.linears as linears_module
+from pocketlm import native
+from pocketlm.infer.fused import ACTIVATIONS, inference_copy
+from pocketlm.infer.generate import faithful_precision, load_engine
+from pocketlm.infer.linears import Int4Linear, Int8GroupLinear, describe
+
+gguf = pytest.importorskip("gguf")
+
+
+def file_weights(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """w stored as a GGUF block type and read back with the gguf package's own dequantization."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    blocks = gguf.quants.quantize(w.numpy(), kind)
+    return torch.from_numpy(np.asarray(gguf.quants.dequantize(blocks, kind), np.float32).reshape(w.shape).copy())
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from pocketlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
+
+
+W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int4_holds_q4_blocks_exactly(qtype):
+    w = file_weights(W, qtype)
+    lin = Int4Linear(w, None)
+    got = lin(torch.eye(128, dtype=torch.bfloat16)).float().t()  # each column: one input's weights
+    step = (w.view(64, 4, 32).amax(-1) - w.view(64, 4, 32).amin(-1)) / 15  # the block's d (Q4_0: <= 15/16 of it)
+    err = (got - w).abs().view(64, 4, 32).amax(-1)
+    # the file's own 4-bit code in every place: off by a code would be >= a step; what remains is the
+    # bf16 rounding of scale, zero and output
+    assert (err < step / 4).all(), (err / step).max()
+    rtn = Int4Linear(W, None)(torch.eye(128, dtype=torch.bfloat16)).float().t()  # the unquantized weights: not exact
+    assert ((rtn - W).abs().view(64, 4, 32).amax(-1) > step / 4).any()
+
+
+def test_int8g_is_its_dequantized_weights_and_q8_0_exactly():
+    w = file_weights(W, "Q8_0")
+    lin = Int8GroupLinear(w, torch.randn(64))
+    assert torch.equal(lin.dequantized(), w)  # Q8_0's scale is each block's max |w| / 127, recomputed exactly
+    assert torch.equal(lin.rows(torch.tensor([[3, 7], [0, 63]])), w[[3, 7, 0, 63]].view(2, 2, 128))
+    lossy = Int8GroupLinear(W, None).dequantized()
+    assert (lossy - W).abs().max() <= W.abs().max() / 127 / 2 + 1e-6
+    for rows in (1, 5, 40):  # decode (batched matmul over groups) and prefill (dequantized once)
+        x = torch.randn(rows, 128).bfloat16()
+        want = x.float() @ w.t() + lin.bias.float()
+        torch.testing.assert_close(lin(x).float(), want, atol=0.05, rtol=0.01)  # bf16 output only
+
+
+@pytest.mark.parametrize("qtype,want", [("F32", "int8g"), ("F16", "int8g"), ("Q8_0", "int8g"),
+                                        ("Q4_0", "int4"), ("Q4_1", "int4")])
+def test_auto_follows_the_gguf_block_type(qtype, want, tok, tmp_path, capsys):
+    from tiny_hf import make_hf_model, write_gguf
+
+    from pocketlm.model import load_model
+
+    file = write_gguf(make_hf_model("llama", tok.vocab_size), tok, tmp_path / "m.gguf", qtype)
+    model, _ = load_model(file)
+    assert model.source_quant == qtype
+    assert faithful_precision(model) == want
+    assert faithful_precision(model, adapter="some-lora") == "int8g"  # merged weights are not the file's blocks
+    engine = load_engine(file)
+    assert engine.precision == want
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"decode: {want[:4]}") and "CPU" in line
+    assert (f"the file's {qtype} weights" in line) == (qtype not in ("F32", "F16"))
+    assert load_engine(file, dtype="int8").precision == "int8"  # explicit precisions still work
+
+
+def test_auto_for_a_full_precision_checkpoint():
+    model, _ = tiny_lm("llama")
+    assert not hasattr(model, "source_quant") and faithful_precision(model) == "int8g"
+
+
+@pytest.mark.parametrize("forced", ["kernels-off", "amx-off", "onednn-off"])
+def test_each_fallback_matches_fp32(forced, monkeypatch):
+    if forced == "kernels-off":
+        monkeypatch.setenv("POCKETLM_KERNELS", "0")
+        assert not gemv_module.available() and "off: POCKETLM_KERNELS=0" in describe("bf16")
+    elif forced == "amx-off":  # a CPU without AMX: the kernels' one-row AVX512 half, or none
+        has = native.has
+        monkeypatch.setattr(native, "has", lambda flag: not flag.startswith("amx") and has(flag))
+        monkeypatch.setattr(gemv_module, "uses_amx", lambda: False)
+    else:  # no oneDNN bf16 (AVX2-only CPUs)
+        monkeypatch.setattr(linears_module, "onednn_bf16", lambda: False)
+    model, _ = tiny_lm("llama")
+    with torch.inference_mode():
+        want = run(model, IDS, 3, torch.float32)
+        spread = want.std().item()
+        for precision, tolerance in (("bf16", 0.05), ("int8", 0.05), ("int8g", 0.03), ("int4", 0.25)):
+            got = run(inference_copy(model, precision), IDS, 3, ACTIVATIONS[precision])
+            assert (got - want).abs().max() < tolerance * spread, (precision, (got - want).abs().max(), spread)
