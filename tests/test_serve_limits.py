@@ -136,7 +136,7 @@ def test_caps_on_stop_strings_messages_and_prompt_tokens(app_client, lm):
 @pytest.mark.parametrize("field, value, neutral", [
     ("tools", [{"type": "function", "function": {"name": "f"}}], []), ("tool_choice", "auto", "none"),
     ("functions", [{"name": "f"}], None), ("function_call", "auto", "none"), ("logprobs", True, False),
-    ("top_logprobs", 2, 0), ("n", 2, 1), ("response_format", {"type": "json_object"}, {"type": "text"})])
+    ("top_logprobs", 2, 0), ("n", 2, 1)])  # (response_format is supported: tests/test_response_format.py)
 def test_unsupported_openai_fields_get_a_400_naming_them(app_client, field, value, neutral):
     assert field in UNSUPPORTED
     err = refused(post(app_client, "/v1/chat/completions", {**CHAT, field: value}), 400, field)

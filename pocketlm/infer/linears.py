@@ -230,5 +230,5 @@ def describe(precision: str, source: str | None = None) -> str:
         line += f" (the file's {source} weights)"
     line += f", {cpu_kind()}; hand-written gemv kernels {'off: ' + off if off else 'on'}"
     if precision == "int4":
-        line += f"; LM head: {KERNELS['int8g']}"
+        line += f"; LM head: {KERNELS['int8'].format(gemv=gemv)}"
     return line
