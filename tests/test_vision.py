@@ -102,6 +102,10 @@ def test_two_images_land_at_their_placeholders(vlm):
     assert swapped.output_ids != want or not torch.equal(embeds[0], embeds[1])  # the images matter
     with pytest.raises(ValueError, match="32 image positions"):
         model.splice(torch.tensor([ids]), digits(1))
+    prompt, rows = model.engine_prompt(tok, messages, pixels)  # the same, ready for Engine.submit
+    assert prompt == ids and torch.equal(rows, embeds.reshape(32, -1))
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\) for 1 image"):
+        model.engine_prompt(tok, messages, digits(1))
 
 
 def test_a_text_prompt_still_decodes_as_the_text_model(vlm):

@@ -182,6 +182,18 @@ class VisionLM(nn.Module):
             return self.lm(ids, targets)
         return self.lm(ids, targets, input_embeds=self.splice(ids, pixels))
 
+    @torch.no_grad()
+    def engine_prompt(self, tokenizer, messages: list[dict], pixels) -> tuple[list[int], torch.Tensor | None]:
+        """(prompt ids, input_embeds (holes, n_embd) or None) for Engine.submit: a chat whose contents
+        hold one `<image>` per image in pixels, in order."""
+        ids = encode_prompt(tokenizer, messages, self.tokens_per_image)
+        holes = sum(t < 0 for t in ids)
+        n = 0 if pixels is None else len(pixels)
+        if holes != n * self.tokens_per_image:
+            raise InputError(f"the messages have {holes // self.tokens_per_image} {IMAGE_PLACEHOLDER} placeholder(s) "
+                             f"for {n} image(s)")
+        return ids, (self.image_embeds(pixels).reshape(holes, -1) if n else None)
+
     # ---- saving ------------------------------------------------------------------------
     def vision_state(self) -> dict[str, torch.Tensor]:
         sd = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
@@ -246,7 +258,7 @@ def encode_prompt(tokenizer, messages: list[dict], tokens_per_image: int, add_ge
 def prepare_images(images, cfg: VisionConfig) -> torch.Tensor:
     """uint8 arrays (N, H, W) or (N, H, W, C), values 0-255 -> (N, channels, S, S) floats in [0, 1]
     (bilinear resize; grey is repeated for an RGB encoder, RGB averaged for a grey one)."""
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 255.0
+    x = torch.from_numpy(np.array(images, dtype=np.float32)) / 255.0  # (a copy: loaders' arrays are read-only)
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     if x.dim() != 4:
