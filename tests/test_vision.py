@@ -182,6 +182,19 @@ def test_bad_images_are_refused_with_the_problem_named(monkeypatch):
         image_data.decode_image(good)
 
 
+def test_data_urls_only_and_bad_base64_refused():
+    import base64
+
+    png = _png(np.full((5, 7), 200, np.uint8))
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert image_data.decode_data_url(url).shape == (5, 7)
+    for bad, problem in [("https://example.com/x.png", "not 'https'"), ("data:text/plain;base64,aGk=", "expected data:image"),
+                         ("data:image/png;base64,@@@", "base64 data is corrupt"),
+                         ("data:image/png;base64," + base64.b64encode(b"hello").decode(), "not an image")]:
+        with pytest.raises(image_data.ImageDataError, match=problem):
+            image_data.decode_data_url(bad)
+
+
 def test_loaders_read_the_formats_and_name_a_bad_file(tmp_path):
     bad = tmp_path / "mnist_test"
     bad.mkdir()

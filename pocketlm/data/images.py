@@ -126,3 +126,23 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
         if isinstance(e, ImageDataError):
             raise
         raise ImageDataError(f"{what}: a corrupt or truncated image ({e})") from None
+
+
+def decode_data_url(url: str, what: str = "image_url.url") -> np.ndarray:
+    """An OpenAI image part's url -> uint8 array. Only `data:image/...;base64,` URLs: a server
+    fetches nothing on a client's behalf, so http(s) and every other scheme are refused."""
+    import base64
+    import binascii
+
+    if not isinstance(url, str) or not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url else "no scheme"
+        raise ImageDataError(f"{what}: only data: URLs (data:image/png;base64,...) are accepted, not {scheme!r}; "
+                             f"remote images are not fetched")
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64") or not header.startswith("image/"):
+        raise ImageDataError(f"{what}: expected data:image/<type>;base64,<data>, got data:{header[:40]}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDataError(f"{what}: the base64 data is corrupt") from None
+    return decode_image(data, what)
