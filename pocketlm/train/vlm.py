@@ -222,13 +222,13 @@ def train_vlm(out, *, stage0_steps: int = 600, stage1_steps: int = 150, stage2_s
     result["stage2_loss"] = train_chat(vlm, questions, feats, train_t, steps=stage2_steps, train_lm=True,
                                        seed=seed + 1, stage="stage 2", log=log)[-1]
     mark("stage2")
+    vlm.save(Path(out), tok)  # before the evaluation: a killed evaluation keeps the trained model
     result["chat_val"], _ = chat_accuracy(vlm, tok, val_p, val_t)
     result["chat_test"], replies = chat_accuracy(vlm, tok, test_p, test_t)
     result["test_images"] = len(test_t)
     result["sample_replies"] = replies[:5]
     mark("eval")
     log(f"chat-path accuracy val {result['chat_val']:.4f}, MNIST test ({len(test_t)}) {result['chat_test']:.4f}")
-    vlm.save(Path(out), tok)
     result["timings"] = timings
     (Path(out) / "results.json").write_text(json.dumps(result, indent=2))
     return result
