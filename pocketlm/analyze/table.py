@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pocketlm.data.jsonl import iter_jsonl
 from pocketlm.errors import PocketLMError
 
 READS = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -72,20 +73,11 @@ def _read_parquet(path: Path):
 def _read_jsonl(path: Path, limit):
     columns: dict[str, None] = {}  # every key any row has, in first-seen order
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TableError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise TableError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            columns.update(dict.fromkeys(row))
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
+    for _, row in iter_jsonl(path, TableError):
+        columns.update(dict.fromkeys(row))
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
     return list(columns), rows
 
 

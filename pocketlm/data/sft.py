@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pocketlm.data.jsonl import iter_jsonl
 from pocketlm.errors import PocketLMError
 
 FORMATS = ("chat", "prompt_completion", "classification", "qa")
@@ -81,17 +82,8 @@ def read_rows(path):
         raise SFTDataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SFTDataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise SFTDataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path}:{n}", row
+        for n, row in iter_jsonl(path, SFTDataError):
+            yield f"{path}:{n}", row
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
