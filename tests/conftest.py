@@ -38,3 +38,14 @@ def data_dir(shakespeare_small, tokenizer_dir, tmp_path_factory) -> Path:
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--train.batch_size=4", "--train.seq_len=32",
         "--train.warmup_steps=2", "--train.lr=1e-2", "--train.eval_every=5", "--train.eval_batches=2", "--train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread is several times faster than two contending ones on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from pocketlm.model.gpt import GPT, ModelConfig
 from tiny_lm import tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from pocketlm.infer.textstream import OutputFilter
 PROMPT = "First Citizen:\nBefore we proceed"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

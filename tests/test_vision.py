@@ -21,12 +21,7 @@ from pocketlm.train.vlm import ChatRows, encoder_features, train_chat, train_enc
 SMALL = VisionConfig(image_size=16, patch_size=2, width=32, depth=1, heads=2, projector_hidden=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")
