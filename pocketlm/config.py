@@ -21,9 +21,12 @@ from pocketlm.errors import PocketLMError
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32            # sequences per micro-batch (per process under torchrun)
+    batch_size: int = 32            # sequences per micro-batch (per process under torchrun); with
+                                    # global_batch: the largest micro-batch a rank may run
     seq_len: int = 256              # tokens per sequence
-    grad_accum: int = 1             # micro-batches per optimizer step
+    grad_accum: int = 1             # micro-batches per optimizer step (derived when global_batch is set)
+    global_batch: int = 0           # sequences per optimizer step over all ranks; 0 = batch_size x
+                                    # grad_accum x ranks. Micro-batch and accumulation follow the world size
     optimizer: str = "adamw"        # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 1e-3                # peak learning rate (AdamW)
     muon_lr: float = 0.02           # peak learning rate of the Muon matrices
@@ -49,17 +52,36 @@ class TrainConfig:
                                     # a shorter cold compile for ~10% slower steps (measured on CPU)
     seed: int = 1337
     log_every: int = 10
-    dist: str = "auto"              # under torchrun: auto (today DDP) | ddp; one process trains the plain model
+    dist: str = "auto"              # under torchrun: auto (FSDP2; DDP for LoRA) | ddp | fsdp; one process
+                                    # trains the plain model (fsdp under a one-rank torchrun still shards)
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "dtype": ("bf16", "fp32"),
-                   "compile_scope": ("model", "blocks"), "dist": ("auto", "ddp")}
+                   "compile_scope": ("model", "blocks"), "dist": ("auto", "ddp", "fsdp")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}: expected one of {valid}, got {getattr(self, key)!r}")
         for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_batches", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
+        if self.global_batch < 0:
+            raise ConfigError(f"train.global_batch: expected 0 (off) or a positive number of sequences, got {self.global_batch}")
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This config with batch_size (the micro-batch) and grad_accum derived from global_batch for
+        `world_size` ranks: each rank runs global_batch / world_size sequences a step, in the fewest
+        equal micro-batches of at most batch_size. Every micro-batch holds the same number of sequences,
+        so a step's loss (a mean of means) is the mean over the global batch at any world size."""
+        if not self.global_batch or self.batch_size * self.grad_accum * world_size == self.global_batch:
+            return self  # off, or already derived for this world size
+        if self.grad_accum != 1:
+            raise ConfigError(f"train.grad_accum: derived from train.global_batch; leave it at 1 (got {self.grad_accum})")
+        if self.global_batch % world_size:
+            raise ConfigError(f"train.global_batch: {self.global_batch} sequences do not split evenly over "
+                              f"{world_size} ranks; use a multiple of {world_size}")
+        per_rank = self.global_batch // world_size
+        micro = max(d for d in range(1, min(self.batch_size, per_rank) + 1) if per_rank % d == 0)
+        return dataclasses.replace(self, batch_size=micro, grad_accum=per_rank // micro)
 
 
 @dataclass

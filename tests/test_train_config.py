@@ -14,7 +14,7 @@ from pocketlm.errors import PocketLMError
     ("--finetune.val_fraction=lots", "finetune.val_fraction: expected float, got 'lots'"),
     ("--finetune.lora_rnk=3", "unknown finetune keys ['lora_rnk']; valid keys: group_by_length, instruction, labels"),
     ("--train.compile=yes please", "train.compile: expected bool"),
-    ("--train.dist=fsdp", "train.dist: expected one of ('auto', 'ddp')"),
+    ("--train.dist=zero3", "train.dist: expected one of ('auto', 'ddp', 'fsdp')"),
     ("--model.dropout=high", "model.dropout: expected float"),
     ("--model.dropout=1.5", "model.dropout: expected a value in [0, 1)"),
     ("--lora_rnk=3", "unknown config key 'lora_rnk'; valid keys:"),

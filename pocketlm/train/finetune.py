@@ -70,6 +70,10 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
     train_cfg, ft, dropout = build_configs(config_path, overrides, flags)
     out_dir = Path(out_dir)
     dist = setup_distributed()
+    train_cfg = train_cfg.for_world(dist.world_size)  # micro-batch x accumulation from train.global_batch
+    if ft.lora and train_cfg.dist == "fsdp":
+        raise ConfigError("train.dist: fsdp does not shard a LoRA run (its frozen base and adapters differ in "
+                          "dtype, and the adapter is small); use auto or ddp")
     model, tokenizer = load_model(model_source)
     if tokenizer is None:
         raise ConfigError(f"{model_source}: has no tokenizer (fine-tuning renders the chat template)")

@@ -3,8 +3,10 @@
 It takes a model, a TrainConfig and two batch sources, and owns everything a run needs: AdamW or
 Muon, warmup + cosine / WSD schedule (stretched to a time budget), gradient accumulation and
 clipping, bf16 autocast, optional torch.compile, periodic validation (loss, bits per byte), early
-stopping with the best checkpoint kept. The parallel wrapper (DDP under torchrun) comes from
-pocketlm.train.dist, checkpoints and resume from pocketlm.train.checkpointer.
+stopping with the best checkpoint kept. The parallel wrapper (FSDP2 or DDP under torchrun) comes from
+pocketlm.train.dist, checkpoints and resume from pocketlm.train.checkpointer. With train.global_batch
+the micro-batch and accumulation come from the world size (TrainConfig.for_world); the caller builds
+its batch source with the same derived batch_size.
 
 Resume reproduces the uninterrupted run bit for bit when the run is bounded by steps. With a time
 budget (max_minutes) the lr schedule and the last step follow the wall clock, so neither a resumed nor
@@ -69,6 +71,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             print("note: this CPU has no native bf16 (no AVX512-BF16 / AMX): training in fp32, which is faster here",
                   flush=True)
         cfg = dataclasses.replace(cfg, dtype="fp32")
+    cfg = cfg.for_world(dist.world_size)
     run_dir = Path(out_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     torch.manual_seed(cfg.seed + dist.rank)
     model.to(dist.device).train()
+    # before the optimizer: FSDP2 turns the parameters into DTensor shards in place
+    step_model = parallel = wrap_model(model, cfg.dist, dist, bf16=cfg.dtype == "bf16")
     optimizers = build_optimizers(model, cfg)
     ckpt = Checkpointer(run_dir, model, tokenizer, optimizers, train_data, cfg, dist, extra_config, save_weights, load_weights)
     log = MetricsLog(run_dir, enabled=dist.is_main)
@@ -93,7 +98,6 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     elif dist.is_main and log.file.exists():
         log.file.unlink()  # a fresh run starts a fresh log
 
-    step_model = parallel = wrap_model(model, cfg.dist, dist)
     # batches of varying length (fine-tuning) compile once with symbolic shapes, not once per length
     dynamic = True if varying_lengths else None
     if cfg.compile and cfg.compile_scope == "blocks":
@@ -141,14 +145,15 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         warm = state["first_step_s"]
         progress = max(step / cfg.max_steps, (elapsed - warm) / (budget - warm) if budget else 0.0)
         set_lr(optimizers, cfg, lr_factor(cfg, progress, step))
-        loss_sum = step_tokens = step_flops = 0.0
+        loss_sum = torch.zeros((), device=dist.device)  # summed on the device: no host sync per micro-batch
+        step_tokens = step_flops = 0.0
         for micro in range(cfg.grad_accum):
             x, y, doc_ids, real = _unpack(train_data.next_batch(), dist.device)
             with grad_sync(parallel, enabled=micro == cfg.grad_accum - 1):
                 with autocast:
                     _, loss = step_model(x, y, doc_ids=doc_ids)
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
             # model FLOPs of the real tokens, with the attention width this batch ran at
             step_tokens += real
             step_flops += real * flops_per_token(x.size(1))
@@ -159,9 +164,11 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         step += 1
-        totals = torch.tensor([loss_sum / cfg.grad_accum, step_tokens, step_flops], dtype=torch.float64)
+        totals = torch.stack([loss_sum.double() / cfg.grad_accum,
+                              torch.tensor(step_tokens, dtype=torch.float64, device=dist.device),
+                              torch.tensor(step_flops, dtype=torch.float64, device=dist.device)])
         if dist.world_size > 1:  # the loss is the ranks' mean; their tokens and FLOPs add up
-            totals = all_reduce_mean(totals.to(dist.device)).cpu()
+            totals = all_reduce_mean(totals)
             totals[1:] *= dist.world_size
         loss_value, step_tokens, step_flops = totals.tolist()
         window_tokens += step_tokens
@@ -195,7 +202,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
                         stop_reason = f"early stopping (no val improvement in {state['bad_evals']} evals)"
                         break
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not last:
-            ckpt.save(step, state)
+            ckpt.save(step, state, blocking=False)  # asynchronous on CUDA
     bar.close()
 
     final = run_eval(step)

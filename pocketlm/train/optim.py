@@ -5,8 +5,47 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from pocketlm.config import TrainConfig
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, also on FSDP2's sharded (DTensor) weights. Orthogonalizing a shard is not
+    orthogonalizing the matrix, so for a DTensor the momentum update (elementwise: exact on the shard)
+    is gathered into the full matrix, orthogonalized by torch's own Newton-Schulz, and each rank keeps
+    its slice: the same numbers one process computes. Plain tensors take torch's step unchanged.
+    (torch 2.13 has no DTensor path for Muon; its helpers are reused here, not rewritten.)"""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                full = update.full_tensor() if isinstance(update, DTensor) else update
+                ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if isinstance(p, DTensor):  # Replicate -> the parameter's Shard placements: a local slice
+                    ortho = DTensor.from_local(ortho, p.device_mesh, [Replicate()] * p.device_mesh.ndim,
+                                               run_check=False).redistribute(p.device_mesh, p.placements)
+                p.mul_(1 - lr * wd)
+                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 def param_groups(model: torch.nn.Module):
@@ -28,7 +67,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon" and matrices:
         # Muon orthogonalizes updates of the hidden matrices; embeddings, head, norms stay on AdamW.
-        muon = torch.optim.Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
+        muon = Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
         adam = torch.optim.AdamW([{"params": others, "weight_decay": 0.0}], lr=cfg.lr, betas=betas, fused=False)
         return [muon, adam] if others else [muon]
     groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]

@@ -11,7 +11,7 @@ from pocketlm.config import ConfigError, RunConfig
 from pocketlm.data.loader import EvalBatches, PretrainBatches, read_meta
 from pocketlm.model.gpt import GPT
 from pocketlm.tokenizer import Tokenizer
-from pocketlm.train.dist import setup_distributed, teardown
+from pocketlm.train.dist import is_sharded, setup_distributed, teardown
 from pocketlm.train.loop import train
 
 
@@ -27,6 +27,7 @@ def pretrain(cfg: RunConfig, data_dir, out_dir, resume: bool = False, max_steps:
     model_cfg = dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"],
                                     block_size=max(cfg.model.block_size, train_cfg.seq_len))
     dist = setup_distributed()
+    train_cfg = train_cfg.for_world(dist.world_size)  # micro-batch x accumulation from train.global_batch
     torch.manual_seed(train_cfg.seed)  # same initial weights on every rank
     model = GPT(model_cfg)
     if dist.is_main:
@@ -40,11 +41,13 @@ def pretrain(cfg: RunConfig, data_dir, out_dir, resume: bool = False, max_steps:
     try:
         result = train(model, tokenizer, train_cfg, train_data, val_data, out_dir, resume=resume, dist=dist,
                        run_config=run_config)
-        if dist.is_main:
+        if dist.is_main or is_sharded(model):  # FSDP2's forward is a collective: every rank runs it
             # the whole validation split, not the periodic subset
             from pocketlm.train.loop import autocast_ctx
             from pocketlm.train.metrics import evaluate_lm
-            full = evaluate_lm(model, val_data, torch.tensor(tokenizer.token_byte_lengths()), autocast_ctx(train_cfg, dist.device))
+            full = evaluate_lm(model, val_data, torch.tensor(tokenizer.token_byte_lengths(), device=dist.device),
+                               autocast_ctx(train_cfg, dist.device))
+        if dist.is_main:
             result.update({f"full_{k}": v for k, v in full.items()})
             (Path(out_dir) / "results.json").write_text(__import__("json").dumps(result, indent=2))
             print(f"done: {result['step']} steps in {result['elapsed_s']:.0f}s ({result['stop_reason']}); "
