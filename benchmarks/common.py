@@ -43,3 +43,15 @@ def interleaved(runners: dict, reps: int = 5) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {n: {"median": statistics.median(t), "min": min(t), "max": max(t)} for n, t in times.items()}
+
+
+def train_step(model, optimizers, x, forward, device_type: str = "cpu"):
+    """One training step under bf16 autocast as a closure: forward(x) -> loss, backward, every optimizer."""
+    def step():
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = forward(x)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step

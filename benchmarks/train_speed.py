@@ -14,21 +14,10 @@ import json
 
 import torch
 
-from common import interleaved, print_machine
+from common import interleaved, print_machine, train_step
 from pocketlm.config import TrainConfig
 from pocketlm.model.gpt import GPT, ModelConfig
 from pocketlm.train.optim import build_optimizers
-
-
-def step_fn(model, optimizers, x, forward):
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = forward(x)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
 
 
 def main():
@@ -57,9 +46,9 @@ def main():
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
     assert abs(sum(p.numel() for p in hf.parameters()) - sum(p.numel() for p in ours.parameters())) == 0, "sizes differ"
     runners = {
-        "pocketlm": step_fn(ours, build_optimizers(ours, cfg), x, lambda x: compiled(x, x)[1]),
-        "pocketlm_eager": step_fn(ours_eager, build_optimizers(ours_eager, cfg), x, lambda x: ours_eager(x, x)[1]),
-        "transformers": step_fn(hf, [torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)], x,
+        "pocketlm": train_step(ours, build_optimizers(ours, cfg), x, lambda x: compiled(x, x)[1]),
+        "pocketlm_eager": train_step(ours_eager, build_optimizers(ours_eager, cfg), x, lambda x: ours_eager(x, x)[1]),
+        "transformers": train_step(hf, [torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)], x,
                                 lambda x: hf(input_ids=x, labels=x).loss),
     }
     for run in runners.values():  # warm-up (compiles pocketlm)
