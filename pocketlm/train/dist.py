@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,20 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=_restart_store(world), rank=rank, world_size=world)
     return DistInfo(rank, world, local, device)
+
+
+def _restart_store(world: int):
+    """torchrun's store for the process group, under a prefix per restart. The agent's store outlives
+    the workers it restarts (--max-restarts), and a restarted rank could read a dead rank's address from
+    the attempt before (pytorch/pytorch#135712; seen here as gloo's "Connection refused" on a restart).
+    None (env:// as usual) when torchrun does not share its store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"pocketlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def choose_strategy(model: torch.nn.Module, strategy: str, info: DistInfo) -> str:
