@@ -228,6 +228,25 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_equal(data_dir, tmp_path
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's, from its background thread
+def test_async_periodic_saves_hold_the_weights_of_their_step(data_dir, tmp_path, capsys, monkeypatch):
+    """The CUDA path's asynchronous saves, forced on CPU: each checkpoint holds its own step's weights
+    (staged before training goes on), bit for bit those of a blocking run, which trains the same."""
+    from safetensors.torch import load_file
+
+    from pocketlm.train import checkpointer
+
+    out, job, whole = uninterrupted(data_dir, tmp_path, 0, capsys)
+    monkeypatch.setattr(checkpointer, "ASYNC_DEVICES", ("cpu", "cuda"))
+    start({**job, "tag": "async"}, 0, capsys)
+    assert all(torch.equal(weights(out, "async")[k], whole[k]) for k in whole)
+    for step in (4, 6):  # keep_checkpoints 2
+        name = f"step-{step:06d}"
+        a, b = (load_file(out / f"run-{r}" / "checkpoints" / name / "model.safetensors") for r in ("async", "whole"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not list((out / "run-async" / "checkpoints").glob(".*"))  # no staging left behind
+
+
 @pytest.mark.slow
 def test_a_killed_rank_under_max_restarts_recovers_from_the_last_checkpoint(data_dir, tmp_path, capsys):
     """Rank 1 SIGKILLs itself in step 3; torchrun (--max-restarts 1) restarts both ranks, which resume

@@ -30,6 +30,7 @@ from pocketlm.train import dcp
 from pocketlm.train.dist import DistInfo, barrier, gather_objects
 
 DCP_DIR = "dcp"
+ASYNC_DEVICES = ("cuda",)  # where periodic saves write in the background (on CPU the copy would cost as much)
 
 
 def rng_state() -> dict:
@@ -79,8 +80,10 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        asynchronous = not blocking and self.dist.device.type == "cuda"
+        asynchronous = not blocking and self.dist.device.type in ASYNC_DEVICES
         weights = dcp.full_weights(self.model)  # a collective under FSDP2; the whole model, on CPU, on rank 0
+        if asynchronous and self.dist.device.type == "cpu":  # on CPU those are the live tensors: copy them
+            weights = {k: v.clone() for k, v in weights.items()}
         writer = None
         if self.dist.is_main:  # the consolidated copy: in a thread of its own when the save is asynchronous
             writer = threading.Thread(target=save_file, args=(weights, str(staging / WEIGHTS)),
