@@ -301,3 +301,16 @@ def test_non_tensor_entries_load_weights_only():
     buf.seek(0)
     with pytest.raises(pickle.UnpicklingError):
         SafeLoadPlanner().load_bytes(None, buf)
+
+
+def test_auto_picks_fsdp2_under_torchrun_and_ddp_for_lora():
+    from pocketlm.model.gpt import GPT, ModelConfig
+    from pocketlm.model.lora import add_lora
+    from pocketlm.train.dist import DistInfo, choose_strategy
+
+    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    two = DistInfo(rank=0, world_size=2)
+    assert [choose_strategy(model, s, two) for s in ("auto", "ddp", "fsdp")] == ["fsdp", "ddp", "fsdp"]
+    assert choose_strategy(model, "auto", DistInfo()) == "none"  # one process: the plain module
+    add_lora(model, 4, 8.0, 0.0, "q_proj,v_proj")  # frozen bf16-able base beside fp32 adapters
+    assert choose_strategy(model, "auto", two) == "ddp"
