@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pocketlm.errors import PocketLMError
+
 
 @dataclass
 class DistInfo:
@@ -78,7 +80,8 @@ def device_mesh(info: DistInfo):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     if local < info.world_size:
         if info.world_size % local:
-            raise ValueError(f"WORLD_SIZE {info.world_size} is not a multiple of LOCAL_WORLD_SIZE {local}")
+            raise PocketLMError(f"torchrun: WORLD_SIZE {info.world_size} is not a multiple of LOCAL_WORLD_SIZE "
+                                f"{local} (every node must run as many ranks)")
         return init_device_mesh(info.device.type, (info.world_size // local, local), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
 
