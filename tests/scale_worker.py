@@ -98,10 +98,11 @@ def recording(batches, info, file: Path, kill: dict, global_batch: int):
 
 
 def muon_check(info, out: Path) -> None:
-    """Three Muon steps on a 7x5 matrix sharded over the ranks (uneven: FSDP2 pads) against torch's Muon
-    on the whole matrix in this process: the gathered result must be bitwise equal."""
+    """Three Muon steps on a 7x5 matrix sharded over the ranks (uneven: FSDP2 pads; on two nodes
+    replicated across them) against torch's Muon on the whole matrix in this process: the gathered
+    result must be bitwise equal."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     from pocketlm.train.optim import Muon
 
@@ -113,14 +114,15 @@ def muon_check(info, out: Path) -> None:
     reference = torch.nn.Parameter(w.clone())
     opt, ref = Muon(sharded.parameters(), lr=0.02, weight_decay=0.1), torch.optim.Muon([reference], lr=0.02, weight_decay=0.1)
     for g in grads:
-        sharded.weight.grad = distribute_tensor(g, sharded.weight.device_mesh, [Shard(0)])
+        sharded.weight.grad = distribute_tensor(g, sharded.weight.device_mesh, sharded.weight.placements)
         reference.grad = g.clone()
         opt.step()
         ref.step()
     full = sharded.weight.full_tensor()
     if info.is_main:
         (out / "muon.json").write_text(json.dumps({"equal": torch.equal(full, reference.detach()),
-                                                   "local_rows": sharded.weight.to_local().shape[0]}))
+                                                   "local_rows": sharded.weight.to_local().shape[0],
+                                                   "mesh": list(sharded.weight.device_mesh.shape)}))
 
 
 def train_once(job, info, out: Path, tag: str, strategy: str | None = None, optimizer: str | None = None) -> None:

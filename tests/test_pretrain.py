@@ -27,7 +27,7 @@ def test_pretrain_writes_a_self_describing_run(data_dir, tmp_path):
     run = tmp_path / "run"
     assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--max-steps", "12", *TINY]) == 0
     ck = run / "checkpoints" / "step-000012"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "optim.pt", "state.json"} <= {p.name for p in ck.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "dcp", "state.json"} <= {p.name for p in ck.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_bpb" in r for r in records) and any("tokens_per_s" in r for r in records)
     assert (run / "loss.png").stat().st_size > 1000

@@ -77,3 +77,22 @@ def test_the_demo_config_documents_every_key():
         for f in dataclasses.fields(cls):
             documented = [ln for ln in lines if re.match(rf"\s+{f.name}: \S.*#\s*\S", ln) or re.match(rf"\s+# {f.name} ", ln)]
             assert documented, f"configs/demo.yaml: {section}.{f.name} missing or without a comment"
+
+
+@pytest.mark.parametrize("world,micro,accum", [(1, 4, 4), (2, 4, 2), (4, 4, 1), (8, 2, 1), (16, 1, 1)])
+def test_global_batch_derives_micro_batch_and_accumulation_from_the_world_size(world, micro, accum):
+    cfg = load_config(None, {"train.global_batch": "16", "train.batch_size": "4"}).train.for_world(world)
+    assert (cfg.batch_size, cfg.grad_accum) == (micro, accum) and micro * accum * world == 16
+    assert cfg.for_world(world) == cfg  # derived once: the loop may derive again
+
+
+def test_global_batch_errors_name_the_field():
+    cfg = load_config(None, {"train.global_batch": "12"}).train
+    with pytest.raises(ConfigError, match=r"train.global_batch: 12 sequences do not split evenly over 8 ranks"):
+        cfg.for_world(8)
+    with pytest.raises(ConfigError, match="train.grad_accum: derived from train.global_batch"):
+        load_config(None, {"train.global_batch": "12", "train.grad_accum": "2"}).train.for_world(2)
+    with pytest.raises(ConfigError, match="train.global_batch: expected 0"):
+        load_config(None, {"train.global_batch": "-8"})
+    plain = load_config(None, {"train.batch_size": "4", "train.grad_accum": "2"}).train
+    assert plain.for_world(4) is plain  # without global_batch the step's batch grows with the ranks, as before

@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent('''
         loop.time = types.SimpleNamespace(perf_counter=lambda: 2 * time.perf_counter())
     cfg = load_config(None, {"train.max_steps": 100000, "train.max_minutes": minutes, "train.batch_size": 2,
                              "train.seq_len": 32, "train.dtype": "fp32", "train.warmup_steps": 1, "train.lr": 1e-2,
-                             "train.log_every": 1, "model.dropout": 0.1})
+                             "train.log_every": 1, "model.dropout": 0.1,
+                             "train.dist": "ddp"})  # replicas: each rank's whole weights, compared below
     rng = out / "rng"
     rng.mkdir(parents=True, exist_ok=True)
     save, restore = checkpointer.Checkpointer.save, checkpointer.Checkpointer.restore

@@ -4,7 +4,10 @@
       model.safetensors     weights only, loadable without unpickling
       config.json           {"model": ModelConfig fields}
       tokenizer.json, tokenizer_config.json
-      optim.pt              optimizer state (torch.save; loaded with weights_only=True)
+      dcp/                  a training run's model + optimizer state through torch.distributed.checkpoint
+                            (every rank's shards; any world size resumes it: pocketlm/train/dcp.py)
+      optim.pt              a LoRA run's optimizer state, in place of dcp/ (torch.save; loaded with
+                            weights_only=True)
       state.json            step, RNG states, data cursor, metrics
 
 A LoRA run's checkpoints hold the adapter (adapter_config.json + adapter_model.safetensors, PEFT's

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from pocketlm.train import dcp
 from pocketlm.train.dist import DistInfo, barrier, gather_objects
 
 DCP_DIR = "dcp"
+ASYNC_DEVICES = ("cuda",)  # where periodic saves write in the background (on CPU the copy would cost as much)
 
 
 def rng_state() -> dict:
@@ -45,7 +47,8 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Writes step-N checkpoints (and `best`) on rank 0, keeps the newest few, and restores a run.
+    """Writes step-N checkpoints (and `best`): every rank its DCP shards, rank 0 the rest and the
+    rename into place; keeps the newest few, and restores a run at any world size.
     `save_weights(dir, model)` / `load_weights(dir, model)` replace the full-weights save and load
     (a LoRA run saves and restores only its adapter; the frozen base is read from its source again)."""
 
@@ -55,7 +58,7 @@ class Checkpointer:
         self.model, self.tokenizer, self.optimizers, self.train_data = model, tokenizer, optimizers, train_data
         self.cfg, self.dist, self.extra_config = cfg, dist, extra_config
         self.save_weights, self.load_weights = save_weights, load_weights
-        self._pending = None  # (name, staging dir, loop state, async future or None): a save to complete
+        self._pending = None  # (name, staging dir, loop state, async future, safetensors thread): a save to complete
         self._group = None
 
     def save(self, step: int, state: dict, name: str | None = None, blocking: bool = True) -> None:
@@ -77,14 +80,20 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        weights = dcp.full_weights(self.model)  # a collective under FSDP2; the whole model on rank 0
-        if self.dist.is_main:
-            save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt"})
-        del weights
-        asynchronous = not blocking and self.dist.device.type == "cuda"
+        asynchronous = not blocking and self.dist.device.type in ASYNC_DEVICES
+        weights = dcp.full_weights(self.model)  # a collective under FSDP2; the whole model, on CPU, on rank 0
+        if asynchronous and self.dist.device.type == "cpu":  # on CPU those are the live tensors: copy them
+            weights = {k: v.clone() for k, v in weights.items()}
+        writer = None
+        if self.dist.is_main:  # the consolidated copy: in a thread of its own when the save is asynchronous
+            writer = threading.Thread(target=save_file, args=(weights, str(staging / WEIGHTS)),
+                                      kwargs={"metadata": {"format": "pt"}})
+            writer.start()
+            if not asynchronous:
+                writer.join()
         future = dcp.save_state(staging / DCP_DIR, self.model, self.optimizers, self._async_group() if asynchronous
                                 else None, asynchronous=asynchronous)
-        self._pending = (name, staging, full_state, future)
+        self._pending = (name, staging, full_state, future, writer)
         if not asynchronous:
             self.wait()
 
@@ -92,10 +101,12 @@ class Checkpointer:
         """Complete the save in flight, if any: rank 0 moves its staging directory into place."""
         if self._pending is None:
             return
-        name, staging, full_state, future = self._pending
+        name, staging, full_state, future, writer = self._pending
         self._pending = None
         if future is not None:
             future.result()  # on rank 0 this returns once every rank's shards and the metadata are written
+        if writer is not None:
+            writer.join()
 
         def move_staged(tmp, model):
             for part in (WEIGHTS, DCP_DIR):

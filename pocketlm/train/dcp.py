@@ -112,9 +112,9 @@ def save_state(path, model, optimizers, process_group=None, asynchronous: bool =
     """Every rank writes its part of the state under `path`; returns the async future when asked."""
     sd = train_state(model, optimizers)
     writer = FileSystemWriter(str(path))
-    if asynchronous:
-        return dcp.async_save(sd, storage_writer=writer, process_group=process_group)
     with _one_process_quietly():
+        if asynchronous:
+            return dcp.async_save(sd, storage_writer=writer, process_group=process_group)
         dcp.save(sd, storage_writer=writer, process_group=process_group)
     return None
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from pocketlm.errors import PocketLMError
 
 
 @dataclass
@@ -39,8 +42,20 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=_restart_store(world), rank=rank, world_size=world)
     return DistInfo(rank, world, local, device)
+
+
+def _restart_store(world: int):
+    """torchrun's store for the process group, under a prefix per restart. The agent's store outlives
+    the workers it restarts (--max-restarts), and a restarted rank could read a dead rank's address from
+    the attempt before (pytorch/pytorch#135712; seen here as gloo's "Connection refused" on a restart).
+    None (env:// as usual) when torchrun does not share its store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"pocketlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def choose_strategy(model: torch.nn.Module, strategy: str, info: DistInfo) -> str:
@@ -65,7 +80,8 @@ def device_mesh(info: DistInfo):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     if local < info.world_size:
         if info.world_size % local:
-            raise ValueError(f"WORLD_SIZE {info.world_size} is not a multiple of LOCAL_WORLD_SIZE {local}")
+            raise PocketLMError(f"torchrun: WORLD_SIZE {info.world_size} is not a multiple of LOCAL_WORLD_SIZE "
+                                f"{local} (every node must run as many ranks)")
         return init_device_mesh(info.device.type, (info.world_size // local, local), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pocketlm.config import TrainConfig
 from pocketlm.train.checkpointer import Checkpointer
-from pocketlm.train.dist import DistInfo, all_reduce_mean, from_main, grad_sync, wrap_model
+from pocketlm.train.dist import DistInfo, all_reduce_mean, choose_strategy, from_main, grad_sync, wrap_model
 from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
 from pocketlm.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -78,7 +78,9 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         if run_config is not None:
             (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     torch.manual_seed(cfg.seed + dist.rank)
-    model.to(dist.device).train()
+    model.train()
+    if choose_strategy(model, cfg.dist, dist) != "fsdp":  # FSDP2 moves each block to the device as it shards
+        model.to(dist.device)                             # it: the whole model never sits on one GPU
     # before the optimizer: FSDP2 turns the parameters into DTensor shards in place
     step_model = parallel = wrap_model(model, cfg.dist, dist, bf16=cfg.dtype == "bf16")
     optimizers = build_optimizers(model, cfg)
