@@ -7,8 +7,8 @@ Each row becomes one chat request (instruction first, so every row shares that p
 text last), constrained to one of the labels (`Choice`) or to a JSON schema (`JsonSchema`). Rows go
 to the engine a batch at a time, all of a batch submitted at once so they decode in one continuous
 batch (the engine feeds the tokens a constraint forces as one extend); the shared start of the
-prompts is computed once (prefix.py). Each finished batch is appended to the journal, which is what
-`resume` continues from."""
+prompts is computed once (Engine.cache_prefix), and the rows' own texts prefill together in one
+forward. Each finished batch is appended to the journal, which is what `resume` continues from."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 from pocketlm.analyze.journal import Journal
-from pocketlm.analyze.prefix import PrefixEngine, common_prefix
 from pocketlm.analyze.table import Table, TableError, cell, read_table, write_table
 from pocketlm.errors import InputError
-from pocketlm.infer.engine import ContextLengthError
+from pocketlm.infer.engine import ContextLengthError, Engine
 from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_schema, load_schema
 from pocketlm.infer.sampling import SamplingParams
 
@@ -92,7 +91,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     log = Journal(journal_path, fingerprint, resume)
     if reuse_prefix:  # the instruction every row starts with: computed once (the first rows decide it)
         head = [encode(r) for r in table.rows[:PREFIX_SAMPLE]]
-        engine.set_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
+        engine.cache_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
     grammar = compile_schema(schema_dict, tok, engine.model.cfg.vocab_size) if schema_dict is not None else None
 
     def constraint():
@@ -124,7 +123,8 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
 
     summary = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
                "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
-               "new_rows": n_new, "seconds": round(seconds, 3), "shared_prefix_tokens": len(engine.prefix),
+               "new_rows": n_new, "seconds": round(seconds, 3),
+               "shared_prefix_tokens": max(map(len, engine.prefixes), default=0),
                "prompt_tokens_reused": engine.reused_tokens,
                "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
     if gold is not None:
@@ -144,6 +144,15 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        if any(s[j] != first[j] for s in seqs):
+            return first[:j]
+    return first[:n]
+
+
 def render_template(table: Table, text: str | None, prompt: str | None):
     """row -> the row's text: one column, or a template whose {column} placeholders are filled in."""
     if text is not None:
@@ -211,7 +220,7 @@ def _output_names(columns: list[str], keys: list[str]) -> dict[str, str]:
     return names
 
 
-def _engine(model, adapter, dtype, batch_size, threads) -> PrefixEngine:
+def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
     import torch
 
     from pocketlm.model.lora import load_model_with_adapter
@@ -221,7 +230,7 @@ def _engine(model, adapter, dtype, batch_size, threads) -> PrefixEngine:
     m, tok = load_model_with_adapter(model, adapter)
     if tok is None:
         raise InputError(f"{model}: has no tokenizer.json beside the weights")
-    return PrefixEngine(m, tok, max_batch=batch_size, precision=dtype)
+    return Engine(m, tok, max_batch=batch_size, precision=dtype)
 
 
 def _run_batch(engine, table, idx, encode, constraint, params, fields, is_labels) -> list[dict]:
