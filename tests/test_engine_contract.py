@@ -165,6 +165,20 @@ def test_forced_tokens_are_fed_as_one_extend(lm, monkeypatch):
     widths = [s.positions.size(1) for s in steps]
     assert widths == [len(ids), 1 + len(forced)] + [1] * (len(rest) - 1)  # prefill, one extend, decode steps
 
+    # two rows forced at once, by different amounts: one extend forward for both, each reply still exact
+    other = tok.encode("MENENIUS:")
+    steps.clear()
+    engine = Engine(model, tok, max_batch=2)
+    monkeypatch.setattr(engine.cache, "step", lambda *a, **k: steps.append(real.__func__(engine.cache, *a, **k))
+                        or steps[-1])
+    reqs = [engine.submit(p, greedy(12), processors=[Force()]) for p in (ids, other)]
+    while engine.step():
+        pass
+    for p, r in zip((ids, other), reqs):
+        first = reference_greedy(model, p, 1)
+        assert r.output_ids == first + forced + reference_greedy(model, p + first + forced, 12 - 1 - len(forced))
+    assert [tuple(s.positions.shape) for s in steps[:2]] == [(2, max(len(ids), len(other))), (2, 1 + len(forced))]
+
 
 def test_copy_prefix_then_extend_equals_a_full_prefill(lm):
     model, _ = lm

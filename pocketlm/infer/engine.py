@@ -38,10 +38,11 @@ from pocketlm.tokenizer import Tokenizer
 __all__ = ["ContextLengthError", "Engine", "Event", "Request", "StreamDecoder"]
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations a long prompt allocates
-# Admitted prompts up to this many tokens (after a shared prefix) prefill together in one forward, padded
-# to the longest: at these sizes a forward of B rows costs little more than one of a single row. A
-# longer prompt is compute-bound on its own and prefills alone (no padding wasted on the short ones).
+# Admitted prompts up to this many tokens (after a shared prefix), and forced-token extends as short,
+# are fed together in one forward over their rows, padded to the longest: one pass over the weights
+# instead of one each. A longer prompt is compute-bound on its own and goes alone.
 SHORT_PROMPT = 64
+PAD_SLACK = 1.25  # padded / real tokens a batched prefill may compute (see Engine._padding_groups)
 
 
 class ContextLengthError(PocketLMError):
@@ -231,8 +232,10 @@ class Engine(Runner):
                 admitted.append(req)
         if admitted:
             self._prefill_admitted(admitted)
-        for req in [r for r in self.slots if r is not None and len(r._pending) > 1]:
+        extending = [r for r in self.slots if r is not None and len(r._pending) > 1]
+        for req in [r for r in extending if len(r._pending) > SHORT_PROMPT]:
             self._guarded([req], self._extend, req)
+        self._feed_short([r for r in extending if len(r._pending) <= SHORT_PROMPT])
         running = [r for r in self.slots if r is not None and len(r._pending) == 1]
         if running:
             self._guarded(running, self._decode, running)
@@ -264,23 +267,49 @@ class Engine(Runner):
         return logits[0, -1]
 
     def _prefill_admitted(self, admitted: list[Request]):
-        """Copy each new request's shared prefix, then prefill the rest of its prompt: the short ones all
-        in one forward, the others (long, or with embeddings) each alone."""
-        together = []
+        """Copy each new request's shared prefix, then prefill the rest of its prompt (short ones
+        together, see _feed_short; long ones, or with embeddings, each alone)."""
+        short = []
         for req in admitted:
             req._generator = make_generator(req.params.seed)
-            n = self._copy_prefix(req)
-            if req.input_embeds is None and len(req.prompt_ids) - n <= SHORT_PROMPT:
-                together.append(req)
+            self._copy_prefix(req)
+            if req.input_embeds is None and len(self._todo(req)) <= SHORT_PROMPT:
+                short.append(req)
             else:
                 self._guarded([req], self._prefill, req)
-        if len(together) > 1:
-            start, stop = min(r.slot for r in together), max(r.slot for r in together) + 1
-            T = max(len(r.prompt_ids) - self.cache.lengths[r.slot] for r in together)
-            if max(self.cache.lengths[start:stop]) + T <= self.max_seq_len:  # every row's padding fits
-                return self._guarded(together, self._prefill_together, together)
-        for req in together:
-            self._guarded([req], self._prefill, req)
+        self._feed_short(short)
+
+    def _todo(self, req: Request) -> list[int]:
+        """The tokens a request's row needs next: its forced tokens, or (admitted) the rest of its prompt."""
+        return req._pending if req._pending else req.prompt_ids[self.cache.lengths[req.slot]:]
+
+    def _feed_short(self, reqs: list[Request]):
+        """Prefills and extends of a few tokens each, several rows in one forward (_feed_together)."""
+        for group in self._padding_groups(reqs):
+            if len(group) > 1:
+                self._guarded(group, self._feed_together, group)
+            elif group[0]._pending:
+                self._guarded(group, self._extend, group[0])
+            else:
+                self._guarded(group, self._prefill, group[0])
+
+    def _padding_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Runs of neighbouring slots to feed together. On a CPU a forward this size is bound by
+        compute, so padding costs as much as real tokens: a run ends where the padded tokens it would
+        compute exceed PAD_SLACK x the real ones (callers that submit prompts sorted by length, as
+        analyze does, get few runs), or where a row's padding would run off the end of its slot."""
+        groups, group = [], []
+        for r in sorted(reqs, key=lambda r: r.slot):
+            trial = group + [r]
+            todo = [len(self._todo(q)) for q in trial]
+            start, stop = trial[0].slot, r.slot + 1
+            padded = max(todo) * (stop - start)
+            fits = max(self.cache.lengths[start:stop]) + max(todo) <= self.max_seq_len
+            if group and (padded > PAD_SLACK * sum(todo) + SHORT_PROMPT or not fits):
+                groups.append(group)
+                trial = [r]
+            group = trial
+        return groups + ([group] if group else [])
 
     def _prefill(self, req: Request):
         """The prompt after the positions the slot holds already (a copied prefix), in one row."""
@@ -291,25 +320,27 @@ class Engine(Runner):
             embeds[ids < 0] = req.input_embeds
         self._choose(req, self._feed(req, req.prompt_ids[self.cache.lengths[req.slot]:], embeds))
 
-    def _prefill_together(self, reqs: list[Request]):
-        """One forward over the slots start:stop the requests hold, each row's remaining prompt padded on
-        the right to the longest. A pad's keys land past its row's end, hidden by the mask, and the row's
-        next tokens overwrite them; the head runs at each row's own last token. Rows of the range that
-        are not prefilling (running, or free) get a throwaway write the same way and keep their length."""
+    def _feed_together(self, reqs: list[Request]):
+        """One forward over the slots start:stop the requests hold, each row's tokens (the rest of its
+        prompt, or its forced tokens) padded on the right to the longest. A pad's keys land past its
+        row's end, hidden by the mask, and the row's next tokens overwrite them; the head runs at each
+        row's own last token. Rows of the range not fed (decoding, or free) get a throwaway write the
+        same way and keep their length."""
         start, stop = min(r.slot for r in reqs), max(r.slot for r in reqs) + 1
         lengths = self.cache.lengths[start:stop]
-        rest = {r.slot - start: r.prompt_ids[lengths[r.slot - start]:] for r in reqs}
-        T = max(len(ids) for ids in rest.values())
+        todo = {r.slot - start: self._todo(r) for r in reqs}
+        T = max(len(ids) for ids in todo.values())
         tokens, last, adapter = [[0] * T for _ in lengths], [T - 1] * len(lengths), [-1] * len(lengths)
         for r in reqs:
             i = r.slot - start
-            tokens[i][:len(rest[i])], last[i], adapter[i] = rest[i], len(rest[i]) - 1, self._adapter_index(r)
+            tokens[i][:len(todo[i])], last[i], adapter[i] = todo[i], len(todo[i]) - 1, self._adapter_index(r)
+            r._pending = []
         ids = torch.tensor(tokens, device=self.device)
         batch = self.cache.step(start, stop, ids, adapter_ids=adapter if max(adapter) >= 0 else None)
         batch.last = torch.tensor(last, device=self.device)
         logits = self.model(ids, batch=batch)[:, -1]
         for i, length in enumerate(lengths):
-            self.cache.lengths[start + i] = length + len(rest.get(i, ()))
+            self.cache.lengths[start + i] = length + len(todo.get(i, ()))
         for r in reqs:
             self._choose(r, logits[r.slot - start])
 
