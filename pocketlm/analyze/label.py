@@ -34,7 +34,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
             out=None, gold=None, limit=None, dry_run=False, resume=False, temperature=0.0, top_k=0, top_p=1.0,
             min_p=0.0, seed=None, max_tokens=None, system=None, instruction=None, batch_size=16, dtype="fp32",
             journal=None, report=None, group_by=None, date_column=None, threads=None, progress=True,
-            reuse_prefix=True) -> dict:
+            reuse_prefix=True, summary=False) -> dict:
     """Label (labels / labels_from) or extract (schema) every row of `path`; returns a summary dict
     (and writes `out`, its journal, and the report when asked). See the module docstring."""
     table = read_table(path, limit)
@@ -56,6 +56,8 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
         instruction = instruction or SCHEMA_INSTRUCTION.format(schema=json.dumps(schema_dict, separators=(",", ":")))
         # an object's properties become columns; any other schema's value is one column, "value"
         fields = list(schema_dict.get("properties", {})) if schema_dict.get("type") == "object" else []
+    if summary and report is None:
+        raise InputError("summary: the paragraph goes into the report; give report too")
     if gold is not None:
         if labels is None:
             raise InputError("gold: scores labels; it needs labels or labels_from, not a schema")
@@ -121,26 +123,31 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     columns = table.columns + [names[k] for k in values]
     write_table(out, columns, rows)
 
-    summary = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
-               "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
-               "new_rows": n_new, "seconds": round(seconds, 3),
-               "shared_prefix_tokens": max(map(len, engine.prefixes), default=0),
-               "prompt_tokens_reused": engine.reused_tokens,
-               "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
+    result = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
+              "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
+              "new_rows": n_new, "seconds": round(seconds, 3),
+              "shared_prefix_tokens": max(map(len, engine.prefixes), default=0),
+              "prompt_tokens_reused": engine.reused_tokens,
+              "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
     if gold is not None:
         from pocketlm.eval.metrics import classification_report
 
         golds = [cell(g).strip() for g in table.column(gold)]
         preds = [r[names["label"]] for r in rows]
         scored = labels + sorted(set(golds) - set(labels))  # a gold label the run did not offer still counts
-        summary["metrics"] = classification_report(golds, preds, scored)
+        result["metrics"] = classification_report(golds, preds, scored)
     if report is not None:
         from pocketlm.analyze.report import build_report, write_report
 
         facts = build_report(rows, names, fields, labels, group_by=group_by, date_column=date_column,
-                             metrics=summary.get("metrics"), text_column=text)
-        summary["report"] = write_report(facts, report)
-    return summary
+                             metrics=result.get("metrics"), text_column=text)
+        if summary:  # by the base model (a label adapter would only ever answer with a label)
+            from pocketlm.analyze.summary import write_summary
+
+            writer = engine if adapter is None else _engine(model, None, dtype, 1, threads)
+            facts["summary"] = write_summary(writer, facts)
+        result["report"] = write_report(facts, report)
+    return result
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------

@@ -147,11 +147,34 @@ def _matrix(tables: dict) -> str:
     return _table([""] + cols, [[k] + [row.get(c, 0) for c in cols] for k, row in tables.items()])
 
 
+def _summary(summary: dict | None) -> list[str]:
+    """The model's paragraph, each number not in the facts marked (analyze --summary, summary.py)."""
+    if not summary:
+        return []
+    if summary.get("text") is None:
+        return [f"<h2>summary</h2><p><em>no summary: {html.escape(str(summary.get('status')))}</em></p>"]
+    from pocketlm.analyze.summary import NUMBER
+
+    bad = set(summary["unsupported_numbers"])
+    text, out, at = summary["text"], [], 0
+    for m in NUMBER.finditer(text):
+        out.append(html.escape(text[at:m.start()]))
+        n = html.escape(m.group())
+        out.append(f'<mark title="not in report.json">{n}</mark>' if m.group() in bad else n)
+        at = m.end()
+    out.append(html.escape(text[at:]))
+    note = (f"<p><small>written by the model from report.json; {len(bad)} number(s) not found there are "
+            "marked</small></p>") if bad else "<p><small>written by the model from report.json; every number " \
+        "in it is one of the report's</small></p>"
+    return ["<h2>summary</h2>", f"<p>{''.join(out)}</p>", note]
+
+
 def render_html(facts: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     parts = [f"<h1>analyze report</h1><p>{facts['rows']} rows, {facts['ok']} answered within the constraint.</p>",
+             *_summary(facts.get("summary")),
              "<h2>status</h2>", _table(["status", "rows", "share"], [[s["value"], s["count"], s["share"]]
                                                                      for s in facts["status"]])]
     for key, shares in facts["fields"].items():
