@@ -196,7 +196,8 @@ def render_html(facts: dict) -> str:
                   f"over {m['n']} rows</p>", "<h3>confusion (rows: gold, columns: predicted)</h3>",
                   _matrix(m["confusion"])]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+             "table{display:block;overflow-x:auto;max-width:100%}mark{background:#fd8}")  # wide cross-tabs scroll
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>analyze report</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
 
