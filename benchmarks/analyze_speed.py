@@ -15,7 +15,8 @@ each labelled with one of its 27 intents, greedy. Timed, in one run, on the same
 Every reply is checked to be one of the labels (valid share); zero-shot accuracy is printed too.
 Then constrained against free decoding at 8 streams: 8 requests of 48 new tokens, free (greedy, no
 processors) and under a JSON schema (one long string field); time per token is the run's time minus
-the same run's prefill-only time (max_tokens=1), over the tokens decoded after the first.
+the same run's prefill-only time (max_tokens=1), over the tokens decoded after the first; the
+fastest of --reps interleaved reps counts.
 Load times are not counted. The last line is JSON.
 """
 
@@ -103,6 +104,7 @@ def run_llama(gguf, prompts: list[list[int]], rows: list[dict], labels, threads:
     t = time.perf_counter()
     preds = [label(p) for p in prompts]
     seconds = time.perf_counter() - t
+    llm.close()
     return {"rows": len(prompts), "seconds": round(seconds, 3), "rows_per_s": len(prompts) / seconds,
             "valid": sum(p in labels for p in preds) / len(preds),
             "accuracy": sum(p == r["intent"] for p, r in zip(preds, rows)) / len(rows), "ram_cache": ram_cache}
@@ -136,8 +138,8 @@ def constrained_vs_free(model, tok, rows, n_streams: int, new_tokens: int, reps:
             out.setdefault(name, []).append((per_token, tokens))
     res = {}
     for name, runs in out.items():
-        per = sorted(p for p, _ in runs)
-        res[name] = {"ms_per_token": round(1000 * per[len(per) // 2], 3), "tokens": runs[-1][1]}
+        per = sorted(p for p, _ in runs)  # the fastest rep: the other jobs on a shared machine only add time
+        res[name] = {"ms_per_token": round(1000 * per[0], 3), "tokens": runs[-1][1]}
     res["constrained_slowdown"] = round(res["constrained"]["ms_per_token"] / res["free"]["ms_per_token"] - 1, 4)
     return res
 
