@@ -190,6 +190,37 @@ def test_report_numbers_come_from_the_rows(model_dir, tmp_path):
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
 
 
+def test_numbers_not_in_the_facts_are_flagged():
+    from pocketlm.analyze.summary import unsupported_numbers
+
+    facts = {"rows": 12, "fields": {"label": [{"value": "refund", "count": 7, "share": 0.5833},
+                                              {"value": "track", "count": 5, "share": 0.4167}]},
+             "by_period": {"tables": {"label": {"2024-03": {"refund": 3}}}}}
+    text = ("Of 12 rows, 58.3% asked for a refund (7 rows, a share of 0.58) and 41.7 percent to track an "
+            "order; 2024-03 had 3. About 9 were angry, 1,234 were late, 12.5 on average, 60% by email, "
+            "order_66 aside.")
+    assert unsupported_numbers(text, facts) == ["9", "1,234", "12.5", "60%"]
+
+
+def test_summary_by_the_model_with_its_numbers_checked(model_dir, tmp_path, capsys):
+    from pocketlm.analyze.summary import schema, unsupported_numbers
+    from pocketlm.cli import main
+
+    src = tickets(tmp_path / "t.csv", 6)
+    args = ["analyze", str(src), "--model", str(model_dir), "--text", "message", "--labels", ",".join(LABELS),
+            "--out", str(tmp_path / "o.csv"), "--quiet", "--summary"]
+    assert main(args) == 2 and "give report too" in capsys.readouterr().err
+    assert main(args + ["--report", str(tmp_path / "r.html"), "--gold", "intent"]) == 0
+    facts = json.loads((tmp_path / "r.json").read_text())
+    summary = facts.pop("summary")
+    assert summary["status"] == "ok"
+    jsonschema.validate({"summary": summary["text"]}, schema(800))  # random weights, still a bounded string
+    assert summary["unsupported_numbers"] == unsupported_numbers(summary["text"], facts)
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2>summary</h2>" in page and page.count('<mark title="not in report.json">') == \
+        len(summary["unsupported_numbers"])
+
+
 def test_a_row_too_long_for_the_context_is_reported_not_fatal(model_dir, tmp_path):
     src = tmp_path / "t.jsonl"
     src.write_text(json.dumps({"message": "short"}) + "\n" + json.dumps({"message": "word " * 600}) + "\n")

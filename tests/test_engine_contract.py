@@ -165,6 +165,20 @@ def test_forced_tokens_are_fed_as_one_extend(lm, monkeypatch):
     widths = [s.positions.size(1) for s in steps]
     assert widths == [len(ids), 1 + len(forced)] + [1] * (len(rest) - 1)  # prefill, one extend, decode steps
 
+    # two rows forced at once, by different amounts: one extend forward for both, each reply still exact
+    other = tok.encode("MENENIUS:")
+    steps.clear()
+    engine = Engine(model, tok, max_batch=2)
+    monkeypatch.setattr(engine.cache, "step", lambda *a, **k: steps.append(real.__func__(engine.cache, *a, **k))
+                        or steps[-1])
+    reqs = [engine.submit(p, greedy(12), processors=[Force()]) for p in (ids, other)]
+    while engine.step():
+        pass
+    for p, r in zip((ids, other), reqs):
+        first = reference_greedy(model, p, 1)
+        assert r.output_ids == first + forced + reference_greedy(model, p + first + forced, 12 - 1 - len(forced))
+    assert [tuple(s.positions.shape) for s in steps[:2]] == [(2, max(len(ids), len(other))), (2, 1 + len(forced))]
+
 
 def test_copy_prefix_then_extend_equals_a_full_prefill(lm):
     model, _ = lm
@@ -179,6 +193,30 @@ def test_copy_prefix_then_extend_equals_a_full_prefill(lm):
     torch.testing.assert_close(got, want[:, 6:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds 9"):
         store.copy_prefix(0, 1, 10)
+
+
+def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
+    """Rows sharing an instruction: the prefix is computed once, the rest of the prompts (different
+    lengths) prefill in one padded forward, beside a running row; every reply equals its own greedy one."""
+    model, tok = lm
+    head = tok.encode("First Citizen:\n")
+    prompts = [head + tok.encode(t) for t in ("Before we proceed", "You are all resolved rather to die", "Speak.")]
+    engine = Engine(model, tok, max_batch=4)
+    engine.cache_prefix(head)
+    other = tok.encode("MENENIUS:")
+    quick, running = engine.submit(other, greedy(1)), engine.submit(other, greedy(14))
+    engine.step()  # quick finishes: slot 0 frees, slot 1 keeps decoding in the middle of the next prefill
+    steps, real = [], engine.cache.step
+    monkeypatch.setattr(engine.cache, "step", lambda *a, **k: steps.append(real(*a, **k)) or steps[-1])
+    reqs = [engine.submit(p, greedy(10)) for p in prompts]
+    while engine.step():
+        pass
+    assert [r.slot for r in (quick, running)] == [0, 1] and sorted(r.slot for r in reqs) == [0, 2, 3]
+    assert [r.output_ids for r in reqs] == [reference_greedy(model, p, 10) for p in prompts]
+    assert running.output_ids == reference_greedy(model, other, 14)
+    widest = max(len(p) - len(head) for p in prompts)
+    assert steps[0].positions.shape == (4, widest)  # one forward for the three prompts, slots 0-3
+    assert engine.reused_tokens == 3 * len(head)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

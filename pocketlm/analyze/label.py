@@ -7,8 +7,8 @@ Each row becomes one chat request (instruction first, so every row shares that p
 text last), constrained to one of the labels (`Choice`) or to a JSON schema (`JsonSchema`). Rows go
 to the engine a batch at a time, all of a batch submitted at once so they decode in one continuous
 batch (the engine feeds the tokens a constraint forces as one extend); the shared start of the
-prompts is computed once (prefix.py). Each finished batch is appended to the journal, which is what
-`resume` continues from."""
+prompts is computed once (Engine.cache_prefix), and the rows' own texts prefill together in one
+forward. Each finished batch is appended to the journal, which is what `resume` continues from."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 from pocketlm.analyze.journal import Journal
-from pocketlm.analyze.prefix import PrefixEngine, common_prefix
 from pocketlm.analyze.table import Table, TableError, cell, read_table, write_table
 from pocketlm.errors import InputError
-from pocketlm.infer.engine import ContextLengthError
+from pocketlm.infer.engine import ContextLengthError, Engine
 from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_schema, load_schema
 from pocketlm.infer.sampling import SamplingParams
 
@@ -35,7 +34,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
             out=None, gold=None, limit=None, dry_run=False, resume=False, temperature=0.0, top_k=0, top_p=1.0,
             min_p=0.0, seed=None, max_tokens=None, system=None, instruction=None, batch_size=16, dtype="fp32",
             journal=None, report=None, group_by=None, date_column=None, threads=None, progress=True,
-            reuse_prefix=True) -> dict:
+            reuse_prefix=True, summary=False) -> dict:
     """Label (labels / labels_from) or extract (schema) every row of `path`; returns a summary dict
     (and writes `out`, its journal, and the report when asked). See the module docstring."""
     table = read_table(path, limit)
@@ -57,6 +56,8 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
         instruction = instruction or SCHEMA_INSTRUCTION.format(schema=json.dumps(schema_dict, separators=(",", ":")))
         # an object's properties become columns; any other schema's value is one column, "value"
         fields = list(schema_dict.get("properties", {})) if schema_dict.get("type") == "object" else []
+    if summary and report is None:
+        raise InputError("summary: the paragraph goes into the report; give report too")
     if gold is not None:
         if labels is None:
             raise InputError("gold: scores labels; it needs labels or labels_from, not a schema")
@@ -92,7 +93,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     log = Journal(journal_path, fingerprint, resume)
     if reuse_prefix:  # the instruction every row starts with: computed once (the first rows decide it)
         head = [encode(r) for r in table.rows[:PREFIX_SAMPLE]]
-        engine.set_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
+        engine.cache_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
     grammar = compile_schema(schema_dict, tok, engine.model.cfg.vocab_size) if schema_dict is not None else None
 
     def constraint():
@@ -122,28 +123,43 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     columns = table.columns + [names[k] for k in values]
     write_table(out, columns, rows)
 
-    summary = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
-               "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
-               "new_rows": n_new, "seconds": round(seconds, 3), "shared_prefix_tokens": len(engine.prefix),
-               "prompt_tokens_reused": engine.reused_tokens,
-               "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
+    result = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
+              "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
+              "new_rows": n_new, "seconds": round(seconds, 3),
+              "shared_prefix_tokens": max(map(len, engine.prefixes), default=0),
+              "prompt_tokens_reused": engine.reused_tokens,
+              "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
     if gold is not None:
         from pocketlm.eval.metrics import classification_report
 
         golds = [cell(g).strip() for g in table.column(gold)]
         preds = [r[names["label"]] for r in rows]
         scored = labels + sorted(set(golds) - set(labels))  # a gold label the run did not offer still counts
-        summary["metrics"] = classification_report(golds, preds, scored)
+        result["metrics"] = classification_report(golds, preds, scored)
     if report is not None:
         from pocketlm.analyze.report import build_report, write_report
 
         facts = build_report(rows, names, fields, labels, group_by=group_by, date_column=date_column,
-                             metrics=summary.get("metrics"), text_column=text)
-        summary["report"] = write_report(facts, report)
-    return summary
+                             metrics=result.get("metrics"), text_column=text)
+        if summary:  # by the base model (a label adapter would only ever answer with a label)
+            from pocketlm.analyze.summary import write_summary
+
+            writer = engine if adapter is None else _engine(model, None, dtype, 1, threads)
+            facts["summary"] = write_summary(writer, facts)
+        result["report"] = write_report(facts, report)
+    return result
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        if any(s[j] != first[j] for s in seqs):
+            return first[:j]
+    return first[:n]
+
+
 def render_template(table: Table, text: str | None, prompt: str | None):
     """row -> the row's text: one column, or a template whose {column} placeholders are filled in."""
     if text is not None:
@@ -211,7 +227,7 @@ def _output_names(columns: list[str], keys: list[str]) -> dict[str, str]:
     return names
 
 
-def _engine(model, adapter, dtype, batch_size, threads) -> PrefixEngine:
+def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
     import torch
 
     from pocketlm.model.lora import load_model_with_adapter
@@ -221,22 +237,25 @@ def _engine(model, adapter, dtype, batch_size, threads) -> PrefixEngine:
     m, tok = load_model_with_adapter(model, adapter)
     if tok is None:
         raise InputError(f"{model}: has no tokenizer.json beside the weights")
-    return PrefixEngine(m, tok, max_batch=batch_size, precision=dtype)
+    return Engine(m, tok, max_batch=batch_size, precision=dtype)
 
 
 def _run_batch(engine, table, idx, encode, constraint, params, fields, is_labels) -> list[dict]:
     """Submit every row of the batch at once (they decode together), step until all are done."""
     reqs = []
-    for i in idx:
+    prompts = {i: encode(table.rows[i]) for i in idx}
+    # submitted shortest first: neighbouring slots then hold prompts of similar lengths, which the engine
+    # prefills together with little padding; the records still come out in input order
+    for i in sorted(idx, key=lambda i: len(prompts[i])):
         proc = constraint()
         p = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
         try:
-            reqs.append((i, proc, engine.submit(encode(table.rows[i]), p, processors=[proc])))
+            reqs.append((i, proc, engine.submit(prompts[i], p, processors=[proc])))
         except ContextLengthError as e:  # this row's text is too long: the row says so, the run goes on
             reqs.append((i, proc, str(e)))
     while not all(isinstance(r, str) or r.finished for _, _, r in reqs):
         engine.step()
-    return [_record(i, proc, req, fields, is_labels) for i, proc, req in reqs]
+    return [_record(i, proc, req, fields, is_labels) for i, proc, req in sorted(reqs, key=lambda x: x[0])]
 
 
 def _record(i, proc, req, fields, is_labels) -> dict:

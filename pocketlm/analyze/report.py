@@ -147,11 +147,34 @@ def _matrix(tables: dict) -> str:
     return _table([""] + cols, [[k] + [row.get(c, 0) for c in cols] for k, row in tables.items()])
 
 
+def _summary(summary: dict | None) -> list[str]:
+    """The model's paragraph, each number not in the facts marked (analyze --summary, summary.py)."""
+    if not summary:
+        return []
+    if summary.get("text") is None:
+        return [f"<h2>summary</h2><p><em>no summary: {html.escape(str(summary.get('status')))}</em></p>"]
+    from pocketlm.analyze.summary import NUMBER
+
+    bad = set(summary["unsupported_numbers"])
+    text, out, at = summary["text"], [], 0
+    for m in NUMBER.finditer(text):
+        out.append(html.escape(text[at:m.start()]))
+        n = html.escape(m.group())
+        out.append(f'<mark title="not in report.json">{n}</mark>' if m.group() in bad else n)
+        at = m.end()
+    out.append(html.escape(text[at:]))
+    note = (f"<p><small>written by the model from report.json; {len(bad)} number(s) not found there are "
+            "marked</small></p>") if bad else "<p><small>written by the model from report.json; every number " \
+        "in it is one of the report's</small></p>"
+    return ["<h2>summary</h2>", f"<p>{''.join(out)}</p>", note]
+
+
 def render_html(facts: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     parts = [f"<h1>analyze report</h1><p>{facts['rows']} rows, {facts['ok']} answered within the constraint.</p>",
+             *_summary(facts.get("summary")),
              "<h2>status</h2>", _table(["status", "rows", "share"], [[s["value"], s["count"], s["share"]]
                                                                      for s in facts["status"]])]
     for key, shares in facts["fields"].items():
@@ -173,7 +196,8 @@ def render_html(facts: dict) -> str:
                   f"over {m['n']} rows</p>", "<h3>confusion (rows: gold, columns: predicted)</h3>",
                   _matrix(m["confusion"])]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+             "table{display:block;overflow-x:auto;max-width:100%}mark{background:#fd8}")  # wide cross-tabs scroll
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>analyze report</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
 

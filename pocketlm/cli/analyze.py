@@ -15,7 +15,8 @@ def _analyze(args):
                      seed=args.seed, max_tokens=args.max_new_tokens, system=args.system,
                      instruction=args.instruction, batch_size=args.batch_size, dtype=args.dtype,
                      journal=args.journal, report=args.report, group_by=args.group_by,
-                     date_column=args.date_column, threads=args.threads, progress=not args.quiet)
+                     date_column=args.date_column, threads=args.threads, progress=not args.quiet,
+                     summary=args.summary)
     print(json.dumps(result, indent=2, ensure_ascii=False))
 
 
@@ -40,6 +41,8 @@ def register(sub):
     an.add_argument("--limit", type=int, help="only the first N rows")
     an.add_argument("--dry-run", action="store_true", help="show row 1's prompt, token counts and an estimated time")
     an.add_argument("--report", help="write report.html (and report.json beside it)")
+    an.add_argument("--summary", action="store_true",
+                    help="report: a paragraph by the model from the report's facts; numbers not in them are flagged")
     an.add_argument("--group-by", help="report: cross-tab the labels against this column")
     an.add_argument("--date-column", help="report: counts per month of this (ISO date) column")
     an.add_argument("--batch-size", type=int, default=16, help="rows submitted to the engine at once (default 16)")

@@ -35,6 +35,8 @@ class StepBatch:
     causal attention is right. end: how many positions attention reads (a Python int: a shape).
     adapter_ids (B,) long, -1 = the base model; None when no row uses an adapter (the fast path).
     last_only: the head runs on the last position only (the engine samples from nothing else).
+    last: (B,) long, or None: with last_only, the position along T of each row's last token, for a
+    step whose rows were padded to one T (a batched prefill of prompts of different lengths).
     k, v: the store's buffers for rows start:stop, written in place; rows (B, 1) and layer_index
     are the index tensors of that write."""
     input_ids: torch.Tensor | None
@@ -48,6 +50,7 @@ class StepBatch:
     v: torch.Tensor
     rows: torch.Tensor
     layer_index: list[torch.Tensor]
+    last: torch.Tensor | None = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new keys/values (B, H, T, D) at each row's positions; return the keys
@@ -90,13 +93,15 @@ class KVStore:
     def free(self, slot: int) -> None:
         self.in_use[slot] = False
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+    def copy_prefix(self, src: int, dst: int, n: int, *, source: "KVStore | None" = None) -> None:
         """Give slot dst the first n positions of slot src (a shared system prompt, an earlier turn of
-        the same conversation): an extend of dst then continues from position n."""
-        if not 0 < n <= self.lengths[src]:
-            raise InputError(f"copy_prefix: slot {src} holds {self.lengths[src]} positions, asked for {n}")
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        the same conversation): an extend of dst then continues from position n. source: the store
+        slot src belongs to (default this one; the engine keeps shared prefixes in one of their own)."""
+        source = self if source is None else source
+        if not 0 < n <= source.lengths[src]:
+            raise InputError(f"copy_prefix: slot {src} holds {source.lengths[src]} positions, asked for {n}")
+        self.k[:, dst, :, :n] = source.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = source.v[:, src, :, :n]
         self.lengths[dst] = n
 
     def step(self, start: int, stop: int, input_ids=None, input_embeds=None, *, adapter_ids=None,

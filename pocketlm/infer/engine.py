@@ -38,6 +38,11 @@ from pocketlm.tokenizer import Tokenizer
 __all__ = ["ContextLengthError", "Engine", "Event", "Request", "StreamDecoder"]
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations a long prompt allocates
+# Admitted prompts up to this many tokens (after a shared prefix), and forced-token extends as short,
+# are fed together in one forward over their rows, padded to the longest: one pass over the weights
+# instead of one each. A longer prompt is compute-bound on its own and goes alone.
+SHORT_PROMPT = 64
+PAD_SLACK = 1.25  # padded / real tokens a batched prefill may compute (see Engine._padding_groups)
 
 
 class ContextLengthError(PocketLMError):
@@ -94,6 +99,8 @@ class Engine(Runner):
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
         self.adapters: dict[str, list] = {}
+        self.prefixes: dict[tuple, KVStore] = {}  # shared prompt starts, computed once (cache_prefix)
+        self.reused_tokens = 0  # prompt tokens copied from a shared prefix instead of computed
         # Compiling fuses the small ops between the matmuls (weights frozen in as constants), and the C++
         # wrapper calls the kernels without Python in between (~1 ms a token less than the Python one).
         # Measured on 2 cores with SmolLM2-135M at batch 1: ~1.3x at fp32, ~1.9x at bf16, for about two
@@ -117,6 +124,42 @@ class Engine(Runner):
                 self.submit([0, 1], params)
             while self.step():
                 pass
+
+    # ---- shared prefixes -----------------------------------------------------------------
+    def cache_prefix(self, ids: list[int]) -> None:
+        """Compute the keys and values of `ids` once (an instruction every row of a table starts with, a
+        long system prompt): a later base-model request whose prompt starts with them, and goes on, gets
+        those positions copied into its slot and prefills only the rest. Each prefix has a one-slot store
+        of its own, which no request is ever given, so no step writes into it."""
+        ids = [int(t) for t in ids]
+        if not ids or tuple(ids) in self.prefixes:
+            return
+        if len(ids) >= self.max_seq_len or not all(0 <= t < self.model.cfg.vocab_size for t in ids):
+            raise InputError(f"cache_prefix: expected under {self.max_seq_len} token ids in [0, "
+                             f"{self.model.cfg.vocab_size}), got {len(ids)} ids")
+        store = KVStore(self.model.cfg, 1, len(ids), dtype=self.cache.k.dtype, device=self.device)
+        store.allocate()
+        ids_t = torch.tensor([ids], device=self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids_t[:, start:start + PREFILL_CHUNK]
+                self.model(chunk, batch=store.step(0, 1, chunk))
+        self.prefixes[tuple(ids)] = store
+
+    def clear_prefixes(self) -> None:
+        self.prefixes.clear()
+
+    def _copy_prefix(self, req: Request) -> int:
+        """Copy the longest cached prefix the prompt starts with into the request's slot; its length."""
+        if req.input_embeds is not None or req.adapter is not None:  # an adapter changes the keys and values
+            return 0
+        best = max((k for k in self.prefixes if len(k) < len(req.prompt_ids) and tuple(req.prompt_ids[:len(k)]) == k),
+                   key=len, default=None)
+        if best is None:
+            return 0
+        self.cache.copy_prefix(0, req.slot, len(best), source=self.prefixes[best])
+        self.reused_tokens += len(best)
+        return len(best)
 
     # ---- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter) -> None:
@@ -187,10 +230,12 @@ class Engine(Runner):
                 req.slot = self.cache.allocate()
                 self.slots[req.slot] = req
                 admitted.append(req)
-        for req in admitted:
-            self._guarded([req], self._prefill, req)
-        for req in [r for r in self.slots if r is not None and len(r._pending) > 1]:
+        if admitted:
+            self._prefill_admitted(admitted)
+        extending = [r for r in self.slots if r is not None and len(r._pending) > 1]
+        for req in [r for r in extending if len(r._pending) > SHORT_PROMPT]:
             self._guarded([req], self._extend, req)
+        self._feed_short([r for r in extending if len(r._pending) <= SHORT_PROMPT])
         running = [r for r in self.slots if r is not None and len(r._pending) == 1]
         if running:
             self._guarded(running, self._decode, running)
@@ -221,14 +266,83 @@ class Engine(Runner):
             logits = self.model(chunk, input_embeds=e, batch=batch)
         return logits[0, -1]
 
+    def _prefill_admitted(self, admitted: list[Request]):
+        """Copy each new request's shared prefix, then prefill the rest of its prompt (short ones
+        together, see _feed_short; long ones, or with embeddings, each alone)."""
+        short = []
+        for req in admitted:
+            req._generator = make_generator(req.params.seed)
+            self._copy_prefix(req)
+            if req.input_embeds is None and len(self._todo(req)) <= SHORT_PROMPT:
+                short.append(req)
+            else:
+                self._guarded([req], self._prefill, req)
+        self._feed_short(short)
+
+    def _todo(self, req: Request) -> list[int]:
+        """The tokens a request's row needs next: its forced tokens, or (admitted) the rest of its prompt."""
+        return req._pending if req._pending else req.prompt_ids[self.cache.lengths[req.slot]:]
+
+    def _feed_short(self, reqs: list[Request]):
+        """Prefills and extends of a few tokens each, several rows in one forward (_feed_together)."""
+        for group in self._padding_groups(reqs):
+            if len(group) > 1:
+                self._guarded(group, self._feed_together, group)
+            elif group[0]._pending:
+                self._guarded(group, self._extend, group[0])
+            else:
+                self._guarded(group, self._prefill, group[0])
+
+    def _padding_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Runs of neighbouring slots to feed together. On a CPU a forward this size is bound by
+        compute, so padding costs as much as real tokens: a run ends where the padded tokens it would
+        compute exceed PAD_SLACK x the real ones (callers that submit prompts sorted by length, as
+        analyze does, get few runs), or where a row's padding would run off the end of its slot."""
+        groups, group = [], []
+        for r in sorted(reqs, key=lambda r: r.slot):
+            trial = group + [r]
+            todo = [len(self._todo(q)) for q in trial]
+            start, stop = trial[0].slot, r.slot + 1
+            padded = max(todo) * (stop - start)
+            fits = max(self.cache.lengths[start:stop]) + max(todo) <= self.max_seq_len
+            if group and (padded > PAD_SLACK * sum(todo) + SHORT_PROMPT or not fits):
+                groups.append(group)
+                trial = [r]
+            group = trial
+        return groups + ([group] if group else [])
+
     def _prefill(self, req: Request):
-        req._generator = make_generator(req.params.seed)
+        """The prompt after the positions the slot holds already (a copied prefix), in one row."""
         embeds = None
         if req.input_embeds is not None:  # one (T, n_embd) table; ids < 0 take their row from it
             ids = torch.tensor(req.prompt_ids, device=self.device)
             embeds = torch.zeros(len(ids), self.model.cfg.n_embd, device=self.device)
             embeds[ids < 0] = req.input_embeds
-        self._choose(req, self._feed(req, req.prompt_ids, embeds))
+        self._choose(req, self._feed(req, req.prompt_ids[self.cache.lengths[req.slot]:], embeds))
+
+    def _feed_together(self, reqs: list[Request]):
+        """One forward over the slots start:stop the requests hold, each row's tokens (the rest of its
+        prompt, or its forced tokens) padded on the right to the longest. A pad's keys land past its
+        row's end, hidden by the mask, and the row's next tokens overwrite them; the head runs at each
+        row's own last token. Rows of the range not fed (decoding, or free) get a throwaway write the
+        same way and keep their length."""
+        start, stop = min(r.slot for r in reqs), max(r.slot for r in reqs) + 1
+        lengths = self.cache.lengths[start:stop]
+        todo = {r.slot - start: self._todo(r) for r in reqs}
+        T = max(len(ids) for ids in todo.values())
+        tokens, last, adapter = [[0] * T for _ in lengths], [T - 1] * len(lengths), [-1] * len(lengths)
+        for r in reqs:
+            i = r.slot - start
+            tokens[i][:len(todo[i])], last[i], adapter[i] = todo[i], len(todo[i]) - 1, self._adapter_index(r)
+            r._pending = []
+        ids = torch.tensor(tokens, device=self.device)
+        batch = self.cache.step(start, stop, ids, adapter_ids=adapter if max(adapter) >= 0 else None)
+        batch.last = torch.tensor(last, device=self.device)
+        logits = self.model(ids, batch=batch)[:, -1]
+        for i, length in enumerate(lengths):
+            self.cache.lengths[start + i] = length + len(todo.get(i, ()))
+        for r in reqs:
+            self._choose(r, logits[r.slot - start])
 
     def _extend(self, req: Request):
         """Forced tokens: one forward over all of them (an extend of the running row), not one each."""

@@ -314,8 +314,8 @@ class GPT(nn.Module):
         x = self.embed_dropout(x)
         for layer in self.layers:
             x = layer(x, rope, batch, mask)
-        if batch is not None and batch.last_only:
-            x = x[:, -1:]
+        if batch is not None and batch.last_only:  # (last: rows padded to one length end at their own)
+            x = x[:, -1:] if batch.last is None else x[torch.arange(B, device=x.device), batch.last][:, None]
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
