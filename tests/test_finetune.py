@@ -90,6 +90,11 @@ def test_lora_run_writes_a_peft_adapter_and_resumes_exactly(base, tmp_path, pack
     cfg = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
     assert (tmp_path / "straight" / "adapter" / "task.json").exists()
+    # and a model card beside the adapter, in Hugging Face's format, with the run's training figures
+    hub = pytest.importorskip("huggingface_hub")
+    readme = hub.ModelCard.load(tmp_path / "straight" / "adapter" / "README.md")
+    assert readme.data.library_name == "peft" and readme.data.base_model == str(base)
+    assert readme.data.datasets == ["train.jsonl"] and "- step: 6" in readme.text
     # the base weights did not move: only the adapters were trained
     model, _ = load_model(base)
     from pocketlm.model.lora import apply_adapter

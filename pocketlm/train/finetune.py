@@ -154,6 +154,10 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
                 result["adapter"] = str(dst)
             result.update({"train_examples": len(train_enc), "val_examples": len(val_enc), "trainable_params": trainable})
             (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+            if ft.lora:  # RUN/adapter/README.md: a Hugging Face model card, its training figures from results.json
+                from pocketlm.eval.card import card
+
+                card(dst, datasets=[Path(data).name], model_name=out_dir.name)
             print(f"done: {result['step']} steps in {result['elapsed_s']:.0f}s ({result['stop_reason']})"
                   + (f"; val loss {result['val_loss']:.4f}" if "val_loss" in result else "")
                   + (f"; adapter -> {result['adapter']}" if ft.lora else f"; model -> {out_dir}"))
