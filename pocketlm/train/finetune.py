@@ -143,14 +143,8 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
                            save_weights=save_lora if ft.lora else None, load_weights=load_lora if ft.lora else None,
                            run_config=run_config, varying_lengths=not ft.pack)
         if dist.is_main:
-            if ft.lora:  # RUN/adapter: the best adapter when early stopping kept one, else the last
-                best = out_dir / "checkpoints" / "best"
-                src = best if (best / ADAPTER_CONFIG).exists() else _newest(out_dir)
-                dst = out_dir / "adapter"
-                shutil.rmtree(dst, ignore_errors=True)
-                dst.mkdir()
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "task.json"):
-                    shutil.copy2(src / name, dst / name)
+            if ft.lora:
+                dst = publish_adapter(out_dir)
                 result["adapter"] = str(dst)
             result.update({"train_examples": len(train_enc), "val_examples": len(val_enc), "trainable_params": trainable})
             (out_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -164,6 +158,18 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
     finally:
         teardown()
     return result
+
+
+def publish_adapter(out_dir: Path, names=(ADAPTER_CONFIG, ADAPTER_WEIGHTS, "task.json")) -> Path:
+    """RUN/adapter: the best adapter when early stopping kept one, else the last checkpoint's."""
+    best = out_dir / "checkpoints" / "best"
+    src = best if (best / ADAPTER_CONFIG).exists() else _newest(out_dir)
+    dst = out_dir / "adapter"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+    return dst
 
 
 def frozen_to_bf16(model) -> None:
