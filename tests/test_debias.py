@@ -69,12 +69,15 @@ def test_debias_through_the_cli(setup, capsys):
     assert "adapter ->" in capsys.readouterr().out
     report = json.loads((run / "debias.json").read_text())
     for side in ("before", "after"):
-        assert set(report[side]) == {"stereo_preferred_pct", "heldout_bits_per_byte", "sst2_accuracy"}
+        assert set(report[side]) == {"stereo_preferred_pct", "heldout_bits_per_byte", "sst2_accuracy", "pair_scores"}
     assert report["training"]["step"] == 3
     change = report["change"]
     assert change["heldout_bpb_change_pct"] == pytest.approx(
         100 * (report["after"]["heldout_bits_per_byte"] / report["before"]["heldout_bits_per_byte"] - 1))
-    assert isinstance(change["pair_preference_intervals_overlap"], bool)
+    moved = change["pair_preference_toward_50_points"]  # a paired bootstrap over the same 3 pairs
+    b, a = (report[s]["stereo_preferred_pct"]["value"] for s in ("before", "after"))
+    assert moved["value"] == pytest.approx(abs(b - 50) - abs(a - 50)) and moved["n"] == 3
+    assert moved["ci95"][0] <= moved["value"] <= moved["ci95"][1] and isinstance(moved["excludes_no_change"], bool)
     weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and w.abs().sum() > 0 for k, w in weights.items())  # it trained
     # applied like any adapter: `pocketlm eval --adapter` reproduces the "after" figure

@@ -29,7 +29,10 @@ def _debias(args):
                lr=args.lr, lora_rank=args.lora_rank, max_pieces=args.max_pieces, bias_data=args.bias_data,
                probe=args.probe, bias_limit=args.bias_limit, sst2=args.sst2, sst2_limit=args.sst2_limit,
                evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume)
-    print(json.dumps({k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}, indent=2))
+    shown = {k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}
+    for side in ("before", "after"):
+        shown.get(side, {}).pop("pair_scores", None)  # in RUN/debias.json
+    print(json.dumps(shown, indent=2))
     print(f"adapter -> {r['adapter']} (use it with --adapter, or fold it in with `pocketlm merge`)")
 
 

@@ -20,6 +20,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pocketlm.config import TrainConfig
@@ -101,7 +102,7 @@ def measure(model, adapter, out_dir: Path, *, bias_data, probe, bias_limit, held
         if given[name] is not None:
             results[name] = run()
             (out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2))
-    return summary(results)
+    return {**summary(results), **({"pair_scores": results["bias"]["pair_scores"]} if "bias" in results else {})}
 
 
 def summary(results: dict) -> dict:
@@ -120,13 +121,23 @@ def summary(results: dict) -> dict:
     return out
 
 
+def toward_50(before_scores, after_scores, samples: int = 1000, seed: int = 0) -> dict:
+    """How many points the stereotype-preferred share moved toward 50% (|before-50| - |after-50|), with a
+    95% paired bootstrap interval: the same resampled pairs scored by both models."""
+    b = np.array([m > l for m, l in before_scores], dtype=np.float64) * 100
+    a = np.array([m > l for m, l in after_scores], dtype=np.float64) * 100
+    moved = lambda idx: np.abs(b[idx].mean(-1) - 50) - np.abs(a[idx].mean(-1) - 50)  # noqa: E731
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(samples, len(b)))
+    lo, hi = np.quantile(moved(idx), [0.025, 0.975])
+    return {"value": float(moved(np.arange(len(b)))), "ci95": [float(lo), float(hi)], "n": len(b),
+            "excludes_no_change": bool(lo > 0 or hi < 0)}
+
+
 def change(before: dict, after: dict) -> dict:
     """How each figure moved: toward 50% (pair preference), the gaps' size, bpb in %, SST-2 in points."""
     out = {}
     if "stereo_preferred_pct" in before:
-        b, a = before["stereo_preferred_pct"], after["stereo_preferred_pct"]
-        out["pair_preference_toward_50_points"] = abs(b["value"] - 50) - abs(a["value"] - 50)
-        out["pair_preference_intervals_overlap"] = a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1]
+        out["pair_preference_toward_50_points"] = toward_50(before["pair_scores"], after["pair_scores"])
     for k in before:
         if k.startswith("resolution_gap_") and k in after and before[k]["value"]:
             out[f"{k}_ratio"] = abs(after[k]["value"]) / abs(before[k]["value"])
@@ -168,7 +179,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     cpu0 = time.process_time()
     if evaluate:
         report["before"] = measure(model, None, out / "before", **kw)
-        print("before:", json.dumps(report["before"]), flush=True)
+        print("before:", json.dumps({k: v for k, v in report["before"].items() if k != "pair_scores"}), flush=True)
 
     torch.manual_seed(seed)
     add_lora(base, lora_rank, lora_alpha)
@@ -190,7 +201,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     if evaluate:
         report["after"] = measure(model, adapter, adapter / "eval", **kw)
         report["change"] = change(report["before"], report["after"])
-        print("after:", json.dumps(report["after"]), flush=True)
+        print("after:", json.dumps({k: v for k, v in report["after"].items() if k != "pair_scores"}), flush=True)
     report["adapter"] = str(adapter)
     report["cpu_minutes"] = round((time.process_time() - cpu0) / 60, 1)
     (out / "debias.json").write_text(json.dumps(report, indent=2))
