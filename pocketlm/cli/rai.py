@@ -26,7 +26,8 @@ def _debias(args):
 
     r = debias(args.model, args.out, args.corpus, lists=tuple(x for x in args.lists.split(",") if x),
                max_minutes=args.max_minutes, max_steps=args.max_steps, seq_len=args.seq_len, batch_size=args.batch_size,
-               lr=args.lr, lora_rank=args.lora_rank, max_pieces=args.max_pieces, bias_data=args.bias_data,
+               lr=args.lr, lora_rank=args.lora_rank, max_pieces=args.max_pieces, heldout_chars=args.heldout_chars,
+               bias_data=args.bias_data,
                probe=args.probe, bias_limit=args.bias_limit, sst2=args.sst2, sst2_limit=args.sst2_limit,
                evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume)
     shown = {k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}
@@ -66,6 +67,8 @@ def register(sub):
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--lora-rank", type=int, default=8)
     d.add_argument("--max-pieces", type=int, default=20_000, help="corpus passages used (each also swapped)")
+    d.add_argument("--heldout-chars", type=int, default=100_000, help="held-out text for the bits-per-byte cost "
+                   "(the last 10%% of each book, this many characters in all)")
     d.add_argument("--bias-data", help="probe data (default: ../shared/data/winobias)")
     d.add_argument("--probe", choices=("winobias", "pairs"), default="winobias")
     d.add_argument("--bias-limit", type=int, help="at most N pairs (pairs) or sentences per WinoBias file")

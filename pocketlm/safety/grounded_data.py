@@ -113,10 +113,11 @@ def eval_grounded(model_source, rows, adapter=None, limit: int | None = None, ba
     """Greedy replies of a model (and adapter) to grounded rows (a list, or a .jsonl of them), scored."""
     from tqdm import tqdm
 
-    from pocketlm.eval.tasks import autocast, greedy_generate, prompt_ids
+    from pocketlm.eval.tasks import autocast, greedy_generate, native_dtype, prompt_ids
     from pocketlm.model.lora import load_model_with_adapter
 
     rows = (rows if isinstance(rows, list) else read_jsonl(rows))[:limit]
+    dtype = native_dtype(dtype)
     model, tokenizer = load_model_with_adapter(model_source, adapter)
     model.eval()
     prompts = [prompt_ids(tokenizer, r["messages"]) for r in rows]

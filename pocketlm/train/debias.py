@@ -29,6 +29,7 @@ from pocketlm.data.sft_batches import SFTBatches, SFTEvalBatches
 from pocketlm.errors import InputError
 from pocketlm.model import load_model
 from pocketlm.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_adapter_weights, save_adapter
+from pocketlm.eval.tasks import native_dtype
 from pocketlm.safety.cda import LISTS, swap, swap_table
 from pocketlm.train.finetune import publish_adapter
 from pocketlm.train.loop import train
@@ -150,7 +151,7 @@ def change(before: dict, after: dict) -> dict:
 
 def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 30.0, max_steps: int = 100_000,
            seq_len: int = 256, batch_size: int = 8, lr: float = 5e-4, lora_rank: int = 8, lora_alpha: float = 16.0,
-           max_pieces: int = 20_000, bias_data=None, probe: str = "winobias", bias_limit: int | None = None,
+           max_pieces: int = 20_000, heldout_chars: int = 100_000, bias_data=None, probe: str = "winobias", bias_limit: int | None = None,
            sst2=None, sst2_limit: int | None = None, evaluate: bool = True, dtype: str = "bf16", resume: bool = False,
            seed: int = 0) -> dict:
     """Train a CDA LoRA for `model` into RUN `out`; returns (and writes to RUN/debias.json) the report.
@@ -163,7 +164,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     if bad or not lists:
         raise InputError(f"--lists: expected some of {','.join(LISTS)}, got {','.join(lists) or 'nothing'}")
     base, tokenizer = load_model(model)
-    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), seed=seed)
+    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), heldout_chars, seed)
     out.mkdir(parents=True, exist_ok=True)
     heldout = out / "heldout.txt"
     heldout.write_text(heldout_text, encoding="utf-8")
@@ -174,7 +175,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
         bias_data = bias_data or shared_data("winobias")
         sst2 = sst2 or (shared_data("sst2") / "dev.tsv" if shared_data("sst2") else None)
     kw = dict(bias_data=bias_data, probe=probe, bias_limit=bias_limit, heldout=heldout, sst2=sst2,
-              sst2_limit=sst2_limit, dtype=dtype)
+              sst2_limit=sst2_limit, dtype=native_dtype(dtype))
     report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "data": stats}
     cpu0 = time.process_time()
     if evaluate:
