@@ -33,7 +33,7 @@ from pocketlm.model import load_model
 from pocketlm.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, apply_adapter, load_adapter_weights,
                                  lora_modules, save_adapter)
 from pocketlm.train.dist import setup_distributed, teardown
-from pocketlm.train.loop import train
+from pocketlm.train.loop import cpu_lacks_bf16, train
 
 def build_configs(config_path=None, overrides: dict | None = None, flags: dict | None = None):
     """(TrainConfig, FinetuneConfig, dropout or None) from defaults < config file < flags/overrides."""
@@ -132,7 +132,7 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
     run_config = {"model": model.cfg.to_dict(), "base_model": str(model_source), "data": str(data), "val_data": str(val_data) if val_data else None,
                   "train": dataclasses.asdict(train_cfg), "finetune": dataclasses.asdict(ft),
                   "dropout": model.cfg.dropout, "task": dataclasses.asdict(spec)}
-    if ft.lora and train_cfg.dtype == "bf16":
+    if ft.lora and train_cfg.dtype == "bf16" and not cpu_lacks_bf16(dist.device):  # else the loop trains in fp32
         frozen_to_bf16(model)
     try:
         # On CPU, the math attention kernel's backward is several times faster than the flash one
