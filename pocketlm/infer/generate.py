@@ -134,7 +134,8 @@ def _cited_sources(reply: str, found: list, out: TextIO) -> None:
 
     for n in cited(reply):
         if 1 <= n <= len(found):
-            out.write(f"  [{n}] {found[n - 1].source}: {found[n - 1].text[:80]}...\n")
+            text = found[n - 1].text
+            out.write(f"  [{n}] {found[n - 1].source}: {text[:80]}{'...' if len(text) > 80 else ''}\n")
 
 
 HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"

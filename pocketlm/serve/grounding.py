@@ -17,7 +17,7 @@ def install(ctx: ServerContext, index: Index | None = None) -> None:
         if turn.kind != "chat":
             return
         docs = turn.body.documents
-        if docs is None and index is None or docs == []:
+        if (docs is None and index is None) or docs == []:
             return
         loop = asyncio.get_running_loop()  # indexing a request's documents: off the event loop
         turn.messages, found = await loop.run_in_executor(ctx.tokenize_pool, _ground, turn.messages, docs, index)
