@@ -36,16 +36,19 @@ def per_call(fn, items, reps: int) -> float:
 
 
 def stream_ms_per_token(client, tokens: int) -> tuple[float, int, str]:
-    """One streamed greedy reply: (ms per token after the first, chunks, finish reason)."""
-    stamps, reason = [], None
+    """One streamed greedy reply: (ms per generated token, the request's whole time over its
+    completion_tokens; tokens; finish reason). Not per chunk: the moderation filter holds text back
+    to word ends, so a moderated stream sends fewer, larger chunks for the same tokens."""
+    t0, reason, n = time.perf_counter(), None, 0
     for chunk in client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
-            max_tokens=tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}):
-        if chunk.choices and chunk.choices[0].delta.content:
-            stamps.append(time.perf_counter())
+            max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].finish_reason:
             reason = chunk.choices[0].finish_reason
-    return (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1e3, len(stamps), reason
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    return (time.perf_counter() - t0) / max(1, n) * 1e3, n, reason
 
 
 def end_to_end(model: str, tokens: int, reps: int) -> dict:
@@ -71,7 +74,7 @@ def end_to_end(model: str, tokens: int, reps: int) -> dict:
     return {"server_tokens": tokens, "server_reps": reps,
             "server_ms_per_token": {k: round(v, 2) for k, v in med.items()},
             "server_runs_ms": {k: [round(r[0], 2) for r in v] for k, v in runs.items()},
-            "server_finish": {k: sorted({r[2] for r in v}) for k, v in runs.items()},
+            "server_finish": {k: sorted({f"{r[2]} after {r[1]} tokens" for r in v}) for k, v in runs.items()},
             "server_overhead_pct": round((med["moderated"] / med["plain"] - 1) * 100, 2)}
 
 

@@ -123,6 +123,18 @@ def test_generate_with_documents_prompts_with_the_passages(checkpoint, docs, mon
     assert "none: --documents expects a folder" in capsys.readouterr().err
 
 
+def test_eval_grounded_scores_a_models_replies(checkpoint, tmp_path):
+    from pocketlm.safety.grounded_data import eval_grounded, read_jsonl, write_jsonl
+
+    (tmp_path / "squad.json").write_text(json.dumps(SQUAD))
+    rows = write_jsonl(squad_grounded(tmp_path / "squad.json", passages="retrieved"), tmp_path / "test.jsonl")
+    r = eval_grounded(checkpoint[0], rows, dtype="fp32", max_new_tokens=4)
+    assert r["n"] == 3 and r["answerable"] == 2 and r["unanswerable"] == 1 and len(r["examples"]) == 3
+    assert r["abstention_unanswerable"] in (0.0, 100.0) and r["retrieval_recall"] == 100.0
+    again = score(read_jsonl(rows), [e["reply"] for e in r["examples"]])  # the figures are those replies' score
+    assert all(r[k] == v for k, v in again.items())
+
+
 openai = pytest.importorskip("openai")
 
 
