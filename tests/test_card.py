@@ -88,6 +88,16 @@ def test_adapter_card_names_its_base_model(evaluated, tmp_path):
     assert "No bias evaluation was found" in hub.ModelCard.load(tmp_path / "adapter" / "README.md").text
 
 
+def test_export_writes_a_card_with_the_source_models_figures(evaluated, tmp_path):
+    assert main(["export", str(evaluated), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    loaded = hub.ModelCard.load(tmp_path / "hf" / "README.md")
+    assert loaded.data.library_name == "transformers" and loaded.data.model_name == "hf"
+    bias = json.loads((evaluated / "eval" / "bias.json").read_text())
+    got = {(r.task_name, r.metric_name): r.metric_value for r in loaded.data.eval_results}
+    assert got[("bias (pairs)", "stereotype preferred, % (all)")] == round(bias["pairs"]["stereo_preferred_pct"]["value"], 4)
+    assert "A language model in Hugging Face transformers format" in loaded.text
+
+
 def test_card_errors_name_the_file(evaluated, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"hello": 1}')
     with pytest.raises(PocketLMError, match=r"bad\.json: not a `pocketlm eval --out` result"):

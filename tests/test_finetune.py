@@ -90,6 +90,11 @@ def test_lora_run_writes_a_peft_adapter_and_resumes_exactly(base, tmp_path, pack
     cfg = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
     assert (tmp_path / "straight" / "adapter" / "task.json").exists()
+    # and a model card beside the adapter, in Hugging Face's format, with the run's training figures
+    hub = pytest.importorskip("huggingface_hub")
+    readme = hub.ModelCard.load(tmp_path / "straight" / "adapter" / "README.md")
+    assert readme.data.library_name == "peft" and readme.data.base_model == str(base)
+    assert readme.data.datasets == ["train.jsonl"] and "- step: 6" in readme.text
     # the base weights did not move: only the adapters were trained
     model, _ = load_model(base)
     from pocketlm.model.lora import apply_adapter
@@ -171,3 +176,12 @@ def test_the_loop_passes_packed_rows_to_the_model_and_counts_only_real_tokens(ba
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(unpacked.item(), abs=1e-5)
     assert result["tokens"] == 2 * batch[3] < 2 * len(rows) * 128
+
+
+def test_a_bf16_lora_recipe_trains_where_the_cpu_lacks_bf16(base, tmp_path):
+    # the loop falls back to fp32 there; the frozen weights must then stay fp32 too (they were cast to
+    # bf16 ahead of the loop, and the first matmul failed on mixed dtypes)
+    train = keyword_data(tmp_path / "train.jsonl", 16)
+    finetune("--model", base, "--data", train, "--out", tmp_path / "run", "--lora", "--max-steps", 1,
+             *[f for f in FAST if "dtype" not in f], "--train.dtype=bf16")
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

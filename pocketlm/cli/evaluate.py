@@ -18,11 +18,11 @@ def _eval(args):
     result = evaluate(args.model, args.task, args.data, adapter=args.adapter, limit=args.limit, spec_overrides=spec,
                       batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, methods=methods,
                       probe=args.probe)
-    text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    result.pop("pair_scores", None)  # one line per pair: in --out only
+    print(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 def register(sub):
@@ -34,7 +34,7 @@ def register(sub):
     ev.add_argument("--probe", choices=("winobias", "pairs"), default="winobias",
                     help="bias: the WinoBias folder, or a CrowS-Pairs-format CSV of minimal pairs")
     ev.add_argument("--limit", type=int, help="at most N examples (lm: N windows; bias: N pairs, or N sentences per WinoBias file)")
-    ev.add_argument("--out", help="also write the JSON here")
+    ev.add_argument("--out", help="also write the JSON here (for bias, with each pair's two log-likelihoods)")
     ev.add_argument("--method", choices=("likelihood", "generation", "both"), default="both",
                     help="classification: score each label's likelihood, generate, or both (default)")
     ev.add_argument("--batch-size", type=int, default=8)

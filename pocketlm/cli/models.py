@@ -16,12 +16,15 @@ def _import(args):
 
 
 def _export(args):
+    from pocketlm.eval.card import card
     from pocketlm.model import load_model
     from pocketlm.model.hf import export_hf
 
     model, tokenizer = load_model(args.model)
     export_hf(model, tokenizer, args.out)
-    print(f"exported {args.model} ({args.format}) -> {args.out}")
+    # the card carries the figures `pocketlm eval` wrote beside the source model
+    readme = card(args.out, results_from=args.model, model_name=args.model_name)
+    print(f"exported {args.model} ({args.format}) -> {args.out} (model card: {readme.name})")
 
 
 def _download(args):
@@ -53,7 +56,9 @@ def register(sub):
     ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM)")
     ex.add_argument("model", help="run, checkpoint, Hugging Face folder or .gguf file")
     ex.add_argument("--format", choices=("hf",), default="hf")
-    ex.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
+    ex.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists), with a "
+                    "README.md model card carrying the eval results found beside MODEL")
+    ex.add_argument("--model-name", help="the name in the model card (default: the --out folder's name)")
     ex.set_defaults(func=_export)
 
     dl = sub.add_parser("download", help="fetch a model repo from the Hugging Face Hub (needs huggingface_hub)")

@@ -19,15 +19,15 @@ def _sampling(args) -> dict:
 def _generate(args):
     from pocketlm.infer.generate import generate
 
-    if args.system and not args.chat:
+    if args.system and not (args.chat or args.documents):
         raise PocketLMError("--system needs --chat (it is a chat message)")
-    generate(args.model, args.prompt, chat=args.chat, system=args.system, **_sampling(args))
+    generate(args.model, args.prompt, chat=args.chat, system=args.system, documents=args.documents, **_sampling(args))
 
 
 def _chat(args):
     from pocketlm.infer.generate import chat
 
-    chat(args.model, system=args.system, **_sampling(args))
+    chat(args.model, system=args.system, documents=args.documents, **_sampling(args))
 
 
 def _api_key(args) -> str | None:
@@ -56,7 +56,7 @@ def _serve(args):
           threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
           memory_tokens=args.memory_tokens, moderation=args.moderation, moderation_backend=args.moderation_backend,
           guard_model=args.guard_model, moderation_words=args.moderation_words, loras=_loras(args.lora),
-          max_loras=args.max_loras, embedding_model=args.embedding_model)
+          max_loras=args.max_loras, embedding_model=args.embedding_model, documents=args.documents)
 
 
 def _loras(specs) -> dict[str, str]:
@@ -89,6 +89,10 @@ LIMIT_FLAGS = {
 
 def _add_engine_args(sp):
     """How generate / chat / serve load and run the model."""
+    sp.add_argument("--documents", metavar="DIR", help="grounded mode: answer from the .txt/.md/.rst files in DIR "
+                    "(the top 3 passages by BM25 for each question), citing them as [n], or say \"I don't know\" "
+                    "when they do not contain the answer (generate: implies --chat; serve: every chat without its own "
+                    "\"documents\")")
     sp.add_argument("--adapter", help="LoRA adapter folder (PEFT format, or a LoRA fine-tuning run) applied on top "
                                       "of --model; merged into the weights at load, so it costs nothing per token")
     sp.add_argument("--dtype", choices=("auto", "int8g", "int8", "int4", "bf16", "fp32"), default="auto",

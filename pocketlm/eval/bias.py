@@ -154,16 +154,20 @@ def eval_bias(model, tokenizer, data, probe: str = "winobias", limit: int | None
     with autocast(dtype):
         if probe == "pairs":
             pairs = load_pairs(data, limit)
-            result["pairs"] = pair_report(pairs, score_pairs(model, tokenizer, pairs, batch_size), samples, seed, notes)
+            scores = score_pairs(model, tokenizer, pairs, batch_size)
+            result["pairs"] = pair_report(pairs, scores, samples, seed, notes)
         else:
             wino = load_winobias(data, split, limit)
             pairs, skipped = winobias_pairs(wino)
             result["split"] = split
-            result["pairs"] = pair_report(pairs, score_pairs(model, tokenizer, pairs, batch_size), samples, seed, notes)
+            scores = score_pairs(model, tokenizer, pairs, batch_size)
+            result["pairs"] = pair_report(pairs, scores, samples, seed, notes)
             result["pairs"]["skipped_not_minimal"] = skipped
             correct = {t: (resolve(model, tokenizer, pro, batch_size), resolve(model, tokenizer, anti, batch_size))
                        for t, (pro, anti) in wino.items()}
             result["resolution"] = resolution_report(correct, samples, seed, notes)
             result["resolution"]["method"] = "likelihood of each candidate occupation as the reply"
     result["notes"] = notes
+    # per pair, in file order: lets two models be compared pair by pair (a paired bootstrap, debias.py)
+    result["pair_scores"] = [[round(m, 4), round(l, 4)] for m, l in scores]
     return result

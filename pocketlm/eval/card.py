@@ -137,9 +137,13 @@ def _bias_section(result: dict) -> list[str]:
 
 
 def card(model_or_adapter, out=None, results=(), license: str = "unknown", datasets=None, tags=(),
-         base_model: str | None = None, model_name: str | None = None) -> Path:
+         base_model: str | None = None, model_name: str | None = None, results_from=None) -> Path:
     """Write the model card of a checkpoint, run, Hugging Face folder, .gguf file or LoRA adapter.
-    Returns the README.md path (default: inside the model's folder)."""
+    Returns the README.md path (default: inside the model's folder).
+
+    results_from: another model whose eval results (and run's results.json) also count, e.g. the
+    checkpoint an `export` was made from. datasets: named first in the metadata (e.g. the training
+    data), before the eval data."""
     from huggingface_hub import EvalResult, ModelCardData
 
     source = Path(model_or_adapter)
@@ -147,6 +151,9 @@ def card(model_or_adapter, out=None, results=(), license: str = "unknown", datas
         raise InputError(f"{source}: no such model, run or adapter")
     kind, facts = _describe(source)
     found, training = find_results(source)
+    if results_from is not None and Path(results_from).exists():
+        more, more_training = find_results(results_from)
+        found, training = [*found, *more], training or more_training
     files = list(dict.fromkeys([*map(Path, results), *found]))
     evals = []
     for f in files:
@@ -159,7 +166,7 @@ def card(model_or_adapter, out=None, results=(), license: str = "unknown", datas
         evals.append(data)
     name = model_name or (source.stem if source.is_file() else source.name)
     base = base_model or facts.get("base_model") if kind == "adapter" else base_model
-    data_names = list(datasets) if datasets else sorted({Path(r["data"]).name for r in evals})
+    data_names = list(dict.fromkeys([*(datasets or ()), *sorted({Path(r["data"]).name for r in evals})]))
     eval_results = [EvalResult(task_type=TASK_TYPES[r["task"]], task_name=r["task"] + (f" ({r['probe']})" if r.get("probe") else ""),
                                dataset_type=Path(r["data"]).name, dataset_name=Path(r["data"]).name,
                                dataset_split=r.get("split"), metric_type=mtype, metric_name=mname, metric_value=round(value, 4),

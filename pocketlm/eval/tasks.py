@@ -29,6 +29,16 @@ def autocast(dtype: str):
     return contextlib.nullcontext()
 
 
+def native_dtype(dtype: str) -> str:
+    """bf16 where the machine computes it natively, else fp32: on an AVX2-only CPU aten emulates bf16,
+    ~20x slower (pocketlm.train.loop.cpu_lacks_bf16)."""
+    if dtype != "bf16" or torch.cuda.is_available():
+        return dtype
+    from pocketlm.train.loop import cpu_lacks_bf16
+
+    return "fp32" if cpu_lacks_bf16(torch.device("cpu")) else dtype
+
+
 def _device(model):
     return next(model.parameters()).device
 

@@ -90,33 +90,61 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 def generate(model, prompt: str = "", *, chat: bool = False, system: str | None = None, adapter=None,
              dtype: str = "auto", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, out: TextIO | None = None) -> str:
+             repetition_penalty: float = 1.0, seed: int | None = None, out: TextIO | None = None,
+             documents=None) -> str:
     """Continue `prompt` (or, with chat, answer it as a user message), streaming to `out` (stdout);
     returns the generated text. A plain prompt is the caller's own raw text: markers in it are
-    special tokens, as in a training document."""
+    special tokens, as in a training document. documents: a folder to answer from (grounded mode,
+    pocketlm.safety.grounded; implies chat): the reply cites passages as [n], listed after it."""
     out = out or sys.stdout
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    if system and not chat:
+    if system and not chat and documents is None:
         raise InputError("system needs chat (it is a chat message)")
+    index = _index(documents)
     engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
-    if chat:
+    found = []
+    if chat or index is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if index is not None:
+            from pocketlm.safety.grounded import grounded_messages
+            messages, found = grounded_messages(messages, index)
         ids = encode_chat(engine.tokenizer, messages)
     else:
         ids = encode_completion(engine.tokenizer, prompt, special=True)
         out.write(prompt)
     text = stream_to(engine, ids, params, out)
     out.write("\n")
+    _cited_sources(text, found, out)
     return text
+
+
+def _index(documents):
+    """The BM25 index of a --documents folder, or None."""
+    if documents is None:
+        return None
+    from pocketlm.safety.grounded import Index, load_documents
+
+    return Index(load_documents(documents))
+
+
+def _cited_sources(reply: str, found: list, out: TextIO) -> None:
+    """Under a grounded reply, where each passage it cites comes from."""
+    from pocketlm.safety.grounded import cited
+
+    for n in cited(reply):
+        if 1 <= n <= len(found):
+            text = found[n - 1].text
+            out.write(f"  [{n}] {found[n - 1].source}: {text[:80]}{'...' if len(text) > 80 else ''}\n")
 
 
 HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"
 
 
 def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
-              read: Callable[[str], str] = input, out: TextIO | None = None) -> list[dict]:
-    """A terminal conversation: each turn is sent with the whole history; returns the history."""
+              read: Callable[[str], str] = input, out: TextIO | None = None, index=None) -> list[dict]:
+    """A terminal conversation: each turn is sent with the whole history; returns the history.
+    index: grounded mode (pocketlm.safety.grounded.Index), each turn answered from its passages."""
     out = out or sys.stdout
     history: list[dict] = []
     out.write(f"chatting with a {engine.model.n_params / 1e6:.0f}M-parameter model. {HELP}\n")
@@ -143,7 +171,7 @@ def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = _fit_history(engine, system, history, params.max_tokens)
+        ids, found = _fit_history(engine, system, history, params.max_tokens, index)
         if ids is None:
             history.pop()
             out.write(f"(that message alone does not fit the {engine.max_seq_len}-token context)\n")
@@ -151,28 +179,35 @@ def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
         out.write("bot> ")
         reply = stream_to(engine, ids, params, out)
         out.write("\n")
+        _cited_sources(reply, found, out)
         history.append({"role": "assistant", "content": reply})
 
 
-def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int) -> list[int] | None:
-    """The prompt for the conversation, dropping the oldest turns until it leaves room for a reply."""
+def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int, index=None):
+    """(the prompt for the conversation, the passages it was grounded in), dropping the oldest turns
+    until it leaves room for a reply; (None, []) when the last message alone does not fit."""
     budget = engine.max_seq_len - min(max_tokens, engine.max_seq_len // 2)
     while history:
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages, found = ([{"role": "system", "content": system}] if system else []) + history, []
+        if index is not None:
+            from pocketlm.safety.grounded import grounded_messages
+            messages, found = grounded_messages(messages, index)
         ids = encode_chat(engine.tokenizer, messages)
         if len(ids) <= budget:
-            return ids
+            return ids, found
         if len(history) == 1:
-            return None
+            return None, []
         del history[:2]  # one user turn and its reply
-    return None
+    return None, []
 
 
 def chat(model, *, system: str | None = None, adapter=None, dtype: str = "auto", compile: bool = False,
          threads: int | None = None, max_new_tokens: int = 512, temperature: float = 0.8, top_k: int = 0,
-         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> list[dict]:
-    """A conversation in the terminal; returns its history."""
+         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+         documents=None) -> list[dict]:
+    """A conversation in the terminal; returns its history. documents: a folder to answer from."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    index = _index(documents)
     engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
-    return chat_repl(engine, params, system=system)
+    return chat_repl(engine, params, system=system, index=index)

@@ -4,6 +4,7 @@
     POST /v1/embeddings         with a sentence encoder (routes/embeddings.py)
     GET  /v1/models             GET /health            GET /metrics (Prometheus)     GET / (chat page)
     POST /v1/moderations        (moderation.py; with --moderation also the input and output of replies)
+    "documents" on chat         grounded answers citing [n] (grounding.py; or serve --documents DIR)
     /v1/users/...               with --data-dir: users' memories and erasure (routes/users.py, personal.py)
     POST /v1/load_lora_adapter  POST /v1/unload_lora_adapter   adapters at run time (routes/loras.py, loras.py)
 
@@ -28,7 +29,7 @@ from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
 from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
-from pocketlm.serve import personal, structured
+from pocketlm.serve import grounding, personal, structured
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.loras import LoraSet
 from pocketlm.serve.routes import embeddings, openai, ops
@@ -42,8 +43,9 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
                data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None,
-               embedding_model=None, loras: dict | None = None, max_loras: int = 8) -> FastAPI:
-    """loras: {name: PEFT folder} served beside the base model (routes/loras.py adds more at run time)."""
+               embedding_model=None, loras: dict | None = None, max_loras: int = 8, documents=None) -> FastAPI:
+    """loras: {name: PEFT folder} served beside the base model (routes/loras.py adds more at run time).
+    documents: a pocketlm.safety.grounded.Index every chat without its own `documents` answers from."""
     limits = limits or Limits()
     if max_queue is not None:
         limits.max_queue = max_queue
@@ -79,6 +81,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     app.include_router(moderation_routes.router)
     from pocketlm.safety import get_backend
     moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)
+    grounding.install(ctx, documents)  # after input moderation: a refused request is not indexed
     if ctx.memory_store is not None:
         personal.install(app, ctx)
     if embeddings.available(embedding_model):  # /v1/embeddings (None: the default model if installed)

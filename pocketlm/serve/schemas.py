@@ -125,6 +125,11 @@ class Generation(_Body):
         return next((name for name, in_use in UNSUPPORTED.items() if name in extra and in_use(extra[name])), None)
 
 
+class Document(_Body):
+    text: Text
+    title: Text | None = None
+
+
 class ChatCompletionRequest(Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
@@ -132,6 +137,8 @@ class ChatCompletionRequest(Generation):
     user: Text | None = None
     # not OpenAI's: false is a temporary chat, memory neither read nor written (serve --data-dir)
     memory: bool = True
+    # not OpenAI's: grounded mode, the reply answers from these (or `serve --documents`), citing [n]
+    documents: list[Text | Document] | None = Field(None, max_length=1024)
 
 
 class CompletionRequest(Generation):

@@ -57,9 +57,10 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
           allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, moderation=(),
           moderation_backend: str = "rules", guard_model=None, moderation_words=None,
-          embedding_model=None, loras: dict | None = None, max_loras: int = 8) -> None:
+          embedding_model=None, loras: dict | None = None, max_loras: int = 8, documents=None) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
-    host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding."""
+    host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding.
+    documents: a folder every chat is grounded in (pocketlm.safety.grounded), unless it brings its own."""
     import uvicorn
 
     from pocketlm.infer.generate import load_engine
@@ -67,6 +68,10 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
 
     from pocketlm.serve.moderation import parse_where
     limits, moderation = limits or Limits(), parse_where(moderation)  # a bad --moderation fails before loading
+    folder = documents
+    if documents is not None:  # a bad --documents too
+        from pocketlm.safety.grounded import Index, load_documents
+        documents = Index(load_documents(documents))
     if loras and compile:  # a compiled step has the weights frozen in; it cannot run per-row adapters
         raise PocketLMError("--lora needs an engine without --compile (adapters run per request, unmerged)")
     engine = load_engine(model, adapter=adapter, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
@@ -85,7 +90,9 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
     backend = get_backend(moderation_backend, guard_model=guard_model, words=moderation_words)
     app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, data_dir=data_dir,
                      memory_tokens=memory_tokens, moderation=moderation, moderation_backend=backend,
-                     embedding_model=embedding_model, loras=loras, max_loras=max_loras)
+                     embedding_model=embedding_model, loras=loras, max_loras=max_loras, documents=documents)
+    if documents is not None:
+        print(f"grounded in {len(documents.passages)} passages of {folder}", flush=True)
     if loras:
         print(f"LoRA adapters (pick one with \"model\": NAME): {', '.join(loras)}", flush=True)
     protocol = type("TimedH11", (TimedH11,), {"header_timeout": limits.header_timeout})

@@ -33,7 +33,7 @@ from pocketlm.model import load_model
 from pocketlm.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, apply_adapter, load_adapter_weights,
                                  lora_modules, save_adapter)
 from pocketlm.train.dist import setup_distributed, teardown
-from pocketlm.train.loop import train
+from pocketlm.train.loop import cpu_lacks_bf16, train
 
 def build_configs(config_path=None, overrides: dict | None = None, flags: dict | None = None):
     """(TrainConfig, FinetuneConfig, dropout or None) from defaults < config file < flags/overrides."""
@@ -136,7 +136,7 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
     run_config = {"model": model.cfg.to_dict(), "base_model": str(model_source), "data": str(data), "val_data": str(val_data) if val_data else None,
                   "train": dataclasses.asdict(train_cfg), "finetune": dataclasses.asdict(ft),
                   "dropout": model.cfg.dropout, "task": dataclasses.asdict(spec)}
-    if ft.lora and train_cfg.dtype == "bf16":
+    if ft.lora and train_cfg.dtype == "bf16" and not cpu_lacks_bf16(dist.device):  # else the loop trains in fp32
         frozen_to_bf16(model)
     try:
         # On CPU, the math attention kernel's backward is several times faster than the flash one
@@ -147,23 +147,33 @@ def finetune(model_source, data, out_dir, val_data=None, config_path=None, overr
                            save_weights=save_lora if ft.lora else None, load_weights=load_lora if ft.lora else None,
                            run_config=run_config, varying_lengths=not ft.pack)
         if dist.is_main:
-            if ft.lora:  # RUN/adapter: the best adapter when early stopping kept one, else the last
-                best = out_dir / "checkpoints" / "best"
-                src = best if (best / ADAPTER_CONFIG).exists() else _newest(out_dir)
-                dst = out_dir / "adapter"
-                shutil.rmtree(dst, ignore_errors=True)
-                dst.mkdir()
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "task.json"):
-                    shutil.copy2(src / name, dst / name)
+            if ft.lora:
+                dst = publish_adapter(out_dir)
                 result["adapter"] = str(dst)
             result.update({"train_examples": len(train_enc), "val_examples": len(val_enc), "trainable_params": trainable})
             (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+            if ft.lora:  # RUN/adapter/README.md: a Hugging Face model card, its training figures from results.json
+                from pocketlm.eval.card import card
+
+                card(dst, datasets=[Path(data).name], model_name=out_dir.name)
             print(f"done: {result['step']} steps in {result['elapsed_s']:.0f}s ({result['stop_reason']})"
                   + (f"; val loss {result['val_loss']:.4f}" if "val_loss" in result else "")
                   + (f"; adapter -> {result['adapter']}" if ft.lora else f"; model -> {out_dir}"))
     finally:
         teardown()
     return result
+
+
+def publish_adapter(out_dir: Path, names=(ADAPTER_CONFIG, ADAPTER_WEIGHTS, "task.json")) -> Path:
+    """RUN/adapter: the best adapter when early stopping kept one, else the last checkpoint's."""
+    best = out_dir / "checkpoints" / "best"
+    src = best if (best / ADAPTER_CONFIG).exists() else _newest(out_dir)
+    dst = out_dir / "adapter"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+    return dst
 
 
 def frozen_to_bf16(model) -> None:
