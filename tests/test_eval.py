@@ -129,3 +129,18 @@ def test_generated_replies_are_matched_to_label_words():
     assert _match_label("The sentiment of this review is negative.", names) == "negative"
     assert _match_label("It is not positive, it is negative", names) is None  # both words: undecided
     assert _match_label("meh", names) is None
+
+
+@pytest.mark.parametrize("lacks_bf16", [True, False])
+def test_bf16_eval_computes_in_fp32_where_the_cpu_only_emulates_bf16(tiny, tmp_path, capsys, monkeypatch, lacks_bf16):
+    import pocketlm.train.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_lacks_bf16", lambda device: lacks_bf16)
+    (tmp_path / "t.txt").write_text("To be, or not to be, that is the question")
+    fp32 = run_eval(capsys, "--model", tiny, "--task", "lm", "--data", tmp_path / "t.txt", "--dtype", "fp32")
+    r = run_eval(capsys, "--model", tiny, "--task", "lm", "--data", tmp_path / "t.txt", "--dtype", "bf16")
+    assert r["dtype"] == "bf16"  # what was asked (the card's command); what ran says computed_dtype
+    if lacks_bf16:
+        assert r["computed_dtype"] == "fp32" and r["bits_per_byte"] == fp32["bits_per_byte"]
+    else:
+        assert "computed_dtype" not in r and r["bits_per_byte"] != fp32["bits_per_byte"]
