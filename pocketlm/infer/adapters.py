@@ -14,6 +14,8 @@ An adapter is given as a PEFT-format folder (what `pocketlm finetune --lora` wri
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
@@ -91,6 +93,17 @@ def read_adapter(cfg, adapter) -> list[tuple[str, torch.Tensor, torch.Tensor, fl
     from pocketlm.model.lora import adapter_updates
 
     return adapter_updates(skeleton(cfg), adapter)[1]
+
+
+def content_hash(updates) -> str:
+    """An adapter's identity: a hash of its modules, scalings and weights (not of its name or path), so
+    a cache keyed by it never mixes two adapters, nor a reloaded name with changed contents."""
+    h = hashlib.sha256()
+    for name, a, b, scaling in sorted(updates, key=lambda u: u[0]):
+        h.update(f"{name}:{float(scaling)!r}:{tuple(a.shape)}:{tuple(b.shape)}".encode())
+        for t in (a, b):
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 _SKELETONS: dict[str, nn.Module] = {}
