@@ -78,6 +78,16 @@ async def user_adapter(ctx, turn) -> str | None:
     return name
 
 
+async def _extracted(ctx, uid: int, last: str) -> list[dict]:
+    from pocketlm.serve import extract
+
+    try:
+        found = await asyncio.to_thread(extract.extract, ctx.engine, last[:extract.MAX_INPUT])
+    except PocketLMError:  # e.g. a turn too long for the model's context with the instruction: no extraction
+        return []
+    return await asyncio.to_thread(extract.write, ctx.memory_store, uid, found)
+
+
 def _chat_user(ctx, turn) -> int | None:
     """Whose memory this chat uses, if anyone's."""
     p, body = who(turn.http), turn.body
@@ -105,6 +115,8 @@ async def _with_memory(ctx, turn) -> None:
         messages, updates, _ = await asyncio.to_thread(personalize, store, uid, turn.messages,
                                                        lambda text: len(tok.encode(text, special=False)),
                                                        budget=ctx.memory_tokens)
+        if ctx.memory_extract == "model" and last:  # the model's own reading of the turn (serve/extract.py)
+            updates = updates + await _extracted(ctx, uid, last)
         keep_history = last is not None and store.history_days(uid) > 0
     except UnknownUser as e:  # erased since the key was checked
         raise APIError(404, str(e), param="user", code="user_not_found") from None
