@@ -54,7 +54,7 @@ def _serve(args):
     serve(args.model, adapter=args.adapter, dtype=args.dtype, host=args.host, port=args.port, api_key=_api_key(args),
           model_name=args.model_name, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
           threads=args.threads, limits=limits, allow_hosts=tuple(args.allow_host or ()), data_dir=args.data_dir,
-          memory_tokens=args.memory_tokens, moderation=args.moderation, moderation_backend=args.moderation_backend,
+          memory_tokens=args.memory_tokens, memory_extract=args.memory_extract, moderation=args.moderation, moderation_backend=args.moderation_backend,
           guard_model=args.guard_model, moderation_words=args.moderation_words, loras=_loras(args.lora),
           max_loras=args.max_loras, embedding_model=args.embedding_model, documents=args.documents)
 
@@ -146,6 +146,9 @@ def register(sub):
                     "user's memory in its chats; --api-key stays the admin key")
     sv.add_argument("--memory-tokens", type=int, default=300, help="the most prompt tokens a user's memory adds "
                     "(default: 300)")
+    sv.add_argument("--memory-extract", choices=("rules", "model"), default="rules", help="how memories are "
+                    "written from chat turns: rules (\"remember that ...\", \"my name is ...\"), or model: the "
+                    "rules, then the model itself lists facts under a JSON schema (one more short generation a turn)")
     sv.add_argument("--moderation", default="", help="input,output: refuse flagged prompts (400, code content_filter) "
                     "and end flagged replies (finish_reason content_filter); /v1/moderations is always served")
     sv.add_argument("--moderation-backend", choices=("rules", "classifier", "guard"), default="rules")

@@ -25,8 +25,17 @@ def _finetune(args, extra):
     for key in ("max_steps", "max_minutes"):
         if getattr(args, key) is not None:
             overrides[f"train.{key}"] = getattr(args, key)
-    finetune(args.model, args.data, args.out, val_data=args.val_data, config_path=args.config, overrides=overrides,
-             flags=flags, resume=args.resume, adapter=args.adapter)
+    data_dir = None
+    if args.user is not None:
+        from pocketlm.cli.memory import _data_dir
+
+        data_dir = _data_dir(args)
+    result = finetune(args.model, args.data, args.out, val_data=args.val_data, config_path=args.config,
+                      overrides=overrides, flags=flags, resume=args.resume, adapter=args.adapter, user=args.user,
+                      data_dir=data_dir, adapter_name=args.adapter_name)
+    if args.user is not None:
+        print(f"adapter {args.adapter_name!r} registered for user {args.user} in {data_dir}: serve --data-dir "
+              f"{data_dir} runs it for that user's key with \"model\": \"{args.adapter_name}\"")
 
 
 def register(sub):
@@ -45,9 +54,14 @@ def register(sub):
                                "classification (text, label), QA (context, question, answers); .jsonl/.json/.csv/.tsv. "
                                "Any config key can be overridden: --train.lr=1e-4 --model.dropout=0.1 --finetune.val_fraction=0.1")
     ft.add_argument("--model", required=True, help="base model: run, checkpoint, Hugging Face folder or .gguf file")
-    ft.add_argument("--data", required=True, help="training file")
+    ft.add_argument("--data", help="training file (with --user: instead of the user's conversation history)")
     ft.add_argument("--val-data", help="validation file (default: hold out finetune.val_fraction of --data)")
-    ft.add_argument("--out", required=True, help="run directory")
+    ft.add_argument("--out", help="run directory (not with --user: that run goes into the data dir)")
+    ft.add_argument("--user", help="train a LoRA for this user of --data-dir, from its conversation history "
+                    "(or --data), and register it under the user (erased with it)")
+    ft.add_argument("--data-dir", help="with --user: the serve data dir (default: $POCKETLM_DATA_DIR, else ./pocketlm-data)")
+    ft.add_argument("--adapter-name", default="personal", help="with --user: the name the user's requests give as "
+                    "\"model\" to get it (default: personal)")
     ft.add_argument("--config", help="YAML with train:, finetune: (and model: dropout) sections, e.g. configs/finetune_*.yaml")
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")

@@ -99,8 +99,9 @@ class Engine(Runner):
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
         self.adapters: dict[str, list] = {}
-        self.prefixes: dict[tuple, KVStore] = {}  # shared prompt starts, computed once (cache_prefix)
+        self.prefixes: dict[tuple, KVStore] = {}  # (adapter identity, prompt start) -> its keys and values (cache_prefix)
         self.reused_tokens = 0  # prompt tokens copied from a shared prefix instead of computed
+        self.adapter_hashes: dict[str, str] = {}  # name -> content_hash: what prefix caches key by
         # Compiling fuses the small ops between the matmuls (weights frozen in as constants), and the C++
         # wrapper calls the kernels without Python in between (~1 ms a token less than the Python one).
         # Measured on 2 cores with SmolLM2-135M at batch 1: ~1.3x at fp32, ~1.9x at bf16, for about two
@@ -126,13 +127,19 @@ class Engine(Runner):
                 pass
 
     # ---- shared prefixes -----------------------------------------------------------------
-    def cache_prefix(self, ids: list[int]) -> None:
+    def cache_prefix(self, ids: list[int], adapter: str | None = None) -> None:
         """Compute the keys and values of `ids` once (an instruction every row of a table starts with, a
-        long system prompt): a later base-model request whose prompt starts with them, and goes on, gets
-        those positions copied into its slot and prefills only the rest. Each prefix has a one-slot store
-        of its own, which no request is ever given, so no step writes into it."""
+        long system prompt): a later request whose prompt starts with them, and goes on, gets those
+        positions copied into its slot and prefills only the rest. A prefix is computed under one
+        adapter (a name given to add_adapter; None: the base model) and kept under that adapter's
+        content hash, so only requests running the same weights reuse it (another name with the same
+        contents does; new contents loaded under the name do not). Each prefix has a one-slot store of
+        its own, which no request is ever given, so no step writes into it."""
         ids = [int(t) for t in ids]
-        if not ids or tuple(ids) in self.prefixes:
+        if adapter is not None and adapter not in self.adapters:
+            raise InputError(f"cache_prefix: unknown adapter {adapter!r}; loaded: {sorted(self.adapters)}")
+        key = (self.adapter_identity(adapter), tuple(ids))
+        if not ids or key in self.prefixes:
             return
         if len(ids) >= self.max_seq_len or not all(0 <= t < self.model.cfg.vocab_size for t in ids):
             raise InputError(f"cache_prefix: expected under {self.max_seq_len} token ids in [0, "
@@ -140,24 +147,27 @@ class Engine(Runner):
         store = KVStore(self.model.cfg, 1, len(ids), dtype=self.cache.k.dtype, device=self.device)
         store.allocate()
         ids_t = torch.tensor([ids], device=self.device)
+        index = None if adapter is None else [list(self.adapters).index(adapter)]
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             for start in range(0, len(ids), PREFILL_CHUNK):
                 chunk = ids_t[:, start:start + PREFILL_CHUNK]
-                self.model(chunk, batch=store.step(0, 1, chunk))
-        self.prefixes[tuple(ids)] = store
+                self.model(chunk, batch=store.step(0, 1, chunk, adapter_ids=index))
+        self.prefixes[key] = store
 
     def clear_prefixes(self) -> None:
         self.prefixes.clear()
 
     def _copy_prefix(self, req: Request) -> int:
-        """Copy the longest cached prefix the prompt starts with into the request's slot; its length."""
-        if req.input_embeds is not None or req.adapter is not None:  # an adapter changes the keys and values
+        """Copy the longest prefix cached under the request's adapter identity that its prompt starts
+        with into its slot; its length."""
+        if req.input_embeds is not None:
             return 0
-        best = max((k for k in self.prefixes if len(k) < len(req.prompt_ids) and tuple(req.prompt_ids[:len(k)]) == k),
-                   key=len, default=None)
+        identity, prompt = self.adapter_identity(req.adapter), tuple(req.prompt_ids)
+        best = max((ids for who, ids in self.prefixes if who == identity and len(ids) < len(prompt)
+                    and prompt[:len(ids)] == ids), key=len, default=None)
         if best is None:
             return 0
-        self.cache.copy_prefix(0, req.slot, len(best), source=self.prefixes[best])
+        self.cache.copy_prefix(0, req.slot, len(best), source=self.prefixes[identity, best])
         self.reused_tokens += len(best)
         return len(best)
 
@@ -170,11 +180,12 @@ class Engine(Runner):
         updates = row_adapters.read_adapter(self.model.cfg, adapter)
         with self._cv:
             self.adapters[name] = updates
+            self.adapter_hashes[name] = row_adapters.content_hash(updates)
         try:
             row_adapters.install(self.model, list(self.adapters.values()))
         except Exception:
             with self._cv:
-                del self.adapters[name]
+                del self.adapters[name], self.adapter_hashes[name]
             row_adapters.install(self.model, list(self.adapters.values()))
             raise
 
@@ -182,8 +193,13 @@ class Engine(Runner):
         with self._cv:  # submit checks and queues under the same lock: no request slips in meanwhile
             if any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting]):
                 raise InputError(f"adapter {name!r} is in use by a running or waiting request")
-            del self.adapters[name]
+            del self.adapters[name], self.adapter_hashes[name]
         row_adapters.install(self.model, list(self.adapters.values()))
+
+    def adapter_identity(self, name: str | None) -> str | None:
+        """What a cache of computed keys and values must be keyed by besides the tokens: the content
+        hash of the adapter a request runs (None: the base model)."""
+        return None if name is None else self.adapter_hashes[name]
 
     # ---- submitting ----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int] | None, params: SamplingParams, on_event: Callable[[Event], None] | None = None,

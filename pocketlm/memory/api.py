@@ -69,5 +69,8 @@ def memory_export(user: str, data_dir: str | Path) -> dict:
 
 
 def export(store: Store, user_id: int) -> dict:
+    from pocketlm.memory.adapters import adapter_list
+
     return {"user": store.user_name(user_id), "exported": time.time(), "history_days": store.history_days(user_id),
-            "memories": store.memory_list(user_id), "history": store.history_list(user_id)}
+            "memories": store.memory_list(user_id), "history": store.history_list(user_id),
+            "adapters": [{"name": a["name"], "created": a["created"]} for a in adapter_list(store, user_id)]}

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS history(
   id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
   conversation TEXT NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS history_user ON history(user_id, created);
+CREATE TABLE IF NOT EXISTS adapters(
+  id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+  name TEXT NOT NULL, path TEXT NOT NULL, created REAL NOT NULL, UNIQUE(user_id, name));
 """
 _MEMORY_COLS = "id, text, kind, enabled, created, updated"
 
@@ -230,9 +233,13 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM memories WHERE user_id = ?", (user_id,))  # fires the FTS delete trigger
             db.execute("DELETE FROM history WHERE user_id = ?", (user_id,))
+            db.execute("DELETE FROM adapters WHERE user_id = ?", (user_id,))
             if db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 0:
                 raise UnknownUser(f"user: no user with id {user_id}")
         self._scrub()
+        from pocketlm.memory.adapters import shred
+
+        shred(self.dir / "adapters" / f"u{user_id}")  # its fine-tuned adapters (pocketlm finetune --user)
 
     # ---- memories --------------------------------------------------------------------------------
     def memory_add(self, user_id: int, text: str, kind: str = "fact", *, enabled: bool = True,

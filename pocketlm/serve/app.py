@@ -42,8 +42,9 @@ MAX_BODY_BYTES = Limits.max_body_bytes
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, limits: Limits | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = None,
-               data_dir=None, memory_tokens: int = 300, moderation=(), moderation_backend=None,
-               embedding_model=None, loras: dict | None = None, max_loras: int = 8, documents=None) -> FastAPI:
+               data_dir=None, memory_tokens: int = 300, memory_extract: str = "rules", moderation=(),
+               moderation_backend=None, embedding_model=None, loras: dict | None = None, max_loras: int = 8,
+               documents=None) -> FastAPI:
     """loras: {name: PEFT folder} served beside the base model (routes/loras.py adds more at run time).
     documents: a pocketlm.safety.grounded.Index every chat without its own `documents` answers from."""
     limits = limits or Limits()
@@ -51,7 +52,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
         limits.max_queue = max_queue
     ctx = ServerContext(engine, model_name, limits, api_key=api_key,
                         allowed_hosts=tuple(h.lower() for h in allowed_hosts) if allowed_hosts else None,
-                        memory_tokens=memory_tokens)
+                        memory_tokens=memory_tokens, memory_extract=memory_extract)
     ctx.loras = LoraSet.from_flags(engine, loras, max_loras)
     if data_dir is not None:  # users, their keys and memories (pocketlm.memory)
         from pocketlm.memory import Store

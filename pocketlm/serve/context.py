@@ -67,6 +67,7 @@ class ServerContext:
     output_filters: list[Callable] = field(default_factory=list)
     memory_store: Any = None          # pocketlm.memory.Store with --data-dir: users, their keys and memories
     memory_tokens: int = 300          # the most prompt tokens a user's memory block may add
+    memory_extract: str = "rules"     # "model": the model also extracts memories from each turn (extract.py)
     loras: Any = None                 # loras.LoraSet: the adapters requests may pick (serve --lora)
     created: int = field(default_factory=lambda: int(time.time()))
     # tokenizing a long prompt takes a while: off the event loop, in a few threads (tokenizers releases

@@ -2,7 +2,9 @@
 
 A request picks one by `"model": NAME` (as vLLM does) or a `"lora"` field (NAME, or {"name": NAME});
 rows of one decode batch each run their own adapter over the shared base weights (the engine's
-per-row LoRA, pocketlm/infer/adapters.py). Adapters are added and removed at run time on the engine's
+per-row LoRA, pocketlm/infer/adapters.py). A user's own adapters (`finetune --user`) load here on that
+user's first request for them (`owners`): no other key can name them, /v1/models lists them to no one,
+and when --max-loras is reached the least recently loaded one not in use makes room. Adapters are added and removed at run time on the engine's
 thread between two steps (Engine.between_steps), so running streams never see a half-built stack and
 are held up for one re-stack only. Reading the folder (safetensors) happens before, off the engine thread.
 """
@@ -24,6 +26,7 @@ class LoraSet:
     max_loras: int = 8
     paths: dict[str, str] = field(default_factory=dict)  # name -> folder it came from
     created: dict[str, int] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)  # engine name -> user id, for users' own adapters
     _lock: asyncio.Lock | None = None  # one load/unload at a time (the check and the change stay together)
 
     def __post_init__(self):
@@ -64,22 +67,59 @@ class LoraSet:
         self._added(name, path)
         return time.perf_counter() - t0
 
+    def public(self) -> dict[str, str]:
+        """The adapters any key may name (and /v1/models lists)."""
+        return {n: p for n, p in self.paths.items() if n not in self.owners}
+
+    async def load_owned(self, name: str, path, owner: int) -> None:
+        """A user's adapter, loaded unless it is already; makes room by unloading another user's one."""
+        async with self.lock:
+            if name in self.paths:
+                return
+            for stale in [n for n in self.owners if n not in self.paths]:  # dropped while in use
+                await self._try_unload(stale)
+            for other in list(self.owners):  # least recently loaded first
+                if len(self.paths) < self.max_loras:
+                    break
+                await self._try_unload(other)
+            await self._load_locked(name, path)
+            self.owners[name] = owner
+
+    async def drop_owner(self, owner: int) -> None:
+        """After a user erase: its adapters can no longer be named; their weights go once no request runs them."""
+        async with self.lock:
+            for name in [n for n, o in self.owners.items() if o == owner]:
+                self.paths.pop(name, None)
+                self.created.pop(name, None)
+                await self._try_unload(name)
+
+    async def _try_unload(self, name: str) -> bool:
+        try:
+            await asyncio.wrap_future(self.engine.between_steps(lambda: self.engine.remove_adapter(name)))
+        except PocketLMError:  # in use: stays until a later drop or eviction
+            return False
+        self.paths.pop(name, None), self.created.pop(name, None), self.owners.pop(name, None)
+        return True
+
     async def load(self, name: str, path) -> float:
         async with self.lock:
-            self._check_new(name)
-            t0 = time.perf_counter()
-            updates = await asyncio.to_thread(_read, self.engine, path)
-            try:
-                await asyncio.wrap_future(self.engine.between_steps(lambda: self.engine.add_adapter(name, updates)))
-            except PocketLMError as e:
-                raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_adapter") from None
-            self._added(name, path)
-            return time.perf_counter() - t0
+            return await self._load_locked(name, path)
+
+    async def _load_locked(self, name: str, path) -> float:
+        self._check_new(name)
+        t0 = time.perf_counter()
+        updates = await asyncio.to_thread(_read, self.engine, path)
+        try:
+            await asyncio.wrap_future(self.engine.between_steps(lambda: self.engine.add_adapter(name, updates)))
+        except PocketLMError as e:
+            raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_adapter") from None
+        self._added(name, path)
+        return time.perf_counter() - t0
 
     async def unload(self, name: str) -> None:
         async with self.lock:
-            if name not in self.paths:
-                raise APIError(404, f"lora_name: no adapter {name!r} is loaded (loaded: {sorted(self.paths)})",
+            if name not in self.public():
+                raise APIError(404, f"lora_name: no adapter {name!r} is loaded (loaded: {sorted(self.public())})",
                                param="lora_name", code="lora_not_found")
             try:
                 await asyncio.wrap_future(self.engine.between_steps(lambda: self.engine.remove_adapter(name)))
@@ -98,15 +138,15 @@ class LoraSet:
             if model not in (base, name):
                 raise APIError(400, f"lora: the request names model {model!r} and lora {name!r}; give the base "
                                f"model {base!r} (or the adapter's own name) as model", param="lora")
-            if name not in self.paths:
-                raise APIError(404, f"lora: no adapter {name!r} is loaded (loaded: {sorted(self.paths)})",
+            if name not in self.public():
+                raise APIError(404, f"lora: no adapter {name!r} is loaded (loaded: {sorted(self.public())})",
                                param="lora", code="lora_not_found")
             return name
         if model == base:
             return None
-        if model in self.paths:
+        if model in self.public():
             return model
-        names = f" or one of its adapters {sorted(self.paths)}" if self.paths else ""
+        names = f" or one of its adapters {sorted(self.public())}" if self.public() else ""
         raise APIError(404, f"the model {model!r} does not exist; this server has {base!r}{names}",
                        param="model", code="model_not_found")
 
@@ -114,7 +154,7 @@ class LoraSet:
         if not name or "/" in name or name.strip() != name:
             raise APIError(400, f"lora_name: {name!r} is not a usable name (no slashes, no surrounding spaces)",
                            param="lora_name")
-        if name in self.paths:
+        if name in self.paths or name in self.engine.adapters:
             raise APIError(409, f"lora_name: an adapter named {name!r} is already loaded (unload it first)",
                            param="lora_name", code="lora_exists")
         if len(self.paths) >= self.max_loras:

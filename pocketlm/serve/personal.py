@@ -13,6 +13,7 @@ import asyncio
 import secrets
 from dataclasses import dataclass
 
+from pocketlm.errors import PocketLMError
 from pocketlm.serve.errors import APIError
 
 
@@ -55,10 +56,42 @@ def install(app, ctx) -> None:
     app.include_router(users.router)
 
 
+async def user_adapter(ctx, turn) -> str | None:
+    """The engine's name for the requesting user's own adapter named as `model` (loaded on first use),
+    or None (the name is the base model, a shared adapter, or nothing of this user's)."""
+    body, loras = turn.body, ctx.loras
+    if body.lora is not None or body.model == ctx.model_name or body.model in loras.public():
+        return None
+    uid = _chat_user(ctx, turn)
+    if uid is None:
+        return None
+    from pocketlm.memory.adapters import adapter_get
+
+    try:
+        entry = await asyncio.to_thread(adapter_get, ctx.memory_store, uid, body.model)
+    except PocketLMError:  # no such adapter (or a name no adapter can have): resolve's 404
+        return None
+    # keyed by the registration time too: a user id SQLite hands out again after an erase never
+    # reaches the erased user's weights
+    name = f"u{uid}-{entry['name']}-{int(entry['created'] * 1000)}"
+    await loras.load_owned(name, entry["path"], uid)
+    return name
+
+
+async def _extracted(ctx, uid: int, last: str) -> list[dict]:
+    from pocketlm.serve import extract
+
+    try:
+        found = await asyncio.to_thread(extract.extract, ctx.engine, last[:extract.MAX_INPUT])
+    except PocketLMError:  # e.g. a turn too long for the model's context with the instruction: no extraction
+        return []
+    return await asyncio.to_thread(extract.write, ctx.memory_store, uid, found)
+
+
 def _chat_user(ctx, turn) -> int | None:
     """Whose memory this chat uses, if anyone's."""
     p, body = who(turn.http), turn.body
-    if p.admin and body.user is not None:
+    if p.admin and getattr(body, "user", None) is not None:  # (completions have no user field)
         from pocketlm.memory import MemoryStoreError
 
         try:
@@ -82,6 +115,8 @@ async def _with_memory(ctx, turn) -> None:
         messages, updates, _ = await asyncio.to_thread(personalize, store, uid, turn.messages,
                                                        lambda text: len(tok.encode(text, special=False)),
                                                        budget=ctx.memory_tokens)
+        if ctx.memory_extract == "model" and last:  # the model's own reading of the turn (serve/extract.py)
+            updates = updates + await _extracted(ctx, uid, last)
         keep_history = last is not None and store.history_days(uid) > 0
     except UnknownUser as e:  # erased since the key was checked
         raise APIError(404, str(e), param="user", code="user_not_found") from None

@@ -22,6 +22,10 @@ from pocketlm.tokenizer import TokenizerError
 
 
 async def run_turn(ctx: ServerContext, turn: Turn):
+    if ctx.memory_store is not None:  # a user's own fine-tuned adapter, named as the model (finetune --user)
+        from pocketlm.serve.personal import user_adapter
+
+        turn.adapter = await user_adapter(ctx, turn)
     cheap_checks(ctx, turn)
     for check in ctx.input_checks:
         result = check(turn)
@@ -41,7 +45,8 @@ def _refuse(param: str, message: str, code: str = "invalid_value", status: int =
 def cheap_checks(ctx: ServerContext, turn: Turn) -> None:
     """Everything that needs no tokenizer, so a bad request costs next to nothing."""
     body, limits = turn.body, ctx.limits
-    turn.adapter = ctx.loras.resolve(body.model, body.lora, ctx.model_name)  # 404 for an unknown model
+    if turn.adapter is None:
+        turn.adapter = ctx.loras.resolve(body.model, body.lora, ctx.model_name)  # 404 for an unknown model
     if ctx.engine.queue_depth >= limits.max_queue:  # overloaded: refuse before spending a tokenizer on it
         raise APIError(429, f"{ctx.engine.queue_depth} requests are waiting; try again shortly",
                        code="queue_full", type="rate_limit_error")

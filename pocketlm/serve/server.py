@@ -55,8 +55,8 @@ class TimedH11(H11Protocol):
 def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 8, max_seq_len: int = 2048,
           compile: bool = False, threads: int | None = None, limits: Limits | None = None,
-          allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, moderation=(),
-          moderation_backend: str = "rules", guard_model=None, moderation_words=None,
+          allow_hosts: tuple[str, ...] = (), data_dir=None, memory_tokens: int = 300, memory_extract: str = "rules",
+          moderation=(), moderation_backend: str = "rules", guard_model=None, moderation_words=None,
           embedding_model=None, loras: dict | None = None, max_loras: int = 8, documents=None) -> None:
     """Serve `model` over HTTP until interrupted. Bound to loopback, only requests naming a loopback
     host (or one of `allow_hosts`) are answered, so a web page cannot reach the API by DNS rebinding.
@@ -68,6 +68,8 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
 
     from pocketlm.serve.moderation import parse_where
     limits, moderation = limits or Limits(), parse_where(moderation)  # a bad --moderation fails before loading
+    if memory_extract not in ("rules", "model"):
+        raise PocketLMError(f"--memory-extract {memory_extract!r}: expected rules or model")
     folder = documents
     if documents is not None:  # a bad --documents too
         from pocketlm.safety.grounded import Index, load_documents
@@ -89,8 +91,9 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
     from pocketlm.safety import get_backend
     backend = get_backend(moderation_backend, guard_model=guard_model, words=moderation_words)
     app = create_app(engine, name, api_key=api_key, limits=limits, allowed_hosts=allowed, data_dir=data_dir,
-                     memory_tokens=memory_tokens, moderation=moderation, moderation_backend=backend,
-                     embedding_model=embedding_model, loras=loras, max_loras=max_loras, documents=documents)
+                     memory_tokens=memory_tokens, memory_extract=memory_extract, moderation=moderation,
+                     moderation_backend=backend, embedding_model=embedding_model, loras=loras, max_loras=max_loras,
+                     documents=documents)
     if documents is not None:
         print(f"grounded in {len(documents.passages)} passages of {folder}", flush=True)
     if loras:

@@ -66,7 +66,21 @@ def task_spec(ft: FinetuneConfig, data) -> TaskSpec:
 
 
 def finetune(model_source, data, out_dir, val_data=None, config_path=None, overrides: dict | None = None,
-             flags: dict | None = None, resume: bool = False, adapter=None) -> dict:
+             flags: dict | None = None, resume: bool = False, adapter=None, *, user: str | None = None,
+             data_dir=None, adapter_name: str = "personal") -> dict:
+    """Fine-tune `model_source` on `data` into `out_dir`. With `user` (and `data_dir`): a LoRA for that
+    user, from its history when `data` is None, kept and registered in the data dir (train/personal.py)."""
+    if user is not None:
+        if data_dir is None or out_dir is not None:
+            raise ConfigError("finetune --user: give --data-dir (the serve data dir) and no --out "
+                              "(the adapter goes into the data dir, under the user)")
+        from pocketlm.train.personal import finetune_user
+
+        return finetune_user(model_source, user, data_dir, data, adapter_name, flags=flags, val_data=val_data,
+                             config_path=config_path, overrides=overrides, resume=resume, adapter=adapter)
+    if data is None or out_dir is None:
+        raise ConfigError("finetune: give --data (a training file) and --out (the run directory), "
+                          "or --user U --data-dir DIR")
     train_cfg, ft, dropout = build_configs(config_path, overrides, flags)
     out_dir = Path(out_dir)
     dist = setup_distributed()

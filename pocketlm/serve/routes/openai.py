@@ -19,7 +19,7 @@ async def models(request: Request):
             "root": ctx.model_name, "parent": None, "max_model_len": ctx.engine.max_seq_len}
     # adapters as vLLM lists them: their own id, the folder as root, the base model as parent
     loras = [{**base, "id": name, "created": ctx.loras.created[name], "root": path, "parent": ctx.model_name}
-             for name, path in list(ctx.loras.paths.items())]
+             for name, path in ctx.loras.public().items()]  # a user's own adapters are nobody else's business
     return {"object": "list", "data": [base, *loras]}
 
 

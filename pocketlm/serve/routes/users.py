@@ -8,15 +8,17 @@
     PATCH  /v1/users/{u}/memories/{id}       change text / kind / enabled
     DELETE /v1/users/{u}/memories/{id}       delete one (its bytes leave the file)
     GET    /v1/users/{u}/export              everything kept about the user (memories, history)
-    DELETE /v1/users/{u}                     erase the user: its key, memories and history
+    DELETE /v1/users/{u}                     erase the user: its key, memories, history and adapters
 
 The admin key reaches every user; a user's key its own name only: any other name is a 403 whether
-or not it exists, so a key learns nothing of who else is there. The routes are sync: FastAPI runs
+or not it exists, so a key learns nothing of who else is there. The routes are sync (erase runs the
+store on a thread): FastAPI runs
 them on its thread pool, so SQLite's fsyncs never hold up the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -145,7 +147,8 @@ def export_user(name: str, request: Request):
 
 
 @router.delete("/{name}")
-def erase_user(name: str, request: Request):
+async def erase_user(name: str, request: Request):
     store, uid = _user(request, name)
-    _do(store.user_erase, uid)
+    await asyncio.to_thread(_do, store.user_erase, uid)
+    await request.app.state.ctx.loras.drop_owner(uid)  # its fine-tuned adapters leave the engine too
     return {"object": "user", "name": name, "deleted": True}
