@@ -1,0 +1,169 @@
+"""Images through the public faces: `pocketlm serve` with the official openai client (an image part in,
+the right digit out, on a tiny vision model trained here in seconds), the media fuzz list (every bad
+image a 4xx, never a 5xx), and `pocketlm generate --image`."""
+
+import base64
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from tiny_lm import running_server
+
+from pocketlm.data import images as image_data
+from pocketlm.model import save_checkpoint
+from pocketlm.model.vision import VisionConfig, VisionLM, prepare_images
+from pocketlm.serve.schemas import IMAGE_PLACEHOLDER
+from pocketlm.train.vlm import QUESTION, ChatRows, answer, encoder_features, tiny_text_model, train_chat, train_encoder
+
+CLASSES = (0, 1, 7)  # three digits that look unalike: a few steps tell them apart
+CFG = VisionConfig(image_size=16, patch_size=4, width=48, depth=1, heads=2, shuffle=2, projector_hidden=64)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digits():
+    x, y = image_data.load_mnist_train_5k()
+    keep = np.isin(y, CLASSES)
+    x, y = x[keep], y[keep]
+    return x, np.array([CLASSES.index(v) for v in y])
+
+
+def _png(array, mode="L") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(png).decode()}"
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    """A 3-class digit model: stage 0 (encoder), then projector and LM on the question rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = _digits()
+        train_x, train_y, test_x, test_y = x[:-30], y[:-30], x[-30:], y[-30:]
+        pixels, labels = prepare_images(train_x, CFG), torch.as_tensor(train_y)
+        replies = [answer(d) for d in CLASSES]
+        lm, tok = tiny_text_model([QUESTION, *replies] * 20, n_embd=48)
+        torch.manual_seed(0)
+        vlm = VisionLM(lm, CFG)
+        train_encoder(vlm, pixels, labels, steps=80, batch_size=32, lr=3e-3, shift=1, log=lambda s: None)
+        rows = ChatRows.build(tok, QUESTION, replies, CFG.tokens_per_image)
+        train_chat(vlm, rows, encoder_features(vlm, pixels), labels, steps=80, train_lm=True, batch_size=32,
+                   lr=1e-2, log=lambda s: None)
+        out = vlm.eval().save(tmp_path_factory.mktemp("vlm") / "digits", tok)
+    finally:
+        torch.set_num_threads(threads)
+    return out, test_x, test_y
+
+
+@pytest.fixture(scope="module")
+def server(vlm_dir):
+    with running_server(vlm_dir[0], "--max-batch", "4") as url:
+        yield url
+
+
+def ask(url: str, text: str = QUESTION.removeprefix(IMAGE_PLACEHOLDER)) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_an_image_part_in_the_right_digit_out(server, vlm_dir):
+    _, test_x, test_y = vlm_dir
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    right, prompt_tokens = 0, set()
+    for image, label in zip(test_x, test_y):
+        r = client.chat.completions.create(model="tiny", messages=ask(data_url(_png(image))), max_tokens=3,
+                                           temperature=0)
+        right += r.choices[0].message.content.strip().startswith(str(CLASSES[label]))
+        prompt_tokens.add(r.usage.prompt_tokens)
+    assert right >= 0.8 * len(test_y), f"{right}/{len(test_y)} right"
+    # the image's positions count: the same chat as text only is tokens_per_image shorter (+ the placeholder's text)
+    text = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What digit is this?"}],
+                                          max_tokens=1, temperature=0)
+    (n,) = prompt_tokens
+    assert n >= text.usage.prompt_tokens + CFG.tokens_per_image - 1
+
+
+def _bomb() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")  # 25M pixels in a few KB
+    return buf.getvalue()
+
+
+def test_bad_images_are_4xx_never_5xx(server):
+    png = _png(np.zeros((28, 28), np.uint8))
+    good = data_url(png)
+    bad_urls = {
+        "remote": "https://example.com/cat.png",
+        "http": "http://127.0.0.1:1/x.png",
+        "file": "file:///etc/passwd",
+        "no scheme": "cat.png",
+        "empty": "",
+        "corrupt base64": "data:image/png;base64,@@@not base64@@@",
+        "not base64 encoded": "data:image/png," + "A" * 20,
+        "wrong type": data_url(png, "text/plain"),
+        "svg": data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"),
+        "not an image": data_url(b"hello world, not a picture"),
+        "truncated": data_url(png[: len(png) // 2]),
+        "bomb": data_url(_bomb()),
+        "huge header": data_url(png[:16] + (10**5).to_bytes(4, "big") * 2 + png[24:]),
+    }
+    bodies = {name: {"model": "tiny", "messages": ask(url)} for name, url in bad_urls.items()}
+    bodies["too many"] = {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": good}}] * 9}]}
+    bodies["in a system message"] = {"model": "tiny", "messages": [
+        {"role": "system", "content": [{"type": "image_url", "image_url": {"url": good}}]},
+        {"role": "user", "content": "hi"}]}
+    bodies["typed placeholder too"] = {"model": "tiny", "messages": ask(good, "<image> what is this?")}
+    bodies["url not a string"] = {"model": "tiny", "messages": ask(123)}
+    bodies["no image_url"] = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    bodies["unknown part"] = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "video"}]}]}
+    bodies["too large"] = {"model": "tiny", "messages": ask("data:image/png;base64," + "A" * (3 * 2**20))}
+    statuses = {}
+    for name, body in bodies.items():
+        r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+        statuses[name] = r.status_code
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+        if r.status_code != 413:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, name
+    assert statuses["remote"] == statuses["bomb"] == statuses["corrupt base64"] == 400
+    # and the server still answers a good one
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "tiny", "messages": ask(good), "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 200
+
+
+def test_an_image_to_a_text_only_model_is_a_400(tmp_path):
+    lm, tok = tiny_text_model([QUESTION] * 5)
+    with running_server(save_checkpoint(tmp_path / "text", lm.eval(), tok)) as url:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": ask(data_url(_png(np.zeros((8, 8), np.uint8))))})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_not_supported"
+
+
+def test_generate_with_an_image(vlm_dir, tmp_path):
+    path, test_x, test_y = vlm_dir
+    file = tmp_path / "digit.png"
+    file.write_bytes(_png(test_x[0]))
+    cmd = [sys.executable, "-m", "pocketlm.cli", "generate", "--model", str(path), "--image", str(file),
+           "--prompt", "What digit is this?", "--temperature", "0", "--max-new-tokens", "3", "--dtype", "fp32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith(str(CLASSES[test_y[0]]))
+    file.write_bytes(b"not a picture")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "digit.png" in r.stderr and "Traceback" not in r.stderr
