@@ -4,6 +4,8 @@ image a 4xx, never a 5xx), and `pocketlm generate --image`."""
 
 import base64
 import io
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +15,14 @@ import numpy as np
 import openai
 import pytest
 import torch
-from tiny_lm import running_server
+from tiny_lm import in_process, running_server
 
 from pocketlm.data import images as image_data
+from pocketlm.errors import PocketLMError
+from pocketlm.infer.generate import generate, load_engine
 from pocketlm.model import save_checkpoint
 from pocketlm.model.vision import VisionConfig, VisionLM, prepare_images
+from pocketlm.serve.app import create_app
 from pocketlm.serve.schemas import IMAGE_PLACEHOLDER
 from pocketlm.train.vlm import QUESTION, ChatRows, answer, encoder_features, tiny_text_model, train_chat, train_encoder
 
@@ -74,7 +79,7 @@ def server(vlm_dir):
         yield url
 
 
-def ask(url: str, text: str = QUESTION.removeprefix(IMAGE_PLACEHOLDER)) -> list[dict]:
+def ask(url: str, text: str = QUESTION.removeprefix(IMAGE_PLACEHOLDER + "\n")) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": text}]}]
 
@@ -149,10 +154,13 @@ def test_bad_images_are_4xx_never_5xx(server):
 
 def test_an_image_to_a_text_only_model_is_a_400(tmp_path):
     lm, tok = tiny_text_model([QUESTION] * 5)
-    with running_server(save_checkpoint(tmp_path / "text", lm.eval(), tok)) as url:
-        r = httpx.post(url + "/v1/chat/completions", timeout=60,
-                       json={"model": "tiny", "messages": ask(data_url(_png(np.zeros((8, 8), np.uint8))))})
+    engine = load_engine(save_checkpoint(tmp_path / "text", lm.eval(), tok), dtype="fp32")
+    assert engine.vision is None
+    with in_process(create_app(engine, "tiny")) as client:
+        r = client.post("/v1/chat/completions",
+                        json={"model": "tiny", "messages": ask(data_url(_png(np.zeros((8, 8), np.uint8))))})
     assert r.status_code == 400 and r.json()["error"]["code"] == "image_not_supported"
+    assert "text-only" in r.json()["error"]["message"]
 
 
 def test_generate_with_an_image(vlm_dir, tmp_path):
@@ -164,6 +172,67 @@ def test_generate_with_an_image(vlm_dir, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(CLASSES[test_y[0]]))
+    # the library verb: a file that is no image is an error naming it
     file.write_bytes(b"not a picture")
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode != 0 and "digit.png" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(PocketLMError, match="digit.png"):
+        generate(path, "What digit is this?", image=file, dtype="fp32", out=io.StringIO())
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"]
+
+# drops (or pastes) a PNG given as base64 on the page, as a person dragging a file in would
+DROP = """([where, b64, kind]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], "digit.png", {type: "image/png"}));
+  const el = document.querySelector(where);
+  if (kind === "drop") el.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+  else el.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true}));
+}"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Chromium: apt-get install chromium")
+def test_the_page_sends_picked_pasted_and_dropped_images(server, vlm_dir, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    _, test_x, test_y = vlm_dir
+    # three test digits the model reads right through the API (it is tiny: not all are)
+    right = [i for i in range(len(test_y)) if httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": ask(data_url(_png(test_x[i]))), "max_tokens": 3, "temperature": 0}
+    ).json()["choices"][0]["message"]["content"].strip().startswith(str(CLASSES[test_y[i]]))][:3]
+    pngs = [_png(test_x[i]) for i in right]
+    (tmp_path / "digit.png").write_bytes(pngs[0])
+    sent = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 760})
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.goto(server)
+            expect(page.locator("#model-name")).to_have_text("tiny")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "3")
+            question = QUESTION.removeprefix(IMAGE_PLACEHOLDER + "\n")
+            ways = [lambda: page.set_input_files("#image-input", str(tmp_path / "digit.png")),
+                    lambda: page.evaluate(DROP, ["#input", base64.b64encode(pngs[1]).decode(), "paste"]),
+                    lambda: page.evaluate(DROP, ["main.chat", base64.b64encode(pngs[2]).decode(), "drop"])]
+            for n, attach in enumerate(ways):
+                page.click("#new-chat")
+                attach()
+                expect(page.locator("#attachments img")).to_have_count(1)
+                page.fill("#input", question)
+                page.press("#input", "Enter")
+                expect(page.locator(".msg.user .bubble img")).to_have_count(1)  # shown in the conversation
+                expect(page.locator("#attachments img")).to_have_count(0)
+                reply = page.locator(".msg.assistant")
+                expect(reply.locator(".meta")).not_to_have_text("", timeout=60_000)
+                assert reply.locator(".bubble").text_content().strip().startswith(str(CLASSES[test_y[right[n]]])), n
+                parts = sent[n]["messages"][-1]["content"]
+                assert parts[0]["type"] == "image_url" and parts[1] == {"type": "text", "text": question}
+                assert base64.b64decode(parts[0]["image_url"]["url"].split(",", 1)[1]) == pngs[n]
+            if os.environ.get("POCKETLM_SCREENSHOT_DIR"):
+                page.screenshot(path=str(Path(os.environ["POCKETLM_SCREENSHOT_DIR"]) / "chat_image.png"))
+        finally:
+            browser.close()

@@ -74,10 +74,11 @@ class Message(_Body):
     name: Text | None = None
 
     def text(self) -> str:
-        """The content as the template renders it: an image part is its placeholder (media.py)."""
+        """The content as the template renders it: an image part is its placeholder on a line of its own,
+        as the recipes train it (train/vlm.py) and `generate --image` writes it (media.py)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text if p.type == "text" else IMAGE_PLACEHOLDER for p in self.content)
+        return "".join(p.text if p.type == "text" else IMAGE_PLACEHOLDER + "\n" for p in self.content)
 
 
 class StreamOptions(_Body):
