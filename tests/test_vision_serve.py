@@ -236,3 +236,20 @@ def test_the_page_sends_picked_pasted_and_dropped_images(server, vlm_dir, tmp_pa
                 page.screenshot(path=str(Path(os.environ["POCKETLM_SCREENSHOT_DIR"]) / "chat_image.png"))
         finally:
             browser.close()
+
+
+def test_chat_with_an_image(vlm_dir, tmp_path):
+    """`pocketlm chat --image`: the image goes with the first message and stays in the conversation."""
+    from pocketlm.infer.generate import chat_repl, image_pixels
+    from pocketlm.infer.sampling import SamplingParams
+
+    path, test_x, test_y = vlm_dir
+    file = tmp_path / "digit.png"
+    file.write_bytes(_png(test_x[0]))
+    engine = load_engine(path, dtype="fp32")
+    lines = iter(["What digit is this?", "<image> again?", "/quit"])
+    out = io.StringIO()
+    history = chat_repl(engine, SamplingParams(max_tokens=3, temperature=0), read=lambda _: next(lines), out=out,
+                        pixels=image_pixels(engine, path, [file]))
+    assert history[0]["content"] == QUESTION and history[1]["content"].strip().startswith(str(CLASSES[test_y[0]]))
+    assert len(history) == 2 and "placeholder" in out.getvalue()  # a typed <image> beside the real one: refused
