@@ -115,7 +115,7 @@ def test_generate_with_documents_prompts_with_the_passages(checkpoint, docs, mon
     system, user = seen[0]
     assert "[1] Its walls were built of grey stone in 1420." in system["content"] and user["content"] == QUESTION
     # a reply that cites a passage gets its source printed under it (the tiny model cannot cite: feign one)
-    monkeypatch.setattr(gen, "stream_to", lambda engine, ids, params, out: (out.write("In 1420 [1]."), "In 1420 [1].")[1])
+    monkeypatch.setattr(gen, "stream_to", lambda engine, ids, params, out, input_embeds=None: (out.write("In 1420 [1]."), "In 1420 [1].")[1])
     capsys.readouterr()
     assert main(["generate", "--model", str(ckpt), "--documents", str(docs), "--prompt", QUESTION, "--dtype", "fp32"]) == 0
     assert "In 1420 [1].\n  [1] castles.txt: Its walls were built of grey stone in 1420.\n" in capsys.readouterr().out

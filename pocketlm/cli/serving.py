@@ -19,15 +19,16 @@ def _sampling(args) -> dict:
 def _generate(args):
     from pocketlm.infer.generate import generate
 
-    if args.system and not (args.chat or args.documents):
+    if args.system and not (args.chat or args.documents or args.image):
         raise PocketLMError("--system needs --chat (it is a chat message)")
-    generate(args.model, args.prompt, chat=args.chat, system=args.system, documents=args.documents, **_sampling(args))
+    generate(args.model, args.prompt, chat=args.chat, system=args.system, documents=args.documents, image=args.image,
+             **_sampling(args))
 
 
 def _chat(args):
     from pocketlm.infer.generate import chat
 
-    chat(args.model, system=args.system, documents=args.documents, **_sampling(args))
+    chat(args.model, system=args.system, documents=args.documents, image=args.image, **_sampling(args))
 
 
 def _api_key(args) -> str | None:
@@ -122,12 +123,14 @@ def register(sub):
     ge.add_argument("--prompt", default="", help="text to continue (or the user message with --chat)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ge.add_argument("--system", help="system message (with --chat)")
+    ge.add_argument("--image", help="an image file for a vision model (implies --chat: the image, then the prompt)")
     _add_sampling_args(ge)
     ge.set_defaults(func=_generate)
 
     ch = sub.add_parser("chat", help="talk to a model in the terminal (streaming; /reset, /system, /quit)")
     ch.add_argument("--model", required=True, help="run, checkpoint, Hugging Face folder or .gguf file")
     ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--image", help="an image file to talk about (a vision model): shown with the first message")
     _add_sampling_args(ch, max_new_tokens=512)
     ch.set_defaults(func=_chat)
 

@@ -52,6 +52,10 @@ def load_engine(source, *, adapter=None, dtype: str = "auto", max_batch: int = 1
     print(describe(dtype, source_quant if FAITHFUL.get(source_quant) == dtype else None),
           file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, precision=dtype, compile=compile)
+    from pocketlm.model.vision import vision_tower
+    engine.vision = vision_tower(source, model)  # a vision model's encoder and projector, else None
+    if engine.vision is not None:
+        engine.vision.lm = None  # only the tower is kept: the engine holds its own fused copy of the LM
     del model  # the engine holds its own fused copy of the weights
     if compile:
         print("compiling the decode step (a minute or more on a small CPU)...", file=sys.stderr, flush=True)
@@ -72,10 +76,10 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
-def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO) -> str:
+def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO, input_embeds=None) -> str:
     """Print the reply as it is decoded; return it whole. Ctrl-C ends the reply early."""
     text = []
-    events = engine.stream(ids, params)
+    events = engine.stream(ids, params, input_embeds=input_embeds)
     try:
         for event in events:
             out.write(event.text)
@@ -90,30 +94,31 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 def generate(model, prompt: str = "", *, chat: bool = False, system: str | None = None, adapter=None,
              dtype: str = "auto", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, out: TextIO | None = None,
-             documents=None) -> str:
+             repetition_penalty: float = 1.0, seed: int | None = None, image=None, documents=None,
+             out: TextIO | None = None) -> str:
     """Continue `prompt` (or, with chat, answer it as a user message), streaming to `out` (stdout);
     returns the generated text. A plain prompt is the caller's own raw text: markers in it are
-    special tokens, as in a training document. documents: a folder to answer from (grounded mode,
-    pocketlm.safety.grounded; implies chat): the reply cites passages as [n], listed after it."""
+    special tokens, as in a training document. `image` (a file) needs a vision model and makes the
+    prompt a chat: the image, then the prompt, as one user message. documents: a folder to answer
+    from (grounded mode, pocketlm.safety.grounded; implies chat): the reply cites passages as [n],
+    listed after it."""
     out = out or sys.stdout
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    if system and not chat and documents is None:
+    if system and not (chat or image is not None or documents is not None):
         raise InputError("system needs chat (it is a chat message)")
     index = _index(documents)
     engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
-    found = []
-    if chat or index is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        if index is not None:
-            from pocketlm.safety.grounded import grounded_messages
-            messages, found = grounded_messages(messages, index)
-        ids = encode_chat(engine.tokenizer, messages)
+    found, embeds = [], None
+    if chat or index is not None or image is not None:
+        user = image_message(prompt) if image is not None else {"role": "user", "content": prompt}
+        pixels = None if image is None else image_pixels(engine, model, [image])
+        ids, embeds, found = _prompt(engine, ([{"role": "system", "content": system}] if system else []) + [user],
+                                     index, pixels)
     else:
         ids = encode_completion(engine.tokenizer, prompt, special=True)
         out.write(prompt)
-    text = stream_to(engine, ids, params, out)
+    text = stream_to(engine, ids, params, out, input_embeds=embeds)
     out.write("\n")
     _cited_sources(text, found, out)
     return text
@@ -138,15 +143,42 @@ def _cited_sources(reply: str, found: list, out: TextIO) -> None:
             out.write(f"  [{n}] {found[n - 1].source}: {text[:80]}{'...' if len(text) > 80 else ''}\n")
 
 
+def image_message(text: str) -> dict:
+    from pocketlm.model.vision import IMAGE_PLACEHOLDER
+
+    return {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"}
+
+
+def image_pixels(engine: Engine, model, files: list) -> torch.Tensor:
+    """The image files as the engine's vision tower takes them, (N, C, S, S)."""
+    from pocketlm.data.images import decode_image
+    from pocketlm.model.vision import prepare_images
+
+    vision = getattr(engine, "vision", None)
+    if vision is None:
+        raise InputError(f"{model}: a text-only model; --image needs a vision model (a folder with vision.safetensors)")
+    arrays = []
+    for file in files:
+        try:
+            data = open(file, "rb").read()
+        except OSError as e:
+            raise InputError(f"{file}: cannot read the image ({e.strerror})") from None
+        arrays.append(decode_image(data, str(file)))
+    return torch.cat([prepare_images(a[None], vision.vision_cfg) for a in arrays])
+
+
 HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"
 
 
 def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
-              read: Callable[[str], str] = input, out: TextIO | None = None, index=None) -> list[dict]:
+              read: Callable[[str], str] = input, out: TextIO | None = None, index=None,
+              pixels=None) -> list[dict]:
     """A terminal conversation: each turn is sent with the whole history; returns the history.
-    index: grounded mode (pocketlm.safety.grounded.Index), each turn answered from its passages."""
+    index: grounded mode (pocketlm.safety.grounded.Index), each turn answered from its passages.
+    pixels (one image, for a vision model): shown with the first message (again after /reset)."""
     out = out or sys.stdout
     history: list[dict] = []
+    image_turn = None  # the user message that carries the image
     out.write(f"chatting with a {engine.model.n_params / 1e6:.0f}M-parameter model. {HELP}\n")
     while True:
         try:
@@ -170,44 +202,66 @@ def chat_repl(engine: Engine, params: SamplingParams, system: str | None = None,
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
-        ids, found = _fit_history(engine, system, history, params.max_tokens, index)
+        message = {"role": "user", "content": line}
+        if pixels is not None and not any(m is image_turn for m in history):
+            message = image_turn = image_message(line)
+        history.append(message)
+        try:
+            ids, embeds, found = _fit_history(engine, system, history, params.max_tokens, index,
+                                              pixels if image_turn is not None else None, image_turn)
+        except InputError as e:  # e.g. a typed <image> beside the real one
+            history.pop()
+            out.write(f"({e})\n")
+            continue
         if ids is None:
             history.pop()
             out.write(f"(that message alone does not fit the {engine.max_seq_len}-token context)\n")
             continue
         out.write("bot> ")
-        reply = stream_to(engine, ids, params, out)
+        reply = stream_to(engine, ids, params, out, input_embeds=embeds)
         out.write("\n")
         _cited_sources(reply, found, out)
         history.append({"role": "assistant", "content": reply})
 
 
-def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int, index=None):
-    """(the prompt for the conversation, the passages it was grounded in), dropping the oldest turns
-    until it leaves room for a reply; (None, []) when the last message alone does not fit."""
+def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int, index=None, pixels=None,
+                 image_turn=None):
+    """(ids, input_embeds or None, the passages it was grounded in) for the conversation, dropping the
+    oldest turns until it leaves room for a reply; (None, None, []) when the last message alone does
+    not fit."""
     budget = engine.max_seq_len - min(max_tokens, engine.max_seq_len // 2)
     while history:
-        messages, found = ([{"role": "system", "content": system}] if system else []) + history, []
-        if index is not None:
-            from pocketlm.safety.grounded import grounded_messages
-            messages, found = grounded_messages(messages, index)
-        ids = encode_chat(engine.tokenizer, messages)
+        ids, embeds, found = _prompt(engine, ([{"role": "system", "content": system}] if system else []) + history,
+                                     index, pixels if any(m is image_turn for m in history) else None)
         if len(ids) <= budget:
-            return ids, found
+            return ids, embeds, found
         if len(history) == 1:
-            return None, []
+            return None, None, []
         del history[:2]  # one user turn and its reply
-    return None, []
+    return None, None, []
+
+
+def _prompt(engine: Engine, messages: list[dict], index=None, pixels=None):
+    """(ids, input_embeds or None, passages) of a chat: grounded in `index`'s passages if given, with the
+    image `pixels` spliced at its placeholder if given."""
+    found = []
+    if index is not None:
+        from pocketlm.safety.grounded import grounded_messages
+        messages, found = grounded_messages(messages, index)
+    if pixels is not None:
+        return (*engine.vision.engine_prompt(engine.tokenizer, messages, pixels), found)
+    return encode_chat(engine.tokenizer, messages), None, found
 
 
 def chat(model, *, system: str | None = None, adapter=None, dtype: str = "auto", compile: bool = False,
          threads: int | None = None, max_new_tokens: int = 512, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-         documents=None) -> list[dict]:
-    """A conversation in the terminal; returns its history. documents: a folder to answer from."""
+         documents=None, image=None) -> list[dict]:
+    """A conversation in the terminal, about `image` (a file, for a vision model) if given, answered
+    from the `documents` folder if given; returns its history."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     index = _index(documents)
     engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
-    return chat_repl(engine, params, system=system, index=index)
+    pixels = None if image is None else image_pixels(engine, model, [image])
+    return chat_repl(engine, params, system=system, index=index, pixels=pixels)

@@ -218,11 +218,38 @@ def load_vision_model(path, device="cpu"):
     from pocketlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(Path(path))
-    raw = json.loads((path / "config.json").read_text())
-    if "vision" not in raw or not (path / VISION_WEIGHTS).exists():
+    raw = _vision_section(path)
+    if raw is None:
         raise VisionError(f"{path}: a text-only model (no 'vision' section in config.json or no {VISION_WEIGHTS})")
     lm, tok = load_checkpoint(path, device=device)
-    model = VisionLM(lm, VisionConfig.from_dict(raw["vision"])).to(device)
+    return _with_tower(path, lm, raw, device).eval(), tok
+
+
+def vision_tower(source, lm, device="cpu") -> "VisionLM | None":
+    """The encoder and projector saved beside the checkpoint `source` was loaded from, around `lm`,
+    or None for a text-only model (a .gguf file, a Hugging Face folder, a plain checkpoint). What the
+    engine and the server use to turn images into input_embeds."""
+    from pocketlm.model.checkpoint import resolve_checkpoint
+
+    if not Path(source).is_dir():
+        return None
+    try:
+        path = resolve_checkpoint(Path(source))
+    except PocketLMError:
+        return None
+    raw = _vision_section(path)
+    return None if raw is None else _with_tower(path, lm, raw, device).eval()
+
+
+def _vision_section(path: Path) -> dict | None:
+    config = path / "config.json"
+    if not config.exists() or not (path / VISION_WEIGHTS).exists():
+        return None
+    return json.loads(config.read_text()).get("vision")
+
+
+def _with_tower(path: Path, lm, raw: dict, device) -> VisionLM:
+    model = VisionLM(lm, VisionConfig.from_dict(raw)).to(device)
     try:
         sd = load_file(str(path / VISION_WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -233,7 +260,7 @@ def load_vision_model(path, device="cpu"):
             module.load_state_dict(part)
         except RuntimeError as e:
             raise VisionError(f"{path / VISION_WEIGHTS}: {name} weights do not match the config ({e})") from e
-    return model.eval(), tok
+    return model
 
 
 # ---- prompts and pixels ----------------------------------------------------------------------

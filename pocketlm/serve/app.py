@@ -29,7 +29,7 @@ from pocketlm.infer.engine import Engine
 from pocketlm.serve import errors
 from pocketlm.serve import moderation as moderation_routes
 from pocketlm.serve.context import Limits, ServerContext
-from pocketlm.serve import grounding, personal, structured
+from pocketlm.serve import grounding, media, personal, structured
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.loras import LoraSet
 from pocketlm.serve.routes import embeddings, openai, ops
@@ -68,6 +68,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
         if ctx.memory_store is not None:
             ctx.memory_store.close()
 
+    media.install(ctx)  # image parts in chat messages
     structured.install(ctx)  # response_format
     ctx.longest_token  # computed now rather than at the first request
     app = FastAPI(title="pocketlm", version="0.1.0", lifespan=lifespan)

@@ -37,6 +37,7 @@ class Limits:
     body_timeout: float = 30.0             # seconds it has to send the body
     keep_alive_timeout: float = 5.0        # an idle kept-alive connection is closed after this
     max_connections: int = 512             # open connections + requests; beyond this uvicorn answers 503
+    max_images: int = 8                    # image parts in one chat request (serve/media.py)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Turn:
     extra: dict = field(default_factory=dict)  # top-level fields hooks add to the reply (memory_updates)
     on_done: list[Callable] = field(default_factory=list)  # f(reply text) once the reply is complete
     processors: list = field(default_factory=list)  # the request's logits processors (structured.py)
+    images: list = field(default_factory=list)  # decoded image parts, uint8 arrays in order (media.py)
+    input_embeds: Any = None          # (image positions, n_embd) for the engine, when images were sent
 
 
 @dataclass

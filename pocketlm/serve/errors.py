@@ -61,7 +61,8 @@ def _where(err) -> list[str]:
         "[" in p or p in _BRANCHES))]
 
 
-_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none",
+             "TextPart", "ImagePart"}  # the content-part union's branches (schemas.Message)
 
 
 def _http_error(request, e: StarletteHTTPException):

@@ -15,6 +15,7 @@ from jinja2 import TemplateError
 
 from pocketlm.infer.generate import encode_chat, encode_completion
 from pocketlm.infer.sampling import SamplingError, SamplingParams
+from pocketlm.serve import media
 from pocketlm.serve.context import ServerContext, Turn
 from pocketlm.serve.errors import APIError
 from pocketlm.serve.responses import respond
@@ -83,7 +84,9 @@ def _prompt_field(turn: Turn) -> str:
 def prompt_ids(ctx: ServerContext, turn: Turn) -> list[int]:
     """Runs in the tokenize pool. Message contents are text; only the template makes turn markers."""
     tok = ctx.engine.tokenizer
-    if turn.messages is not None:
+    if turn.images:  # a chat with image parts (media.py)
+        ids, turn.input_embeds = media.image_prompt(ctx, turn)
+    elif turn.messages is not None:
         try:
             ids = encode_chat(tok, turn.messages)
         except (TokenizerError, TemplateError, ValueError) as e:  # the model's template refused these messages

@@ -29,7 +29,7 @@ def _json(obj) -> str:
 async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
     chat = turn.kind == "chat"
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    events = _run(ctx, turn.ids, params, filters, turn.processors, turn.adapter)
+    events = _run(ctx, turn.ids, params, filters, turn.processors, turn.adapter, turn.input_embeds)
     body = turn.body
     if body.stream:
         await events.__anext__()  # submitted (errors surface here, as a status, before the stream starts)
@@ -52,7 +52,7 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
             "model": turn.adapter or ctx.model_name, "choices": [choice], "usage": usage(req), **turn.extra}
 
 
-async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=None):
+async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=None, input_embeds=None):
     """Yields None once submitted, then the request's events as they come out of the engine thread;
     cancels the request when abandoned."""
     loop = asyncio.get_running_loop()
@@ -62,6 +62,8 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=
         extras["processors"] = processors
     if adapter is not None:
         extras["adapter_id"] = adapter
+    if input_embeds is not None:  # the images' embeddings (media.py)
+        extras["input_embeds"] = input_embeds
     try:
         req = ctx.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), **extras)
     except ContextLengthError as e:

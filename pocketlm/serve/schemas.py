@@ -55,13 +55,30 @@ class TextPart(_Body):
     text: Text
 
 
+class ImageURL(_Body):
+    url: Text                        # data:image/...;base64,... only (serve/media.py)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for shape; every image is resized alike
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+IMAGE_PLACEHOLDER = "<image>"  # pocketlm.model.vision's (not imported: it needs torch)
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | list[TextPart | ImagePart]
     name: Text | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as the template renders it: an image part is its placeholder on a line of its own,
+        as the recipes train it (train/vlm.py) and `generate --image` writes it (media.py)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if p.type == "text" else IMAGE_PLACEHOLDER + "\n" for p in self.content)
 
 
 class StreamOptions(_Body):

@@ -1,9 +1,10 @@
 // pocketlm web chat: keeps the conversation, streams replies from /v1/chat/completions (SSE),
 // and lets the reader stop a reply. Plain browser JavaScript modules, no build step: api.js holds the
-// key, memory.js the Memory panel, the temporary-chat switch and the memory notes under replies.
+// key, images.js the images of a message, memory.js the Memory panel, the temporary-chat switch and the memory notes under replies.
 "use strict";
 
 import { headers, initKey } from "./api.js";
+import { content as userContent, hasImages, initImages, showImages, takeImages } from "./images.js";
 import { initMemory, noteUpdates, temporary, whoami } from "./memory.js";
 
 const $ = (id) => document.getElementById(id);
@@ -84,8 +85,9 @@ async function* sse(response) {
 
 async function send(text) {
   if (!model) await loadModel();
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  const images = takeImages();
+  history.push({ role: "user", content: userContent(text, images) });
+  showImages(addMessage("user", text).bubble, images);
   const reply = addMessage("assistant", "");
   reply.wrap.classList.add("streaming");
   controller = new AbortController();
@@ -153,7 +155,7 @@ function resize() {
 els.composer.addEventListener("submit", (e) => {
   e.preventDefault();
   const text = els.input.value.trim();
-  if (!text || controller) return;
+  if ((!text && !hasImages()) || controller) return;
   els.input.value = "";
   resize();
   send(text);
@@ -185,6 +187,7 @@ for (const key of SAVED) {
 }
 initKey(() => { loadModel(); whoami(); });
 initMemory();
+initImages();
 els.temperatureValue.textContent = Number(els.temperature.value).toFixed(2);
 loadModel();
 whoami();
