@@ -126,7 +126,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     result = {"input": str(table.path), "rows": len(rows), "out": str(out), "journal": str(journal_path),
               "columns": {k: names[k] for k in values}, "status": dict(Counter(r[names["status"]] for r in rows)),
               "new_rows": n_new, "seconds": round(seconds, 3),
-              "shared_prefix_tokens": max((len(ids) for _, ids in engine.prefixes), default=0),
+              "shared_prefix_tokens": engine.prefixes.longest(),
               "prompt_tokens_reused": engine.reused_tokens,
               "rows_per_second": round(n_new / seconds, 3) if seconds > 0 and n_new else None}
     if gold is not None:

@@ -28,6 +28,7 @@ from pocketlm.errors import InputError, PocketLMError
 from pocketlm.infer import adapters as row_adapters
 from pocketlm.infer.batch import KVStore
 from pocketlm.infer.fused import ACTIVATIONS, inference_copy
+from pocketlm.infer.prefixes import PrefixCache
 from pocketlm.infer.processors import Processor, RepetitionPenalty
 from pocketlm.infer.runner import Event, Runner
 from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
@@ -99,8 +100,7 @@ class Engine(Runner):
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
         self.adapters: dict[str, list] = {}
-        self.prefixes: dict[tuple, KVStore] = {}  # (adapter identity, prompt start) -> its keys and values (cache_prefix)
-        self.reused_tokens = 0  # prompt tokens copied from a shared prefix instead of computed
+        self.prefixes = PrefixCache()  # shared prompt starts, computed once (cache_prefix)
         self.adapter_hashes: dict[str, str] = {}  # name -> content_hash: what prefix caches key by
         # Compiling fuses the small ops between the matmuls (weights frozen in as constants), and the C++
         # wrapper calls the kernels without Python in between (~1 ms a token less than the Python one).
@@ -126,50 +126,19 @@ class Engine(Runner):
             while self.step():
                 pass
 
-    # ---- shared prefixes -----------------------------------------------------------------
+    # ---- shared prefixes (prefixes.py) ---------------------------------------------------
     def cache_prefix(self, ids: list[int], adapter: str | None = None) -> None:
-        """Compute the keys and values of `ids` once (an instruction every row of a table starts with, a
-        long system prompt): a later request whose prompt starts with them, and goes on, gets those
-        positions copied into its slot and prefills only the rest. A prefix is computed under one
-        adapter (a name given to add_adapter; None: the base model) and kept under that adapter's
-        content hash, so only requests running the same weights reuse it (another name with the same
-        contents does; new contents loaded under the name do not). Each prefix has a one-slot store of
-        its own, which no request is ever given, so no step writes into it."""
-        ids = [int(t) for t in ids]
+        """Compute the keys and values of `ids` once, under `adapter` (a name given to add_adapter;
+        None: the base model): later requests on the same weights whose prompts start with them reuse them."""
         if adapter is not None and adapter not in self.adapters:
             raise InputError(f"cache_prefix: unknown adapter {adapter!r}; loaded: {sorted(self.adapters)}")
-        key = (self.adapter_identity(adapter), tuple(ids))
-        if not ids or key in self.prefixes:
-            return
-        if len(ids) >= self.max_seq_len or not all(0 <= t < self.model.cfg.vocab_size for t in ids):
-            raise InputError(f"cache_prefix: expected under {self.max_seq_len} token ids in [0, "
-                             f"{self.model.cfg.vocab_size}), got {len(ids)} ids")
-        store = KVStore(self.model.cfg, 1, len(ids), dtype=self.cache.k.dtype, device=self.device)
-        store.allocate()
-        ids_t = torch.tensor([ids], device=self.device)
-        index = None if adapter is None else [list(self.adapters).index(adapter)]
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                chunk = ids_t[:, start:start + PREFILL_CHUNK]
-                self.model(chunk, batch=store.step(0, 1, chunk, adapter_ids=index))
-        self.prefixes[key] = store
+        index = None if adapter is None else list(self.adapters).index(adapter)
+        self.prefixes.add(self.model, ids, self.adapter_identity(adapter), index, dtype=self.cache.k.dtype,
+                          device=self.device, max_seq_len=self.max_seq_len, chunk=PREFILL_CHUNK)
 
-    def clear_prefixes(self) -> None:
-        self.prefixes.clear()
-
-    def _copy_prefix(self, req: Request) -> int:
-        """Copy the longest prefix cached under the request's adapter identity that its prompt starts
-        with into its slot; its length."""
-        if req.input_embeds is not None:
-            return 0
-        identity, prompt = self.adapter_identity(req.adapter), tuple(req.prompt_ids)
-        best = max((ids for who, ids in self.prefixes if who == identity and len(ids) < len(prompt)
-                    and prompt[:len(ids)] == ids), key=len, default=None)
-        if best is None:
-            return 0
-        self.cache.copy_prefix(0, req.slot, len(best), source=self.prefixes[identity, best])
-        self.reused_tokens += len(best)
-        return len(best)
+    @property
+    def reused_tokens(self) -> int:
+        return self.prefixes.reused_tokens
 
     # ---- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter) -> None:
@@ -288,7 +257,8 @@ class Engine(Runner):
         short = []
         for req in admitted:
             req._generator = make_generator(req.params.seed)
-            self._copy_prefix(req)
+            if req.input_embeds is None:
+                self.prefixes.copy_into(self.cache, req.slot, self.adapter_identity(req.adapter), req.prompt_ids)
             if req.input_embeds is None and len(self._todo(req)) <= SHORT_PROMPT:
                 short.append(req)
             else:
