@@ -7,6 +7,7 @@ from pocketlm.cli.common import add_task_args
 
 def _eval(args):
     import json
+    import sys
     from pathlib import Path
 
     from pocketlm.data.sft import parse_labels
@@ -22,6 +23,9 @@ def _eval(args):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     result.pop("pair_scores", None)  # one line per pair: in --out only
+    if "computed_dtype" in result:
+        print(f"eval: {result['dtype']} is emulated on this CPU (no AVX512-BF16 or AMX), ~20x slower: computed in "
+              f"{result['computed_dtype']}", file=sys.stderr)
     print(json.dumps(result, indent=2, ensure_ascii=False))
 
 

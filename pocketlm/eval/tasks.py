@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import string
-import sys
 from pathlib import Path
 
 import torch
@@ -211,9 +210,7 @@ def evaluate(model_source, task: str, data, adapter=None, limit: int | None = No
     model.eval()
     result = {"task": task, "model": str(model_source), "adapter": str(adapter) if adapter else None, "data": str(data),
               "limit": limit, "dtype": dtype}  # with the above, what `pocketlm card` needs to print the command
-    if native_dtype(dtype) != dtype:
-        print(f"eval: {dtype} is emulated on this CPU (no AVX512-BF16 or AMX), ~20x slower: computing in fp32",
-              file=sys.stderr)
+    if native_dtype(dtype) != dtype:  # bf16 emulated on this CPU (no AVX512-BF16 or AMX), ~20x slower
         dtype = result["computed_dtype"] = native_dtype(dtype)
     if task == "lm":
         # whole-vocabulary logits of long windows are large: few windows per batch
