@@ -89,9 +89,9 @@ def gbnf(labels: list[str]) -> str:
 
 def run_llama(gguf, prompts: list[list[int]], rows: list[dict], labels, threads: int, ram_cache: bool) -> dict:
     import llama_cpp
+    import llama_peer  # beside this script: the same load as decode_speed's llama.cpp peer
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_peer.load(gguf, threads, n_ctx=1024)
     if ram_cache:
         llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=256 << 20))
     grammar = llama_cpp.LlamaGrammar.from_string(gbnf(labels), verbose=False)
