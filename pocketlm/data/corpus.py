@@ -15,9 +15,10 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from pocketlm.data.jsonl import parse_lines
 from pocketlm.errors import PocketLMError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -89,22 +90,18 @@ def _check_text(value, where: str, text_field: str) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str):
+    def decoded(fh):
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line") from None
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
     with _open_binary(path) as fh:
         try:
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line") from None
-                if lineno == 1:
-                    line = line.removeprefix("\ufeff")
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
+            for lineno, record in parse_lines(decoded(fh), path, CorpusError):
+                if text_field not in record:
                     raise CorpusError(f"{path}:{lineno}: expected an object with a {text_field!r} field")
                 yield Document(_check_text(record[text_field], f"{path}:{lineno}", text_field), f"{path}:{lineno}")
         except (OSError, EOFError) as e:  # truncated or corrupt gzip/zstd stream
