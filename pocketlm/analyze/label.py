@@ -5,7 +5,8 @@
 
 Each row becomes one chat request (instruction first, so every row shares that prefix; the row's
 text last), constrained to one of the labels (`Choice`) or to a JSON schema (`JsonSchema`). Rows go
-to the engine a batch at a time, all of a batch submitted at once so they decode in one continuous
+to the engine a batch at a time (rows of similar prompt lengths together: on a CPU a padded token
+costs what a real one does), all of a batch submitted at once so they decode in one continuous
 batch (the engine feeds the tokens a constraint forces as one extend); the shared start of the
 prompts is computed once (Engine.cache_prefix), and the rows' own texts prefill together in one
 forward. Each finished batch is appended to the journal, which is what `resume` continues from."""
