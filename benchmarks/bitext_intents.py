@@ -1,6 +1,6 @@
 """Bitext intent accuracy through `pocketlm analyze`: zero-shot, and with a LoRA adapter from `finetune`.
 
-    python benchmarks/bitext_intents.py --out runs/bitext [--test-limit N] [--adapter runs/bitext/adapter]
+    python benchmarks/bitext_intents.py --out runs/bitext [--test-limit N] [--adapter runs/bitext/run/adapter]
     python benchmarks/bitext_intents.py --split val --skip-zero-shot --set train.lr=1e-3   # tuning: val only
 
 The 4,514 requests are split 80/20, stratified by intent, with near-duplicates kept on one side:
@@ -8,7 +8,7 @@ Bitext writes many requests from one template ("cancel order 1234" / "cancel ord
 whose text is the same once lowercased, digits and punctuation dropped and spaces collapsed form one
 group, and a group goes wholly to train or to test (the count of groups and of rows in groups of more
 than one is printed). 10% of the 80% is the validation file: `finetune` reports its loss, and the
-recipe was tuned on analyze's accuracy over it (`--split val`); the test 20% is used only for the final
+recipe is judged by analyze's accuracy over it (`--split val`); the test 20% is used only for the final
 scores. Zero-shot uses analyze's default instruction (it lists the 27 labels); the adapter uses the
 recipe's own (configs/finetune_bitext_intents.yaml, read back from the adapter's task.json). Labels are
 constrained to the 27 intents either way. The fine-tune's CPU time (all threads, time.process_time) is
