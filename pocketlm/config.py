@@ -40,6 +40,8 @@ class TrainConfig:
     grad_clip: float = 1.0          # max global grad norm; 0 disables
     max_steps: int = 1000
     max_minutes: float = 0.0        # time budget; 0 = none. The schedule is stretched to fit it.
+    budget_clock: str = "wall"      # what max_minutes counts: wall | cpu (this process's CPU time, all its
+                                    # threads: a budget of CPU-minutes holds on a machine other jobs share)
     eval_every: int = 100           # steps between validation passes
     eval_batches: int = 20          # micro-batches per validation pass
     eval_at_start: bool = False     # also validate before the first step (the "before" of a fine-tune)
@@ -57,7 +59,8 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "dtype": ("bf16", "fp32"),
-                   "compile_scope": ("model", "blocks"), "dist": ("auto", "ddp", "fsdp")}
+                   "compile_scope": ("model", "blocks"), "dist": ("auto", "ddp", "fsdp"),
+                   "budget_clock": ("wall", "cpu")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}: expected one of {valid}, got {getattr(self, key)!r}")

@@ -242,6 +242,42 @@ def test_shared_prefix_reuse_gives_the_same_answers(model_dir, tmp_path):
     assert [float(r["confidence"]) for r in a] == pytest.approx([float(r["confidence"]) for r in b], abs=1e-4)
 
 
+def test_a_fine_tuned_models_task_file_gives_prompt_labels_and_gold_words(model_dir, tmp_path):
+    """`finetune` writes task.json beside what it trains (raw label -> the word the model says, its
+    system message and instruction); analyze reads it as `pocketlm eval` does: the same prompt, the
+    label words when none are given, and gold values such as "0" scored as the word "negative"."""
+    import shutil
+
+    from pocketlm.data.sft import TaskSpec, load_examples
+    from pocketlm.eval.tasks import prompt_ids
+    from pocketlm.model import load_model
+
+    tuned = shutil.copytree(model_dir, tmp_path / "tuned")
+    spec = TaskSpec(format="classification", system="Rate it.", instruction="Sentiment?",
+                    labels={"0": "negative", "1": "positive"})
+    (tuned / "task.json").write_text(spec.to_json())
+    src = tmp_path / "dev.tsv"
+    src.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{MESSAGES[i]}\n" for i in range(6)))
+    out = tmp_path / "o.csv"
+    res = analyze(src, model=tuned, text="content", gold="label", out=out, batch_size=4, progress=False)
+    rows = read_csv(out)
+    assert {r["label_pred"] for r in rows} <= {"negative", "positive"} and res["status"] == {"ok": 6}
+    words = {"0": "negative", "1": "positive"}
+    assert res["metrics"]["accuracy"] == pytest.approx(sum(words[r["label"]] == r["label_pred"] for r in rows) / 6)
+    assert set(res["metrics"]["confusion"]) == {"negative", "positive"}  # gold "0"/"1" counted as words
+    # labels_from the raw column gives the same words and the same answers
+    analyze(src, model=tuned, text="content", labels_from="label", out=tmp_path / "p.csv", batch_size=4, progress=False)
+    assert [r["label_pred"] for r in read_csv(tmp_path / "p.csv")] == [r["label_pred"] for r in rows]
+    # the prompt is the one eval scores: its tokens, rendered from the same file
+    dry = analyze(src, model=tuned, text="content", dry_run=True)
+    _, tok = load_model(tuned)
+    examples, _ = load_examples(src, spec)
+    assert dry["prompt"] == tok.apply_chat_template(examples[0].messages[:-1], add_generation_prompt=True)
+    assert dry["prompt_tokens"] == len(prompt_ids(tok, examples[0].messages))
+    with pytest.raises(PocketLMError, match="exactly one of labels, labels_from or schema"):
+        analyze(src, model=model_dir, text="content", progress=False)  # no task file: labels are needed
+
+
 def test_dry_run(model_dir, tmp_path):
     src = tickets(tmp_path / "t.csv", 4)
     res = analyze(src, model=model_dir, text="message", labels=LABELS, dry_run=True, out=tmp_path / "o.csv")

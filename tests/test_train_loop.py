@@ -55,6 +55,24 @@ def test_max_minutes_stops_the_run_and_the_schedule_decays_to_it(data_dir, tmp_p
     assert longer["step"] > r["step"] and 2 * budget_s <= longer["elapsed_s"] and longer["stop_reason"] == "time budget"
 
 
+def test_a_cpu_budget_counts_this_process_cpu_time_not_the_wall(data_dir, tmp_path, monkeypatch):
+    """train.budget_clock: cpu. Each batch here also waits 50 ms without computing (as a step does when
+    other jobs hold the cores): the wall clock runs on, the CPU budget does not."""
+    import time
+
+    from pocketlm.train import loop
+
+    unpack = loop._unpack
+    monkeypatch.setattr(loop, "_unpack", lambda *a: (time.sleep(0.05), unpack(*a))[1])
+    run, budget_s = tmp_path / "run", 1.0
+    t0 = time.perf_counter()
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--max-steps", "100000", *QUICK,
+                 "--max-minutes", str(budget_s / 60), "--train.budget_clock=cpu"]) == 0
+    wall, r = time.perf_counter() - t0, results(run)
+    assert r["stop_reason"] == "time budget" and budget_s <= r["elapsed_s"] < budget_s + 5
+    assert wall > r["elapsed_s"] + 0.9 * 0.05 * r["step"]  # the waits are not in the budget
+
+
 class Batches:
     """Fixed batches; each one of `big` is served whole or as `parts` micro-batches of equal rows."""
 

@@ -5,13 +5,15 @@
 
 Each row becomes one chat request (instruction first, so every row shares that prefix; the row's
 text last), constrained to one of the labels (`Choice`) or to a JSON schema (`JsonSchema`). Rows go
-to the engine a batch at a time, all of a batch submitted at once so they decode in one continuous
+to the engine a batch at a time (rows of similar prompt lengths together: on a CPU a padded token
+costs what a real one does), all of a batch submitted at once so they decode in one continuous
 batch (the engine feeds the tokens a constraint forces as one extend); the shared start of the
 prompts is computed once (Engine.cache_prefix), and the rows' own texts prefill together in one
 forward. Each finished batch is appended to the journal, which is what `resume` continues from."""
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 import sys
@@ -27,6 +29,7 @@ from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_s
 from pocketlm.infer.sampling import SamplingParams
 
 PREFIX_SAMPLE = 64  # rows whose common start is the shared prefix (a row that differs just prefills in full)
+WINDOW = 16  # batches whose rows are sorted by prompt length together (see _batches)
 SCHEMA_INSTRUCTION = "Extract these fields from the text and answer with JSON only, matching this schema: {schema}"
 
 
@@ -40,10 +43,11 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     table = read_table(path, limit)
     if (text is None) == (prompt is None):
         raise InputError("give exactly one of text (a column) or prompt (a template with {column} placeholders)")
-    if sum(x is not None for x in (labels, labels_from, schema)) != 1:
+    spec = _task_spec(adapter, model) if schema is None else None
+    given = sum(x is not None for x in (labels, labels_from, schema))
+    if given > 1 or (given == 0 and not (spec and spec.labels)):  # an adapter's task.json may name its labels
         raise InputError("give exactly one of labels, labels_from or schema")
     template = render_template(table, text, prompt)
-    spec = _task_spec(adapter, model) if schema is None else None
     system = system if system is not None else (spec.system if spec else None)
     if schema is None:
         labels = _labels(table, labels, labels_from, spec)
@@ -89,25 +93,25 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
                    "sampling": {k: getattr(params, k) for k in ("max_tokens", "temperature", "top_k", "top_p",
                                                                  "min_p", "seed")},
                    "input": {"path": str(Path(path).resolve()), "rows": len(table.rows)},
-                   "batching": {"batch_size": batch_size, "dtype": dtype, "reuse_prefix": reuse_prefix}}
+                   "batching": {"batch_size": batch_size, "dtype": dtype, "reuse_prefix": reuse_prefix,
+                                "sorted_window": WINDOW}}
     log = Journal(journal_path, fingerprint, resume)
     if reuse_prefix:  # the instruction every row starts with: computed once (the first rows decide it)
         head = [encode(r) for r in table.rows[:PREFIX_SAMPLE]]
         engine.cache_prefix(common_prefix(head)[:min(len(h) for h in head) - 1])
     grammar = compile_schema(schema_dict, tok, engine.model.cfg.vocab_size) if schema_dict is not None else None
 
+    trie = Choice(tok, labels) if labels is not None else None  # the labels tokenized once, not once a row
+
     def constraint():
-        if labels is not None:
-            return Choice(tok, labels)
+        if trie is not None:
+            return copy.copy(trie)  # a fresh walk over the shared (never modified) trie
         return JsonSchema(tok, schema_dict, engine.model.cfg.vocab_size, grammar=grammar)
 
     t0, n_new = time.perf_counter(), 0
     bar = _progress(len(table.rows), len(log.done), progress)
-    for start in range(0, len(table.rows), batch_size):
-        idx = [i for i in range(start, min(start + batch_size, len(table.rows)))]
-        if all(i in log.done for i in idx):
-            continue
-        records = _run_batch(engine, table, idx, encode, constraint, params, fields, labels is not None)
+    for idx, prompts in _batches(table, encode, batch_size, log.done):
+        records = _run_batch(engine, idx, prompts, constraint, params, fields, labels is not None)
         log.append(records)
         n_new += len(idx)
         bar.update(len(idx))
@@ -132,7 +136,8 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     if gold is not None:
         from pocketlm.eval.metrics import classification_report
 
-        golds = [cell(g).strip() for g in table.column(gold)]
+        words = spec.labels if spec else {}  # the adapter's raw gold values -> its label words ("0" -> "negative")
+        golds = [words.get(g, g) for g in (cell(g).strip() for g in table.column(gold))]
         preds = [r[names["label"]] for r in rows]
         scored = labels + sorted(set(golds) - set(labels))  # a gold label the run did not offer still counts
         result["metrics"] = classification_report(golds, preds, scored)
@@ -179,8 +184,14 @@ def render_template(table: Table, text: str | None, prompt: str | None):
 
 
 def _labels(table: Table, labels, labels_from, spec) -> list[str]:
+    """The label list; an adapter's task.json (spec) maps raw values to the words it was trained to
+    say, and gives the list itself when none is asked for, as `pocketlm eval` reads it."""
+    words = spec.labels if spec else {}
+    if labels is None and labels_from is None:
+        return check_labels(spec.label_names())
     if labels_from is not None:
-        values = sorted({cell(v).strip() for v in table.column(labels_from, "labels_from")} - {""})
+        values = sorted({words.get(v, v) for v in (cell(v).strip() for v in table.column(labels_from, "labels_from"))}
+                        - {""})
         if not values:
             raise InputError(f"labels_from: column {labels_from!r} of {table.path} has no values")
         return values
@@ -240,10 +251,24 @@ def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
     return Engine(m, tok, max_batch=batch_size, precision=dtype)
 
 
-def _run_batch(engine, table, idx, encode, constraint, params, fields, is_labels) -> list[dict]:
+def _batches(table, encode, batch_size, done):
+    """(row indices, {row: prompt ids}) per batch not yet in the journal. Rows of similar prompt lengths
+    go together: within a window of WINDOW batches the rows are sorted by length (then index) before
+    they are dealt out, so a batch's rows prefill side by side with little padding. The windows and
+    the sort depend on the table alone, so a resumed run deals the same batches."""
+    n = len(table.rows)
+    for w in range(0, n, batch_size * WINDOW):
+        prompts = {i: encode(table.rows[i]) for i in range(w, min(w + batch_size * WINDOW, n))}
+        order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if not all(i in done for i in idx):
+                yield idx, {i: prompts[i] for i in idx}
+
+
+def _run_batch(engine, idx, prompts, constraint, params, fields, is_labels) -> list[dict]:
     """Submit every row of the batch at once (they decode together), step until all are done."""
     reqs = []
-    prompts = {i: encode(table.rows[i]) for i in idx}
     # submitted shortest first: neighbouring slots then hold prompts of similar lengths, which the engine
     # prefills together with little padding; the records still come out in input order
     for i in sorted(idx, key=lambda i: len(prompts[i])):

@@ -9,8 +9,8 @@ the micro-batch and accumulation come from the world size (TrainConfig.for_world
 its batch source with the same derived batch_size.
 
 Resume reproduces the uninterrupted run bit for bit when the run is bounded by steps. With a time
-budget (max_minutes) the lr schedule and the last step follow the wall clock, so neither a resumed nor
-a repeated run matches another bit for bit; the resumed run continues the budget where it stopped.
+budget (max_minutes) the lr schedule and the last step follow the clock (the wall's, or with
+train.budget_clock: cpu the process's CPU time), so neither a resumed nor a repeated run matches another bit for bit; the resumed run continues the budget where it stopped.
 Under torchrun the clock read is rank 0's, broadcast every step, so all ranks stop at the same step.
 
 Batch sources:
@@ -112,6 +112,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     flops_per_token = functools.lru_cache(model.flops_per_token)
     peak = measured_peak_flops(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, dist.device) * dist.world_size
     budget = cfg.max_minutes * 60
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter  # what the budget counts
 
     def run_eval(step: int) -> dict:
         if val_data is None:
@@ -125,7 +126,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     bar = tqdm(total=round(budget) if budget else cfg.max_steps, initial=round(state["elapsed"]) if budget else step,
                unit="s" if budget else "step", desc="train", disable=not dist.is_main, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-    t_start = time.perf_counter() - state["elapsed"]
+    t_start = clock() - state["elapsed"]
     t_window, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
     last_eval: dict = {}
     if cfg.eval_at_start and step == 0:
@@ -137,7 +138,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
     while step < cfg.max_steps:
         # rank 0's clock decides the stop and the lr for every rank: ranks whose own clocks disagreed
         # would stop at different steps (a collective mismatch) and train with different lrs
-        elapsed = from_main(time.perf_counter() - t_start, dist.device) if budget else 0.0
+        elapsed = from_main(clock() - t_start, dist.device) if budget else 0.0
         if budget and elapsed >= budget:
             stop_reason = "time budget"
             break
@@ -176,7 +177,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         window_tokens += step_tokens
         window_flops += step_flops
         state["tokens"] += round(step_tokens)
-        state["elapsed"] = time.perf_counter() - t_start
+        state["elapsed"] = clock() - t_start
 
         if step % cfg.log_every == 0 or step == 1:
             dt = time.perf_counter() - t_window
