@@ -19,6 +19,7 @@ import torch
 from pocketlm.analyze import analyze
 from pocketlm.analyze.journal import JournalError
 from pocketlm.analyze.table import TableError
+from pocketlm.cli import main
 from pocketlm.errors import PocketLMError
 from pocketlm.infer.constrain import SchemaError, parse_fields
 from pocketlm.model.checkpoint import save_checkpoint
@@ -276,6 +277,10 @@ def test_a_fine_tuned_models_task_file_gives_prompt_labels_and_gold_words(model_
     assert dry["prompt_tokens"] == len(prompt_ids(tok, examples[0].messages))
     with pytest.raises(PocketLMError, match="exactly one of labels, labels_from or schema"):
         analyze(src, model=model_dir, text="content", progress=False)  # no task file: labels are needed
+    # the command line takes the labels from the task file too, and without one says what is missing
+    assert main(["analyze", str(src), "--model", str(tuned), "--text", "content", "--out", str(tmp_path / "c.csv")]) == 0
+    assert [r["label_pred"] for r in read_csv(tmp_path / "c.csv")] == [r["label_pred"] for r in rows]
+    assert main(["analyze", str(src), "--model", str(model_dir), "--text", "content", "--out", str(tmp_path / "d.csv")]) == 2
 
 
 def test_dry_run(model_dir, tmp_path):

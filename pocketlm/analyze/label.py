@@ -46,7 +46,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     spec = _task_spec(adapter, model) if schema is None else None
     given = sum(x is not None for x in (labels, labels_from, schema))
     if given > 1 or (given == 0 and not (spec and spec.labels)):  # an adapter's task.json may name its labels
-        raise InputError("give exactly one of labels, labels_from or schema")
+        raise InputError("give exactly one of labels, labels_from or schema (or an adapter whose task.json names its labels)")
     template = render_template(table, text, prompt)
     system = system if system is not None else (spec.system if spec else None)
     if schema is None:

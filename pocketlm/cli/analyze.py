@@ -28,7 +28,7 @@ def register(sub):
     what = an.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="the column holding each row's text")
     what.add_argument("--prompt", help="a template with {column} placeholders, e.g. 'Subject: {subject}\\n{body}'")
-    out = an.add_mutually_exclusive_group(required=True)
+    out = an.add_mutually_exclusive_group()  # none: the labels a fine-tuned --adapter was trained on
     out.add_argument("--labels", help="a,b,c or @file (one label a line): each row gets one of them")
     out.add_argument("--labels-from", help="take the labels from the distinct values of this column")
     out.add_argument("--schema", help="schema.json, JSON text, or fields such as 'intent, order_id str?, urgency int'")
