@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from pocketlm.config import TrainConfig
+from pocketlm.model.kernels import choice as kernel_choice
 from pocketlm.train.checkpointer import Checkpointer
 from pocketlm.train.dist import DistInfo, all_reduce_mean, choose_strategy, from_main, grad_sync, wrap_model
 from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
@@ -71,6 +72,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             print("note: this CPU has no native bf16 (no AVX512-BF16 / AMX): training in fp32, which is faster here",
                   flush=True)
         cfg = dataclasses.replace(cfg, dtype="fp32")
+    if cfg.dtype == "bf16" and dist.device.type == "cpu" and dist.is_main:
+        print(kernel_choice().line(), flush=True)  # which hand-written kernels the step runs, and why not others
     cfg = cfg.for_world(dist.world_size)
     run_dir = Path(out_dir)
     if dist.is_main:
