@@ -105,6 +105,11 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
 
     # batches of varying length (fine-tuning) compile once with symbolic shapes, not once per length
     dynamic = True if varying_lengths else None
+    if cfg.compile and dist.device.type == "cpu":
+        # dropout masks from aten's bernoulli_ rather than Inductor's per-element CPU random numbers, ~3x
+        # slower: at dropout 0.2 those were the demo's largest cost after the matmuls (a step 0.84x as long)
+        from torch._inductor import config as inductor_config
+        inductor_config.fallback_random = True
     if cfg.compile and cfg.compile_scope == "blocks":
         for layer in model.layers:  # identical blocks share one compiled graph: a short cold start
             layer.compile(dynamic=dynamic)
