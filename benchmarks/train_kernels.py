@@ -5,8 +5,7 @@ Each group runs in this process, interleaved, on the shapes of the train_speed m
 tokens, 4 heads of 64, MLP 1024, vocabulary 2048): forward and backward together.
 - attention: the kernel on the tile unit where the CPU grants AMX, otherwise on AVX512-BF16 (vdpbf16ps
   blocks; on an AMX CPU as `avx512_kernel` beside it); aten's SDPA (flash forward and backward); and the compiled fallback pocketlm runs without the
-  kernel (flash forward, batched-matmul backward through Inductor). The figures decide
-  kernels.AVX512_ATTENTION, whether CPUs without AMX take the kernel.
+  kernel (flash forward, batched-matmul backward through Inductor).
 - GELU: the kernel against Inductor's compiled tanh-form GELU.
 - cross-entropy: the kernel against Inductor's compiled cross_entropy over the bf16 logits cast to fp32.
 

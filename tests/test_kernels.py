@@ -134,6 +134,22 @@ def test_bf16_training_step_on_the_kernels_matches_aten(arch, kv, amx, env):
     assert cos > 0.999, cos
 
 
+def test_a_cpu_without_avx512_bf16_runs_aten_alone(env):
+    """An AVX2-only CPU (its flags stood in for here): no build, no tile-state request, aten's ops."""
+    env.setattr(native, "has", lambda flag: flag not in ("avx512_bf16", "amx_bf16"))
+    env.setattr(kernels, "_build", lambda: pytest.fail("built the kernels on a CPU without AVX512-BF16"))
+    assert kernels.choice() == kernels.Choice(kernels.ATEN, kernels.ATEN, "no AVX512-BF16")
+    assert kernels.choice().line() == "train: attention, GELU and cross-entropy via aten (no AVX512-BF16)"
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(arch="gpt2", vocab_size=128, n_layer=1, n_head=2, n_embd=64, block_size=64))
+    x = torch.randint(0, 128, (2, 64))
+    with torch.profiler.profile() as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, x)[1]
+        loss.backward()
+    assert torch.isfinite(loss) and not any(e.name.startswith("pocketlm::") for e in prof.events())
+
+
 @pytest.mark.parametrize("switch", ["none", "POCKETLM_AMX=0", "POCKETLM_TRAIN_KERNELS=0"])
 def test_pretrain_prints_the_kernels_it_runs_once(switch, env, data_dir, tmp_path, capsys):
     """`pretrain` says which path each part of the step takes; each switch forces its fallback, and an

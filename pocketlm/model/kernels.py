@@ -33,9 +33,6 @@ from pocketlm import native
 
 BLOCK = 32  # the kernel's block of queries and keys; other lengths are padded up to a multiple
 AMX, AVX512, ATEN = "AMX", "AVX512-BF16", "aten"
-# Whether attention takes the AVX512-BF16 kernel on CPUs without AMX (benchmarks/train_kernels.py there):
-# see BENCHMARKS.md for the figures behind it.
-AVX512_ATTENTION = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +103,12 @@ def choice() -> Choice:
     elif os.environ.get("POCKETLM_AMX", "1") == "0":
         why = "POCKETLM_AMX=0"
     elif not torch.ops.pocketlm.amx_granted():  # asked only here: the tile-state request needs AMX
-        why = "the OS did not grant the AMX tile state"
+        why = "no AMX tile state: not granted by the OS, or a build without AMX"
     else:
         return Choice(AMX, AVX512)
-    if not AVX512_ATTENTION:
-        why += "; AVX512-BF16 attention measured slower than aten's"
-    return Choice(AVX512 if AVX512_ATTENTION else ATEN, AVX512, why)
+    # without AMX the vdpbf16ps attention still beats aten's: 4.2x the compiled fallback on a Zen 5
+    # (benchmarks/train_kernels.py)
+    return Choice(AVX512, AVX512, why)
 
 
 def available() -> bool:
