@@ -1,9 +1,11 @@
-"""The bf16 training kernels (pocketlm/csrc/train_kernels.cpp) against what runs without them, one layer's work.
+"""The bf16 training kernels (pocketlm/csrc/train_attention.cpp, train_kernels.cpp) against what runs without
+them, one layer's work.
 
-Each pair runs in this process, interleaved, on the shapes of the train_speed model (batch 16 x 256
+Each group runs in this process, interleaved, on the shapes of the train_speed model (batch 16 x 256
 tokens, 4 heads of 64, MLP 1024, vocabulary 2048): forward and backward together.
-- attention: the kernel; aten's SDPA (flash forward and backward); and the compiled fallback pocketlm
-  used before the kernel (flash forward, batched-matmul backward through Inductor).
+- attention: the kernel on the tile unit where the CPU grants AMX, otherwise on AVX512-BF16 (vdpbf16ps
+  blocks; on an AMX CPU as `avx512_kernel` beside it); aten's SDPA (flash forward and backward); and the compiled fallback pocketlm runs without the
+  kernel (flash forward, batched-matmul backward through Inductor).
 - GELU: the kernel against Inductor's compiled tanh-form GELU.
 - cross-entropy: the kernel against Inductor's compiled cross_entropy over the bf16 logits cast to fp32.
 
@@ -37,20 +39,23 @@ def main():
     a = ap.parse_args()
     info = print_machine(a.threads)
     if not kernels.available():
-        raise SystemExit("the training kernels cannot run on this machine (no AMX / AVX512-BF16, or no compiler)")
+        raise SystemExit(f"the training kernels cannot run on this machine ({kernels.choice().why})")
+    print(kernels.choice().line())
     torch.manual_seed(0)
     B, H, T, D, hidden, V = 16, 4, 256, 64, 1024, 2048
     q, k, v, g = (torch.randn(B, T, H, D).to(torch.bfloat16).transpose(1, 2) for _ in range(4))
     u, du = (torch.randn(B * T, hidden).to(torch.bfloat16) for _ in range(2))
     logits, targets = (torch.randn(B * T, V) * 3).to(torch.bfloat16), torch.randint(0, V, (B * T,))
     one = torch.tensor(1.0)
+    amx = kernels.choice().attention == kernels.AMX
 
     def plain_gelu(x):  # gelu_tanh without the kernel (it takes the kernel for bf16 with gradients)
         return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
     groups = {
         "attention": {
-            "kernel": fwd_bwd(kernels.amx_attention, (q, k, v), g),
+            "kernel": fwd_bwd(lambda *x: kernels.kernel_attention(*x, amx=amx), (q, k, v), g),
+            **({"avx512_kernel": fwd_bwd(lambda *x: kernels.kernel_attention(*x, amx=False), (q, k, v), g)} if amx else {}),
             "aten_sdpa": fwd_bwd(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True), (q, k, v), g),
             "compiled_fallback": fwd_bwd(torch.compile(kernels.CausalAttention.apply), (q, k, v), g),
         },

@@ -1,4 +1,5 @@
-"""Builds pocketlm's C++ kernels (pocketlm/csrc: gemv.cpp for decoding, train_kernels.cpp for training) on first use.
+"""Builds pocketlm's C++ kernels (pocketlm/csrc: gemv.cpp for decoding, train_attention.cpp and train_kernels.cpp
+for training) on first use.
 
 torch.utils.cpp_extension compiles with the C++ compiler torch.compile also uses and caches the result
 per machine (~/.cache/torch_extensions; ~10-25 s the first time). The kernels register `torch.ops.pocketlm.*`.
@@ -28,13 +29,14 @@ def has(flag: str) -> bool:
     return f" {flag}" in cpu_flags()
 
 
-def build(name: str, source: str, extra_cflags: list[str]) -> None:
-    """Compiles and loads one kernel source from pocketlm/csrc; raises where the toolchain cannot."""
+def build(name: str, source: str | list[str], extra_cflags: list[str]) -> None:
+    """Compiles and loads kernel sources from pocketlm/csrc as one library; raises where the toolchain cannot."""
     from torch.utils.cpp_extension import load
     try:  # torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is activated
         import ninja
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    load(name, sources=[str(CSRC / source)], extra_include_paths=[str(CSRC)], is_python_module=False,
+    sources = [source] if isinstance(source, str) else source
+    load(name, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)], is_python_module=False,
          extra_cflags=BASE_FLAGS + extra_cflags, extra_ldflags=["-fopenmp"])

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from pocketlm.config import TrainConfig
+from pocketlm.model.kernels import choice as kernel_choice
 from pocketlm.train.checkpointer import Checkpointer
 from pocketlm.train.dist import DistInfo, all_reduce_mean, choose_strategy, from_main, grad_sync, wrap_model
 from pocketlm.train.metrics import MetricsLog, evaluate_lm, measured_peak_flops
@@ -71,6 +72,8 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
             print("note: this CPU has no native bf16 (no AVX512-BF16 / AMX): training in fp32, which is faster here",
                   flush=True)
         cfg = dataclasses.replace(cfg, dtype="fp32")
+    if cfg.dtype == "bf16" and dist.device.type == "cpu" and dist.is_main:
+        print(kernel_choice().line(), flush=True)  # which hand-written kernels the step runs, and why not others
     cfg = cfg.for_world(dist.world_size)
     run_dir = Path(out_dir)
     if dist.is_main:
@@ -102,6 +105,11 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
 
     # batches of varying length (fine-tuning) compile once with symbolic shapes, not once per length
     dynamic = True if varying_lengths else None
+    if cfg.compile and dist.device.type == "cpu":
+        # dropout masks from aten's bernoulli_ rather than Inductor's per-element CPU random numbers, ~3x
+        # slower: at dropout 0.2 those were the demo's largest cost after the matmuls (a step 0.84x as long)
+        from torch._inductor import config as inductor_config
+        inductor_config.fallback_random = True
     if cfg.compile and cfg.compile_scope == "blocks":
         for layer in model.layers:  # identical blocks share one compiled graph: a short cold start
             layer.compile(dynamic=dynamic)
