@@ -124,7 +124,7 @@ GELU_C = 2 * math.sqrt(2 / math.pi)
 def gelu_tanh(x):
     # GPT-2's tanh GELU. Compiled, the identical sigmoid form is ~2x faster here (tanh vectorizes
     # poorly on this CPU); eager, aten's fused kernel wins over the five ops.
-    if x.numel() % 16 == 0 and on_kernels(x):  # a bf16 training step on a CPU with AMX
+    if x.numel() % 16 == 0 and on_kernels(x):  # a bf16 training step on a CPU with AVX512-BF16
         return GeluKernel.apply(x)
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(GELU_C * (x + 0.044715 * x * x * x))
