@@ -138,8 +138,8 @@ def llama_rate(llamas, prompts, n: int) -> tuple[float, list[int]]:
 
 
 def hot_load_ms(loras: LoraSet, folder: Path, reps: int) -> list[float]:
-    """serve's load path (read the PEFT folder, check it, re-stack every adapter) into an engine that
-    already holds some adapters; unloaded again after each rep."""
+    """serve's load path (read the PEFT folder, check it, hash it, write its slot of the stacks) into an
+    engine that already holds some adapters; unloaded again after each rep."""
     times = []
     for i in range(reps + 1):
         seconds = loras.load_now(f"hot{i}", folder)

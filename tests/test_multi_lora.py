@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from tiny_lm import in_process, reference_greedy, running_server, tiny_adapter, tiny_lm, tiny_tokenizer
+from tiny_lm import clone, in_process, reference_greedy, running_server, tiny_adapter, tiny_lm, tiny_tokenizer
 
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.generate import encode_completion
@@ -233,6 +233,47 @@ def test_one_batch_of_mixed_adapters_matches_the_merged_models_logits(lm, tmp_pa
     assert (got - want).abs().max() < 1e-3
     assert (want[0] - want[1]).abs().max() > 0.1 and (want[2] - want[1]).abs().max() > 0.1  # the adapters matter
 
+
+
+def _adapter(model, out, targets, rank, seed):
+    """A random adapter of this rank on these projections, and the model with it merged."""
+    from pocketlm.model.lora import add_lora, apply_adapter, lora_modules, save_adapter
+
+    torch.manual_seed(seed)
+    adapted = add_lora(clone(model), rank=rank, alpha=2 * rank, targets=targets)
+    with torch.no_grad():
+        for m in lora_modules(adapted).values():
+            m.lora_B.normal_(0, 0.3)
+    save_adapter(adapted, out)
+    return out, apply_adapter(clone(model), out).eval()
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2], [1, 1], [2, 1], [2, 0, 2, -1]])
+def test_rows_in_any_slot_order_match_their_merged_models_after_a_slot_is_reused(lm, tmp_path, rows):
+    """Adapters of different ranks and projections; one unloaded and its slot taken by the next. Each
+    row of a prefill over several rows, then of a decode step, has its merged model's logits at fp32:
+    rows already in slot order (the update is a view of the stacks) and shuffled ones (copied in)."""
+    model, tok = lm
+    a, gone, b, c = (_adapter(model, tmp_path / n, t, r, seed) for n, t, r, seed in
+                     (("a", "q_proj,v_proj", 2, 1), ("gone", "all", 8, 2), ("b", "all", 4, 3), ("c", "o_proj,up_proj", 8, 4)))
+    engine = Engine(model, tok, max_batch=len(rows))
+    for name, (path, _) in (("a", a), ("gone", gone), ("b", b)):
+        engine.add_adapter(name, path)
+    engine.remove_adapter("gone")
+    engine.add_adapter("c", c[0])
+    assert {n: engine.adapter_slots.index[n] for n in "abc"} == {"a": 0, "c": 1, "b": 2}  # b kept its slot
+    merged = {-1: model, 0: a[1], 1: c[1], 2: b[1]}
+    prompt = encode_completion(tok, PROMPT)
+    ids = torch.tensor([prompt] * len(rows))
+    with torch.inference_mode():
+        got = engine.model(ids, batch=engine.cache.step(0, len(rows), ids, adapter_ids=rows))[:, -1]
+        nxt = got.argmax(-1)[:, None]
+        got_next = engine.model(nxt, batch=engine.cache.step(0, len(rows), nxt, adapter_ids=rows))[:, -1]
+        want = torch.stack([merged[r](ids[:1])[0, -1] for r in rows])
+        want_next = torch.stack([merged[r](torch.cat([ids[i:i + 1], nxt[i:i + 1]], 1))[0, -1] for i, r in enumerate(rows)])
+        plain = model(ids[:1])[0, -1]
+    assert (got - want).abs().max() < 1e-3 and (got_next - want_next).abs().max() < 1e-3
+    assert all((w - plain).abs().max() > 0.1 for w, r in zip(want, rows) if r >= 0)  # every adapter matters
 
 @pytest.mark.parametrize("args,message", [(["--lora", "nodir"], "expected NAME=DIR"),
                                           (["--lora", "a=x", "--lora", "a=y"], "given twice"),
