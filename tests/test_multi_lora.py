@@ -284,3 +284,32 @@ def test_serve_refuses_bad_lora_flags_in_one_line_before_loading(args, message, 
     assert main(["serve", "--model", "/nonexistent/model", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_randomized_joins_and_leaves_on_mixed_adapters_give_each_request_its_merged_reply(lm, tmp_path):
+    """Requests on a, b or the base model arrive between steps and run for random lengths, so decode
+    batches and batched prefills see every layout of rows (gaps, repeats, any slot order)."""
+    import random
+
+    from pocketlm.infer.sampling import SamplingParams
+
+    model, tok = lm
+    (path_a, merged_a), (path_b, merged_b) = tiny_adapter(model, tmp_path / "a"), tiny_adapter(model, tmp_path / "b", -0.3)
+    engine = Engine(model, tok, max_batch=4)
+    engine.add_adapter("a", path_a)
+    engine.add_adapter("b", path_b)
+    ids = encode_completion(tok, PROMPT)
+    want = {name: reference_greedy(m, ids, N) for name, m in (("a", merged_a), ("b", merged_b), (None, model))}
+    rng = random.Random(0)
+    for _ in range(6):
+        reqs = []
+        for _ in range(rng.randrange(2, 7)):
+            adapter = rng.choice(["a", "b", None])
+            reqs.append((adapter, engine.submit(ids, SamplingParams(max_tokens=rng.randrange(1, N), temperature=0,
+                                                                    ignore_eos=True), adapter_id=adapter)))
+            for _ in range(rng.randrange(3)):
+                engine.step()
+        while engine.step():
+            pass
+        for adapter, r in reqs:
+            assert r.error is None and r.output_ids == want[adapter][:len(r.output_ids)], (adapter, r.error)

@@ -67,9 +67,9 @@ class RowLoRA(nn.Module):
             return y
         lo, hi, m = plan.lo, plan.hi, plan.m
         At, parts = self._views(lo, hi)
-        x2, y3 = x.reshape(-1, self.n_in), y.view(-1, m, self.n_out)
+        x2, y2 = x.reshape(-1, self.n_in), y.view(-1, self.n_out)
         if plan.dest is None:  # the tokens are already laid out by slot
-            xs = x2.view(hi - lo, m, self.n_in).float()
+            xs, y3 = x2.view(hi - lo, m, self.n_in).float(), y2.view(hi - lo, m, self.n_out)
         else:
             xs = x2.new_zeros((hi - lo) * m, self.n_in, dtype=torch.float32)
             xs = xs.index_copy_(0, plan.dest, x2.index_select(0, plan.tokens).float()).view(hi - lo, m, self.n_in)
@@ -80,7 +80,6 @@ class RowLoRA(nn.Module):
                 (y3 if width == self.n_out else y3.narrow(2, col, width)).add_(u)
             else:
                 u = u.view(-1, width).index_select(0, plan.dest).to(y.dtype)
-                y2 = y.view(-1, self.n_out)
                 (y2 if width == self.n_out else y2.narrow(1, col, width)).index_add_(0, plan.tokens, u)
         return y
 
