@@ -19,8 +19,9 @@ Questions, scored without a model judge (lower-cased substring tests of the repl
 Retrieval recall@5: the memories that hold the answer are among the 5 facts BM25 ranks first (for
 updated: the one name memory, which the rules keep at its latest value). Also: prompt tokens the
 memory block adds to the bare question, and time to first token (prompt ready -> first token, the
-memory's retrieval included) with memory, with no memory at all, and with the full history. The
-last line is JSON.
+memory's retrieval included) with memory, with no memory at all, and with the full history, on an
+engine that has computed the chat starts prompts share once, as `serve --data-dir` does (the memory
+header, the template's opening; --no-cached-starts prefills every prompt whole). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pocketlm.infer.sampling import SamplingParams  # noqa: E402
 from pocketlm.memory import Store, personalize  # noqa: E402
 from pocketlm.memory.retrieval import relevant  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
+from pocketlm.serve.personal import cache_chat_starts  # noqa: E402
 
 # ../shared/data beside the checkout (a worktree sits one folder deeper)
 DATA = next((p / "shared" / "data" / "taskmaster4_coffee_dialogs" for p in REPO.parents
@@ -159,6 +161,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system", default=None, help="a system prompt for every question (default none: the memory "
                     "block is the only system turn, as a plain chat request to `serve` gets)")
+    ap.add_argument("--no-cached-starts", action="store_true", help="prefill every prompt whole, without the "
+                    "shared chat starts serve computes once (the memory header, the template's opening)")
     args = ap.parse_args()
     info = print_machine(args.threads)
     if args.model is None:
@@ -172,6 +176,8 @@ def main():
     rng.shuffle(pool)
     users = [make_user(i, rng, pool) for i in range(args.users)]
     ask(engine, [{"role": "user", "content": "Hello"}], 2)  # warm-up
+    if not args.no_cached_starts:  # what `serve --data-dir` does at start (serve/personal.py)
+        print("cached chat starts (tokens):", cache_chat_starts(engine))
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     rows = []
@@ -199,7 +205,7 @@ def main():
                 with_history, ttft_full, n_full = ask(engine, full, args.max_tokens)
                 rows.append({"user": user["name"], "type": q["type"], "q": q["q"], "recalled": recalled,
                              "memory": {"reply": with_memory, "ok": score(q, with_memory), "tokens": n_mem,
-                                        "ttft": ttft_mem + retrieval_s},
+                                        "ttft": ttft_mem + retrieval_s, "retrieval": retrieval_s},
                              "bare": {"reply": bare, "ok": score(q, bare), "tokens": n_bare, "ttft": ttft_bare},
                              "full": {"reply": with_history, "ok": score(q, with_history), "tokens": n_full,
                                       "ttft": ttft_full}})
@@ -229,7 +235,8 @@ def main():
                                              "max": max(r["memory"]["tokens"] - r["bare"]["tokens"] for r in rows)},
            "prompt_tokens_full_history_median": med(rows, "full", "tokens"),
            "ttft_ms": {k: round(1000 * med(rows, k, "ttft"), 1) for k in ("memory", "bare", "full")},
-           "load_average": round(os.getloadavg()[0], 2)}
+           "retrieval_ms_median": round(1000 * med(rows, "memory", "retrieval"), 2),
+           "cached_chat_starts": not args.no_cached_starts, "load_average": round(os.getloadavg()[0], 2)}
     res["ttft_memory_over_no_memory"] = round(res["ttft_ms"]["memory"] / res["ttft_ms"]["bare"], 3)
     res["ttft_memory_over_full_history"] = round(res["ttft_ms"]["memory"] / res["ttft_ms"]["full"], 3)
     print()
@@ -241,7 +248,8 @@ def main():
           f"{res['prompt_tokens_added_by_memory']['max']}; target <= 300) against the full history's "
           f"{res['prompt_tokens_full_history_median']}; TTFT {res['ttft_ms']['memory']} ms with memory, "
           f"{res['ttft_ms']['bare']} without, {res['ttft_ms']['full']} with the full history "
-          f"(+{(res['ttft_memory_over_no_memory'] - 1) * 100:.1f}% over none, target <= 10%); load {res['load_average']}")
+          f"(+{(res['ttft_memory_over_no_memory'] - 1) * 100:.1f}% over none, target <= 10%; retrieval "
+          f"{res['retrieval_ms_median']} ms of it; chat starts cached: {res['cached_chat_starts']}); load {res['load_average']}")
     print(json.dumps(res))
 
 

@@ -3,6 +3,7 @@ streams on one merged model and against llama.cpp, same GGUF file, same run.
 
     python benchmarks/multi_lora.py                       # int4 (the Q4_1 file's own blocks), 2 threads
     python benchmarks/multi_lora.py --precision fp32 --skip-llama
+    python benchmarks/multi_lora.py --threads 1 --clock cpu  # on a shared machine: CPU seconds, not wall
 
 Adapters are random (A as LoRA initialises it, B ~ N(0, 0.02)), rank 8, alpha 16, on q,v and on all
 seven projections, saved in PEFT's format and loaded as `serve --lora` does (pocketlm.serve.loras).
@@ -48,6 +49,7 @@ QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a bi
              "List some facts about octopuses.", "Describe a walk through an autumn forest.",
              "What should I pack for a week of hiking?", "How do plants make food?",
              "Tell me about the history of tea.", "Why do cats purr?"]
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -107,13 +109,13 @@ def engine_rate(engine: Engine, prompts, adapters, n: int) -> tuple[float, list[
         while engine.step():
             pass
         return reqs
-    t = time.perf_counter()
-    run(n)
-    t_n = time.perf_counter() - t
-    t = time.perf_counter()
-    reqs = run(1)
-    t_1 = time.perf_counter() - t
-    return len(prompts) * (n - 1) / (t_n - t_1), run(n)[0].output_ids
+    t = CLOCK()
+    reqs = run(n)
+    t_n = CLOCK() - t
+    t = CLOCK()
+    run(1)
+    t_1 = CLOCK() - t
+    return len(prompts) * (n - 1) / (t_n - t_1), reqs[0].output_ids
 
 
 def llama_rate(llamas, prompts, n: int) -> tuple[float, list[int]]:
@@ -127,19 +129,19 @@ def llama_rate(llamas, prompts, n: int) -> tuple[float, list[int]]:
                 out.append(tok)
                 if len(out) == k:
                     return out
-        t = time.perf_counter()
+        t = CLOCK()
         out = run(n)
-        t_n = time.perf_counter() - t
-        t = time.perf_counter()
+        t_n = CLOCK() - t
+        t = CLOCK()
         run(1)
-        total += t_n - (time.perf_counter() - t)
+        total += t_n - (CLOCK() - t)
         first = first or out
     return len(prompts) * (n - 1) / total, first
 
 
 def hot_load_ms(loras: LoraSet, folder: Path, reps: int) -> list[float]:
-    """serve's load path (read the PEFT folder, check it, re-stack every adapter) into an engine that
-    already holds some adapters; unloaded again after each rep."""
+    """serve's load path (read the PEFT folder, check it, hash it, write its slot of the stacks) into an
+    engine that already holds some adapters; unloaded again after each rep."""
     times = []
     for i in range(reps + 1):
         seconds = loras.load_now(f"hot{i}", folder)
@@ -160,7 +162,16 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count()))
     ap.add_argument("--skip-llama", action="store_true", help="pocketlm only")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time decoding by the process's CPU seconds (time.process_time), for --threads 1 on "
+                         "a shared machine: what wall time would be on a core of its own, less the memory "
+                         "bandwidth others take; both pocketlm and llama.cpp run on the calling thread then")
     args = ap.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            sys.exit("--clock cpu needs --threads 1 (CPU seconds of several threads are not wall seconds)")
+        CLOCK = time.process_time
     info = print_machine(args.threads)
     gguf_file = Path(args.model) if args.model else default_gguf()
     base, tok = load_model(str(gguf_file))
@@ -175,7 +186,7 @@ def main():
             print(f"llama.cpp: skipped ({e}); install llama-cpp-python or pass --skip-llama")
     results: dict = {"benchmark": "multi_lora", "model": gguf_file.name, "precision": args.precision,
                      "streams": args.streams, "rank": args.rank, "new_tokens": args.new_tokens,
-                     "threads": args.threads, "cpu": info["cpu"]}
+                     "threads": args.threads, "cpu": info["cpu"], "clock": args.clock}
     tmp = Path(tempfile.mkdtemp(prefix="multi_lora_"))
     for label, targets in (("qv", "q_proj,v_proj"), ("all", "all")):
         folders = [make_adapter(base, tmp / f"{label}{i}", targets, args.rank, seed=i) for i in range(args.streams)]
@@ -192,8 +203,11 @@ def main():
         if llama_cls is not None:
             for i, f in enumerate(folders):
                 lora = write_gguf_lora(base, f, tmp / f"{label}{i}.gguf")
+                # n_threads_batch too: its default (every core) makes prefill's threads spin-wait for
+                # each other on a shared machine (seconds a prompt here, at load 6)
                 llamas.append(llama_cls(model_path=str(gguf_file), lora_path=str(lora), n_ctx=max_len + 8,
-                                        n_threads=args.threads, n_batch=512, verbose=False))
+                                        n_threads=args.threads, n_threads_batch=args.threads, n_batch=512,
+                                        verbose=False))
             runs["llama.cpp"] = lambda k: llama_rate(llamas, prompts, k)
         for fn in runs.values():  # warm-up
             fn(4)
@@ -225,6 +239,8 @@ def main():
             results["hot_load"] = {"adapter_MB": round((hot / "adapter_model.safetensors").stat().st_size / 1e6, 2),
                                    "adapters_already_loaded": args.streams,
                                    "ms_median": round(statistics.median(ms), 1), "ms_max": round(max(ms), 1)}
+        for llm in llamas:
+            llm.close()  # now, not in __del__ at interpreter exit (where llama-cpp-python's cleanup fails)
         del multi, merged, merged_model, llamas, loras
 
     print()

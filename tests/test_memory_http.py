@@ -229,3 +229,40 @@ def test_smollm2_answers_from_memory_in_a_new_conversation(tmp_path):
         assert [u["text"] for u in told.model_extra["memory_updates"]] == ["My dog is called Biscuit"]
         assert "Biscuit" in ask("What is my dog called?").choices[0].message.content
         assert "Biscuit" not in ask("What is my dog called?", memory=False).choices[0].message.content
+
+
+def test_the_chat_starts_prompts_share_are_computed_once_and_reused(lm, tmp_path):
+    """serve --data-dir computes the keys and values of what chat prompts share once (the memory block's
+    header, the template's opening): a chat with memory prefills its own items and question only, and
+    its reply is still the reply to the whole prompt."""
+    from tiny_lm import in_process
+
+    from pocketlm.infer.engine import Engine
+    from pocketlm.memory import memory_add
+    from pocketlm.memory.retrieval import HEADER
+    from pocketlm.serve.app import create_app
+
+    model, tok = lm
+    key = user_add("ana", tmp_path)
+    memory_add("ana", tmp_path, "My locker code is 4312")
+    engine = Engine(model, tok, max_batch=1)
+    question = [{"role": "user", "content": "What is my locker code?"}]
+
+    def ask(**extra):
+        before = engine.reused_tokens
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 6, "temperature": 0,
+                                                 "messages": question, **extra})
+        assert r.status_code == 200, r.text
+        return r.json(), engine.reused_tokens - before
+
+    with in_process(create_app(engine, "tiny", data_dir=tmp_path), key) as c:
+        r, reused = ask()
+        with Store(tmp_path) as store:
+            block, _ = memory_block(store, store.user_id("ana"), question[0]["content"],
+                                    lambda t: len(tok.encode(t, special=False)))
+        ids = encode_chat(tok, with_block(question, block))
+        assert r["usage"]["prompt_tokens"] == len(ids)
+        assert len(tok.encode(HEADER, special=False)) <= reused < len(ids) - 5  # the header, not the item
+        assert r["choices"][0]["message"]["content"] == tok.decode(reference_greedy(model, ids, 6))
+        plain, reused = ask(memory=False)
+        assert 1 < reused < len(encode_chat(tok, question)) - 3  # the template's opening only

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from tiny_lm import in_process, reference_greedy, running_server, tiny_adapter, tiny_lm, tiny_tokenizer
+from tiny_lm import clone, in_process, reference_greedy, running_server, tiny_adapter, tiny_lm, tiny_tokenizer
 
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.generate import encode_completion
@@ -234,6 +234,47 @@ def test_one_batch_of_mixed_adapters_matches_the_merged_models_logits(lm, tmp_pa
     assert (want[0] - want[1]).abs().max() > 0.1 and (want[2] - want[1]).abs().max() > 0.1  # the adapters matter
 
 
+
+def _adapter(model, out, targets, rank, seed):
+    """A random adapter of this rank on these projections, and the model with it merged."""
+    from pocketlm.model.lora import add_lora, apply_adapter, lora_modules, save_adapter
+
+    torch.manual_seed(seed)
+    adapted = add_lora(clone(model), rank=rank, alpha=2 * rank, targets=targets)
+    with torch.no_grad():
+        for m in lora_modules(adapted).values():
+            m.lora_B.normal_(0, 0.3)
+    save_adapter(adapted, out)
+    return out, apply_adapter(clone(model), out).eval()
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2], [1, 1], [2, 1], [2, 0, 2, -1]])
+def test_rows_in_any_slot_order_match_their_merged_models_after_a_slot_is_reused(lm, tmp_path, rows):
+    """Adapters of different ranks and projections; one unloaded and its slot taken by the next. Each
+    row of a prefill over several rows, then of a decode step, has its merged model's logits at fp32:
+    rows already in slot order (the update is a view of the stacks) and shuffled ones (copied in)."""
+    model, tok = lm
+    a, gone, b, c = (_adapter(model, tmp_path / n, t, r, seed) for n, t, r, seed in
+                     (("a", "q_proj,v_proj", 2, 1), ("gone", "all", 8, 2), ("b", "all", 4, 3), ("c", "o_proj,up_proj", 8, 4)))
+    engine = Engine(model, tok, max_batch=len(rows))
+    for name, (path, _) in (("a", a), ("gone", gone), ("b", b)):
+        engine.add_adapter(name, path)
+    engine.remove_adapter("gone")
+    engine.add_adapter("c", c[0])
+    assert {n: engine.adapter_slots.index[n] for n in "abc"} == {"a": 0, "c": 1, "b": 2}  # b kept its slot
+    merged = {-1: model, 0: a[1], 1: c[1], 2: b[1]}
+    prompt = encode_completion(tok, PROMPT)
+    ids = torch.tensor([prompt] * len(rows))
+    with torch.inference_mode():
+        got = engine.model(ids, batch=engine.cache.step(0, len(rows), ids, adapter_ids=rows))[:, -1]
+        nxt = got.argmax(-1)[:, None]
+        got_next = engine.model(nxt, batch=engine.cache.step(0, len(rows), nxt, adapter_ids=rows))[:, -1]
+        want = torch.stack([merged[r](ids[:1])[0, -1] for r in rows])
+        want_next = torch.stack([merged[r](torch.cat([ids[i:i + 1], nxt[i:i + 1]], 1))[0, -1] for i, r in enumerate(rows)])
+        plain = model(ids[:1])[0, -1]
+    assert (got - want).abs().max() < 1e-3 and (got_next - want_next).abs().max() < 1e-3
+    assert all((w - plain).abs().max() > 0.1 for w, r in zip(want, rows) if r >= 0)  # every adapter matters
+
 @pytest.mark.parametrize("args,message", [(["--lora", "nodir"], "expected NAME=DIR"),
                                           (["--lora", "a=x", "--lora", "a=y"], "given twice"),
                                           (["--lora", "a=x", "--compile"], "without --compile")])
@@ -243,3 +284,32 @@ def test_serve_refuses_bad_lora_flags_in_one_line_before_loading(args, message, 
     assert main(["serve", "--model", "/nonexistent/model", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_randomized_joins_and_leaves_on_mixed_adapters_give_each_request_its_merged_reply(lm, tmp_path):
+    """Requests on a, b or the base model arrive between steps and run for random lengths, so decode
+    batches and batched prefills see every layout of rows (gaps, repeats, any slot order)."""
+    import random
+
+    from pocketlm.infer.sampling import SamplingParams
+
+    model, tok = lm
+    (path_a, merged_a), (path_b, merged_b) = tiny_adapter(model, tmp_path / "a"), tiny_adapter(model, tmp_path / "b", -0.3)
+    engine = Engine(model, tok, max_batch=4)
+    engine.add_adapter("a", path_a)
+    engine.add_adapter("b", path_b)
+    ids = encode_completion(tok, PROMPT)
+    want = {name: reference_greedy(m, ids, N) for name, m in (("a", merged_a), ("b", merged_b), (None, model))}
+    rng = random.Random(0)
+    for _ in range(6):
+        reqs = []
+        for _ in range(rng.randrange(2, 7)):
+            adapter = rng.choice(["a", "b", None])
+            reqs.append((adapter, engine.submit(ids, SamplingParams(max_tokens=rng.randrange(1, N), temperature=0,
+                                                                    ignore_eos=True), adapter_id=adapter)))
+            for _ in range(rng.randrange(3)):
+                engine.step()
+        while engine.step():
+            pass
+        for adapter, r in reqs:
+            assert r.error is None and r.output_ids == want[adapter][:len(r.output_ids)], (adapter, r.error)

@@ -100,6 +100,7 @@ class Engine(Runner):
         self.stop_ids = set(tokenizer.stop_ids)
         self.slots: list[Request | None] = [None] * max_batch
         self.adapters: dict[str, list] = {}
+        self.adapter_slots = row_adapters.Slots(self.model)  # name -> its rows' adapter id, kept while loaded
         self.prefixes = PrefixCache()  # shared prompt starts, computed once (cache_prefix)
         self.adapter_hashes: dict[str, str] = {}  # name -> content_hash: what prefix caches key by
         # Compiling fuses the small ops between the matmuls (weights frozen in as constants), and the C++
@@ -132,7 +133,7 @@ class Engine(Runner):
         None: the base model): later requests on the same weights whose prompts start with them reuse them."""
         if adapter is not None and adapter not in self.adapters:
             raise InputError(f"cache_prefix: unknown adapter {adapter!r}; loaded: {sorted(self.adapters)}")
-        index = None if adapter is None else list(self.adapters).index(adapter)
+        index = None if adapter is None else self.adapter_slots.index[adapter]
         self.prefixes.add(self.model, ids, self.adapter_identity(adapter), index, dtype=self.cache.k.dtype,
                           device=self.device, max_seq_len=self.max_seq_len, chunk=PREFILL_CHUNK)
 
@@ -147,23 +148,17 @@ class Engine(Runner):
         if self.compiled:  # a compiled step has the copy's modules frozen in: it would not see the wrappers
             raise InputError("per-row adapters need an engine built with compile=False")
         updates = row_adapters.read_adapter(self.model.cfg, adapter)
+        identity = row_adapters.content_hash(updates)
+        self.adapter_slots.add(name, updates)  # writes its slot only; nothing is registered if it fails
         with self._cv:
-            self.adapters[name] = updates
-            self.adapter_hashes[name] = row_adapters.content_hash(updates)
-        try:
-            row_adapters.install(self.model, list(self.adapters.values()))
-        except Exception:
-            with self._cv:
-                del self.adapters[name], self.adapter_hashes[name]
-            row_adapters.install(self.model, list(self.adapters.values()))
-            raise
+            self.adapters[name], self.adapter_hashes[name] = updates, identity
 
     def remove_adapter(self, name: str) -> None:
         with self._cv:  # submit checks and queues under the same lock: no request slips in meanwhile
             if any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting]):
                 raise InputError(f"adapter {name!r} is in use by a running or waiting request")
             del self.adapters[name], self.adapter_hashes[name]
-        row_adapters.install(self.model, list(self.adapters.values()))
+        self.adapter_slots.remove(name)
 
     def adapter_identity(self, name: str | None) -> str | None:
         """What a cache of computed keys and values must be keyed by besides the tokens: the content
@@ -238,7 +233,7 @@ class Engine(Runner):
                     self._finish(r, "error")
 
     def _adapter_index(self, req: Request) -> int:
-        return -1 if req.adapter is None else list(self.adapters).index(req.adapter)
+        return -1 if req.adapter is None else self.adapter_slots.index[req.adapter]
 
     def _feed(self, req: Request, ids: list[int], embeds=None) -> torch.Tensor:
         """Append tokens to the request's row, PREFILL_CHUNK at a time; the last position's logits."""

@@ -69,19 +69,20 @@ def memory_block(store: Store, user_id: int, last_user_text: str, count_tokens: 
     for kind, _ in SECTIONS:
         for m in chosen[kind]:
             kept[kind].append(m)
-            if count_tokens(_render(kept)) > budget:
+            if count_tokens(render(kept)) > budget:
                 kept[kind].pop()
             else:
                 used.append(m)
     if not used:
         return None, []
-    return _render(kept), used
+    return render(kept), used
 
 
-def _render(kept: dict[str, list[dict]]) -> str:
+def render(kept: dict[str, list[dict]]) -> str:
+    """The block for these memories ({kind: [memory dicts with "text"]}), sections in SECTIONS' order."""
     lines = [HEADER]
     for kind, title in SECTIONS:
-        if kept[kind]:
+        if kept.get(kind):
             lines.append(title)
             lines.extend(f"- {m['text']}" for m in kept[kind])
     return "\n".join(lines)
@@ -109,3 +110,11 @@ def with_block(messages: list[dict], block: str | None) -> list[dict]:
     if messages and messages[0]["role"] in ("system", "developer"):
         return [dict(messages[0], content=f"{messages[0]['content']}\n\n{block}"), *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
+
+
+def block_starts() -> list[str]:
+    """Blocks that differ only after the text every block with facts first (and every block with an
+    instruction or preference first) begins with: a server computes those shared starts once
+    (serve/personal.py), so a request's memory costs only its own items at prefill."""
+    return [render({"fact": [{"text": t}]}) for t in ("first", "second")] + \
+        [render({"preference": [{"text": "first"}]})]

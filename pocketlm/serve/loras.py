@@ -4,9 +4,11 @@ A request picks one by `"model": NAME` (as vLLM does) or a `"lora"` field (NAME,
 rows of one decode batch each run their own adapter over the shared base weights (the engine's
 per-row LoRA, pocketlm/infer/adapters.py). A user's own adapters (`finetune --user`) load here on that
 user's first request for them (`owners`): no other key can name them, /v1/models lists them to no one,
-and when --max-loras is reached the least recently loaded one not in use makes room. Adapters are added and removed at run time on the engine's
-thread between two steps (Engine.between_steps), so running streams never see a half-built stack and
-are held up for one re-stack only. Reading the folder (safetensors) happens before, off the engine thread.
+and when --max-loras is reached the least recently loaded one not in use makes room. Adapters are
+added and removed at run time on the engine's thread between two steps (Engine.between_steps): each
+writes its own slot of the stacks, allocated for --max-loras adapters with the first, so running
+streams never see a half-written adapter and wait only for one adapter's bytes to be copied. Reading
+the folder (safetensors) happens before, off the engine thread.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class LoraSet:
     _lock: asyncio.Lock | None = None  # one load/unload at a time (the check and the change stay together)
 
     def __post_init__(self):
+        self.engine.adapter_slots.reserve = self.max_loras  # every slot allocated with the first adapter
         if not self.engine.compiled:  # built now, not during the first hot load (~200 ms)
             from pocketlm.infer.adapters import skeleton
 
