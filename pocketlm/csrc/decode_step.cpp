@@ -1,0 +1,348 @@
+// One batch-1 decode step of a llama-arch model in C++: every layer (RMSNorm, fused qkv, RoPE, the
+// KV-cache append, GQA attention over the row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
+// down) and the final norm, without a Python call or a dispatcher round trip per op. Built and
+// driven by pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
+//
+// Numerics follow the engine's eager step (pocketlm/infer/fused.py): the residual stream and norms
+// in fp32, every matrix input rounded to bf16, matrix outputs rounded to bf16, RoPE in fp32 rounded
+// to bf16, the KV cache in bf16, attention summed in fp32, SiLU and the product each rounded to bf16.
+//
+// Weight formats per matrix (N outputs, K inputs; bf16 activations, fp32 sums):
+//   0 bf16   w (N, K) bf16
+//   1 int8   w (N, K) int8 times a bf16 scale per row
+//   2 q4     4-bit codes in groups of 32 inputs: w = (q - 8) * s + z (GGUF Q4_1's block, the layout
+//            Int4Linear holds): codes (N, K/2) uint8, two groups per 32 bytes (byte j: group A's
+//            input j in the low nibble, group B's in the high one), s and z (N, K/32) bf16.
+//            y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g): the second term's sums of x are made
+//            once per step, so a group costs one vdpbf16ps and one FMA.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include "common.h"
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t AHEAD = 8;  // weight rows prefetched ahead of the four being summed
+
+inline float bf(bf16 v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline bf16 to_bf(float f) { return c10::bit_cast<bf16>(at::BFloat16(f)); }
+inline float round_bf(float f) { return bf(to_bf(f)); }
+
+// e^x for x <= 0 (softmax) or any x (SiLU), ~1 ulp-ish: 2^n * p(f) with a degree-6 polynomial.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-06f), f);  // f = x - n ln2
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Matrix {
+  int64_t fmt = 0, N = 0, K = 0;
+  const void* w = nullptr;
+  const bf16* s = nullptr;  // int8: per row; q4: per group
+  const bf16* z = nullptr;  // q4: per group
+  const bf16* bias = nullptr;
+};
+
+// Per-format sums of four weight rows n..n+3 against x: the caller adds the bias and rounds.
+struct Rows {
+  const Matrix& m;
+  const bf16* x;    // K bf16
+  const float* xs;  // q4: K/32 sums of x per group
+
+  void four(int64_t n, bool prefetch, float out[4]) const {
+    const int64_t K = m.K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (m.fmt == 2) {
+      const uint8_t* q = static_cast<const uint8_t*>(m.w) + n * (K / 2);
+      const int64_t G = K / 32;
+      const __m512i table = _mm512_set_epi16(  // bf16 of q - 8 for q = 31..0 (the top 16 unused)
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
+          0x3f80, 0, (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0,
+          (short)0xc0e0, (short)0xc100);
+      const __m256i low = _mm256_set1_epi8(0x0f);
+      for (int64_t c = 0; c < G / 2; ++c) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (AHEAD + i) * (K / 2) + c * 32), _MM_HINT_T0);
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + c * 64);
+        const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + c * 64 + 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(q + i * (K / 2) + c * 32));
+          const __m512i a = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low)), table);
+          const __m512i b = _mm512_permutexvar_epi16(
+              _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low)), table);
+          const bf16* s = m.s + (n + i) * G + 2 * c;
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)a), _mm512_set1_ps(bf(s[0])), acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xb, (__m512bh)b), _mm512_set1_ps(bf(s[1])), acc[i]);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group)
+        const bf16* z = m.z + (n + i) * G;
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 k = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+          const __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, z + g)), 16));
+          acc[i] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(k, xs + g), acc[i]);
+        }
+      }
+    } else if (m.fmt == 1) {
+      const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(w + i * K + k));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], xv, _mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 127
+        }
+      }
+    } else {
+      const bf16* w = static_cast<const bf16*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w + i * K + k));
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      out[i] = _mm512_reduce_add_ps(acc[i]);
+      if (m.fmt == 1) out[i] *= bf(m.s[n + i]);
+    }
+  }
+};
+
+// y (N bf16) = x (K bf16) . W^T (+ bias), over the OpenMP threads torch uses. N % 4 == 0.
+void matvec(const Matrix& m, const bf16* x, bf16* y, std::vector<float>& xs) {
+  if (m.fmt == 2) {
+    xs.resize(m.K / 32);
+    for (int64_t g = 0; g < m.K / 32; ++g) {
+      const __m512 lo = load_bf16(x + g * 32), hi = load_bf16(x + g * 32 + 16);
+      xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  }
+  const Rows rows{m, x, xs.data()};
+  at::parallel_for(0, m.N / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float v[4];
+      rows.four(b * 4, b + AHEAD / 4 < b1, v);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = b * 4 + i;
+        y[n] = to_bf(m.bias ? v[i] + bf(m.bias[n]) : v[i]);
+      }
+    }
+  });
+}
+
+void rms_norm(const float* x, const float* w, int64_t D, double eps, bf16* out, float* out32) {
+  double ss = 0;
+  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / D) + float(eps));
+  for (int64_t i = 0; i < D; ++i) {
+    const float v = x[i] * r * w[i];
+    if (out) out[i] = to_bf(v);
+    if (out32) out32[i] = v;
+  }
+}
+
+// In place on bf16 heads (H of D each) at one position: HF's rotate-half layout, fp32, rounded.
+void rope(bf16* h, int64_t H, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  std::vector<float> t(D);
+  for (int64_t j = 0; j < H; ++j, h += D) {
+    for (int64_t i = 0; i < D; ++i) t[i] = bf(h[i]);
+    for (int64_t i = 0; i < D; ++i) {
+      const float rot = i < half ? -t[i + half] : t[i - half];
+      h[i] = to_bf(t[i] * cos[i] + rot * sin[i]);
+    }
+  }
+}
+
+class DecodeStep : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer [attn_norm, then qkv, o, up (gate rows then up rows), down as 4 each (w, s, z,
+  // bias; empty where unused), mlp_norm], then final norm, rope cos, rope sin.
+  // ints: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, then the 4 formats per layer.
+  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, double eps)
+      : held_(std::move(tensors)), eps_(eps) {
+    TORCH_CHECK(ints.size() >= 6, "DecodeStep: ints needs the 6 sizes first");
+    L_ = ints[0], H_ = ints[1], KVH_ = ints[2], Dh_ = ints[3], D_ = ints[4], I_ = ints[5];
+    TORCH_CHECK(int64_t(ints.size()) == 6 + 4 * L_ && int64_t(held_.size()) == L_ * 18 + 3,
+                "DecodeStep: expected ", 6 + 4 * L_, " ints and ", L_ * 18 + 3, " tensors");
+    TORCH_CHECK(Dh_ % 32 == 0 && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0 and whole GQA groups");
+    const int64_t shapes[4][2] = {{(H_ + 2 * KVH_) * Dh_, D_}, {D_, H_ * Dh_}, {2 * I_, D_}, {D_, I_}};
+    for (int64_t l = 0; l < L_; ++l) {
+      const at::Tensor* t = held_.data() + l * 18;
+      Layer layer;
+      layer.attn_norm = f32(t[0], D_, "attn_norm");
+      for (int j = 0; j < 4; ++j) layer.m[j] = matrix(t + 1 + 4 * j, ints[6 + 4 * l + j], shapes[j][0], shapes[j][1]);
+      layer.mlp_norm = f32(t[17], D_, "mlp_norm");
+      layers_.push_back(layer);
+    }
+    norm_ = f32(held_[L_ * 18], D_, "norm");
+    const at::Tensor &c = held_[L_ * 18 + 1], &s = held_[L_ * 18 + 2];
+    TORCH_CHECK(c.dim() == 2 && c.size(1) == Dh_ && c.sizes() == s.sizes() && c.is_contiguous() && s.is_contiguous() &&
+                c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat, "DecodeStep: rope tables (T, head_dim) fp32");
+    positions_ = c.size(0), cos_ = c.data_ptr<float>(), sin_ = s.data_ptr<float>();
+  }
+
+  // x: (n_embd,) fp32, this token's embedding, overwritten with the final norm's output. k, v: the
+  // KV store's rows for this one sequence, (n_layer, 1, n_kv_head, max_len, head_dim) bf16; position
+  // pos is written and 0..pos attended over.
+  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, int64_t pos) {
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() == D_, "DecodeStep.run: x (n_embd,) fp32");
+    for (const at::Tensor* c : {&k, &v})
+      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == 1 && c->size(2) == KVH_ && c->size(4) == Dh_ &&
+                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, 1, kv heads, len, head_dim) bf16");
+    TORCH_CHECK(0 <= pos && pos < k.size(3) && pos < positions_, "DecodeStep.run: position ", pos, " out of range");
+    float* h = x.data_ptr<float>();
+    const int64_t qkv = (H_ + 2 * KVH_) * Dh_;
+    std::vector<bf16> a(std::max(D_, H_ * Dh_)), b(std::max(qkv, 2 * I_)), att(H_ * Dh_), mid(I_);
+    std::vector<float> xs;
+    bf16* kc = static_cast<bf16*>(k.data_ptr());
+    bf16* vc = static_cast<bf16*>(v.data_ptr());
+    const int64_t sl = k.stride(0), sh = k.stride(2), sp = k.stride(3);
+    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    for (int64_t l = 0; l < L_; ++l) {
+      const Layer& ly = layers_[l];
+      rms_norm(h, ly.attn_norm, D_, eps_, a.data(), nullptr);
+      matvec(ly.m[0], a.data(), b.data(), xs);
+      bf16 *q = b.data(), *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
+      rope(q, H_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
+      rope(kn, KVH_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
+      for (int64_t j = 0; j < KVH_; ++j) {
+        std::memcpy(kc + l * sl + j * sh + pos * sp, kn + j * Dh_, Dh_ * 2);
+        std::memcpy(vc + l * sl + j * sh + pos * sp, vn + j * Dh_, Dh_ * 2);
+      }
+      attend(q, kc + l * sl, vc + l * sl, sh, sp, pos + 1, att.data());
+      matvec(ly.m[1], att.data(), a.data(), xs);
+      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+      rms_norm(h, ly.mlp_norm, D_, eps_, a.data(), nullptr);
+      matvec(ly.m[2], a.data(), b.data(), xs);
+      swiglu(b.data(), b.data() + I_, mid.data());
+      matvec(ly.m[3], mid.data(), a.data(), xs);
+      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+    }
+    std::vector<float> out(D_);
+    rms_norm(h, norm_, D_, eps_, nullptr, out.data());
+    std::memcpy(h, out.data(), D_ * 4);
+    return x;
+  }
+
+ private:
+  struct Layer {
+    const float* attn_norm;
+    const float* mlp_norm;
+    Matrix m[4];
+  };
+
+  const float* f32(const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.numel() == n, "DecodeStep: ", what, " (", n, ",) fp32");
+    return t.data_ptr<float>();
+  }
+
+  Matrix matrix(const at::Tensor* t, int64_t fmt, int64_t N, int64_t K) {
+    Matrix m{fmt, N, K};
+    TORCH_CHECK(N % 4 == 0 && K % (fmt == 2 ? 64 : 32) == 0, "DecodeStep: a matrix of ", N, " x ", K, " (format ", fmt, ")");
+    const at::Tensor& w = t[0];
+    const auto want = fmt == 0 ? at::kBFloat16 : fmt == 1 ? at::kChar : at::kByte;
+    TORCH_CHECK(fmt >= 0 && fmt <= 2 && w.is_contiguous() && w.scalar_type() == want &&
+                w.numel() == (fmt == 2 ? N * K / 2 : N * K), "DecodeStep: weights of a ", N, " x ", K, " matrix, format ", fmt);
+    m.w = w.data_ptr();
+    auto bf16s = [&](const at::Tensor& s, int64_t n) -> const bf16* {
+      TORCH_CHECK(s.defined() && s.is_contiguous() && s.scalar_type() == at::kBFloat16 && s.numel() == n, "DecodeStep: scales");
+      return static_cast<const bf16*>(s.data_ptr());
+    };
+    if (fmt == 1) m.s = bf16s(t[1], N);
+    if (fmt == 2) m.s = bf16s(t[1], N * K / 32), m.z = bf16s(t[2], N * K / 32);
+    if (t[3].numel()) m.bias = bf16s(t[3], N);  // (an empty tensor: no bias)
+    return m;
+  }
+
+  // att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over positions 0..T-1, q head j reading kv
+  // head j / (H / KVH); one q head per task.
+  void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
+    const float scale = 1.0f / std::sqrt(float(Dh_));
+    at::parallel_for(0, H_, 1, [&](int64_t j0, int64_t j1) {
+      std::vector<float> s(T + 16);
+      std::vector<float> o(Dh_);
+      for (int64_t j = j0; j < j1; ++j) {
+        const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T; ++t) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < Dh_; d += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + t * sp + d));
+          s[t] = _mm512_reduce_add_ps(acc) * scale;
+          mx = std::max(mx, s[t]);
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < T; t += 16) {
+          const __mmask16 m = T - t >= 16 ? 0xffff : (__mmask16)((1u << (T - t)) - 1);
+          const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s.data() + t), _mm512_set1_ps(mx)));
+          _mm512_mask_storeu_ps(s.data() + t, m, e);
+          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int64_t t = 0; t < T; ++t) {
+          const __m512 p = _mm512_set1_ps(s[t]);
+          for (int64_t d = 0; d < Dh_; d += 16)
+            _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + t * sp + d), _mm512_loadu_ps(o.data() + d)));
+        }
+        for (int64_t d = 0; d < Dh_; ++d) att[j * Dh_ + d] = to_bf(o[d] * inv);
+      }
+    });
+  }
+
+  // mid = bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds on bf16 tensors
+  void swiglu(const bf16* gate, const bf16* up, bf16* mid) const {
+    int64_t i = 0;
+    for (; i + 16 <= I_; i += 16) {
+      const __m512 g = load_bf16(gate + i);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      const __m512 sr = load_bf16_rounded(sg);
+      store_bf16(mid + i, _mm512_mul_ps(sr, load_bf16(up + i)));
+    }
+    for (; i < I_; ++i) {
+      const float g = bf(gate[i]);
+      mid[i] = to_bf(round_bf(g / (1.0f + std::exp(-g))) * bf(up[i]));
+    }
+  }
+
+  static __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 and back
+    alignas(64) bf16 t[16];
+    store_bf16(t, v);
+    return load_bf16(t);
+  }
+
+  std::vector<at::Tensor> held_;  // keeps every pointer below alive
+  std::vector<Layer> layers_;
+  const float *norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
+  int64_t L_ = 0, H_ = 0, KVH_ = 0, Dh_ = 0, D_ = 0, I_ = 0, positions_ = 0;
+  double eps_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
+  m.class_<DecodeStep>("DecodeStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("run", &DecodeStep::run);
+}
