@@ -20,6 +20,12 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include "common.h"
+// aten's vector types at their AVX512 width (this file is built for AVX512 CPUs only): attention and
+// SiLU use aten's own exp functions so that their results are the eager step's
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -27,26 +33,14 @@
 namespace {
 
 constexpr int64_t AHEAD = 8;  // weight rows prefetched ahead of the four being summed
+constexpr int64_t FLASH_BLOCK = 512;  // keys per block of aten's flash attention at one query
 
 inline float bf(bf16 v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline bf16 to_bf(float f) { return c10::bit_cast<bf16>(at::BFloat16(f)); }
 inline float round_bf(float f) { return bf(to_bf(f)); }
 
-// e^x for x <= 0 (softmax) or any x (SiLU), ~1 ulp-ish: 2^n * p(f) with a degree-6 polynomial.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-06f), f);  // f = x - n ln2
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+inline __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 (nearest even) and back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
 struct Matrix {
@@ -275,61 +269,74 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
   // att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over positions 0..T-1, q head j reading kv
-  // head j / (H / KVH); one q head per task.
+  // head j / (H / KVH); one q head per task. The order of operations is aten's flash attention's for
+  // one query (what the eager step's SDPA runs): keys in blocks of
+  // FLASH_BLOCK with a running max, exp_u20 over whole vectors and std::exp over the rest, the
+  // weights for v rounded to bf16, the sums in fp32, the output scaled by 1 / sum. The two agree to
+  // the bit up to 15 keys; beyond, aten's matrix products sum in another order (an ulp here and there).
   void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
+    using Vec = at::vec::Vectorized<float>;
     const float scale = 1.0f / std::sqrt(float(Dh_));
     at::parallel_for(0, H_, 1, [&](int64_t j0, int64_t j1) {
-      std::vector<float> s(T + 16);
-      std::vector<float> o(Dh_);
+      std::vector<float> s(std::min(T, FLASH_BLOCK)), o(Dh_);
       for (int64_t j = j0; j < j1; ++j) {
         const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < T; ++t) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t d = 0; d < Dh_; d += 32)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + t * sp + d));
-          s[t] = _mm512_reduce_add_ps(acc) * scale;
-          mx = std::max(mx, s[t]);
+        float mx = -INFINITY, sum = 0;
+        for (int64_t n0 = 0; n0 < T; n0 += FLASH_BLOCK) {
+          const int64_t nb = std::min(FLASH_BLOCK, T - n0);
+          float bmax = -INFINITY;
+          for (int64_t t = 0; t < nb; ++t) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < Dh_; d += 32)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + (n0 + t) * sp + d));
+            s[t] = _mm512_reduce_add_ps(acc) * scale;
+            bmax = std::max(bmax, s[t]);
+          }
+          const float m = std::max(mx, bmax);
+          Vec vsum(0.0f);
+          int64_t t = 0;
+          for (; t + Vec::size() <= nb; t += Vec::size()) {
+            const Vec e = (Vec::loadu(s.data() + t) - Vec(m)).exp_u20();
+            vsum += e;
+            _mm512_storeu_ps(s.data() + t, load_bf16_rounded(e));
+          }
+          float bsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+          for (; t < nb; ++t) {
+            const float e = std::exp(s[t] - m);
+            bsum += e;
+            s[t] = round_bf(e);
+          }
+          const float rescale = std::exp(mx - m);
+          sum = bsum + rescale * sum;
+          mx = m;
+          for (int64_t d = 0; d < Dh_; ++d) o[d] = n0 == 0 ? 0.0f : o[d] * rescale;
+          for (int64_t t = 0; t < nb; ++t) {
+            const __m512 p = _mm512_set1_ps(s[t]);
+            for (int64_t d = 0; d < Dh_; d += 16)
+              _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + (n0 + t) * sp + d), _mm512_loadu_ps(o.data() + d)));
+          }
         }
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < T; t += 16) {
-          const __mmask16 m = T - t >= 16 ? 0xffff : (__mmask16)((1u << (T - t)) - 1);
-          const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s.data() + t), _mm512_set1_ps(mx)));
-          _mm512_mask_storeu_ps(s.data() + t, m, e);
-          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-        std::fill(o.begin(), o.end(), 0.0f);
-        for (int64_t t = 0; t < T; ++t) {
-          const __m512 p = _mm512_set1_ps(s[t]);
-          for (int64_t d = 0; d < Dh_; d += 16)
-            _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + t * sp + d), _mm512_loadu_ps(o.data() + d)));
-        }
+        const float inv = 1.0f / sum;
         for (int64_t d = 0; d < Dh_; ++d) att[j * Dh_ + d] = to_bf(o[d] * inv);
       }
     });
   }
 
-  // mid = bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds on bf16 tensors
+  // mid = bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds on bf16 tensors (aten's SiLU:
+  // x / (1 + exp(-x)) with Sleef's exp over 32 bf16 at a time, std::exp over the rest)
   void swiglu(const bf16* gate, const bf16* up, bf16* mid) const {
+    using Vec = at::vec::Vectorized<float>;
     int64_t i = 0;
-    for (; i + 16 <= I_; i += 16) {
-      const __m512 g = load_bf16(gate + i);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-      const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      const __m512 sr = load_bf16_rounded(sg);
-      store_bf16(mid + i, _mm512_mul_ps(sr, load_bf16(up + i)));
-    }
+    for (; i + 32 <= I_; i += 32)
+      for (int64_t h = i; h < i + 32; h += 16) {
+        const Vec g(load_bf16(gate + h));
+        const Vec sg = g / (Vec(1.0f) + g.neg().exp());
+        store_bf16(mid + h, _mm512_mul_ps(load_bf16_rounded(sg), load_bf16(up + h)));
+      }
     for (; i < I_; ++i) {
       const float g = bf(gate[i]);
       mid[i] = to_bf(round_bf(g / (1.0f + std::exp(-g))) * bf(up[i]));
     }
-  }
-
-  static __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 and back
-    alignas(64) bf16 t[16];
-    store_bf16(t, v);
-    return load_bf16(t);
   }
 
   std::vector<at::Tensor> held_;  // keeps every pointer below alive

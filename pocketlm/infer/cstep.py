@@ -48,8 +48,10 @@ def why_not(model: nn.Module, store) -> str | None:
         return f"precision {getattr(model, 'precision', None)}"
     if store.k.dtype != torch.bfloat16:
         return f"KV store in {store.k.dtype}"
-    if cfg.head_dim % 32 or not all(isinstance(n, RMSNorm) for b in model.layers for n in (b.attn_norm, b.mlp_norm)):
-        return "head_dim not a multiple of 32"
+    if cfg.head_dim % 32:
+        return f"head_dim {cfg.head_dim} (needs a multiple of 32)"
+    if not all(isinstance(n, RMSNorm) for b in model.layers for n in (b.attn_norm, b.mlp_norm)):
+        return "norms other than RMSNorm"
     for name, m in _linears(model):
         reason = _unsupported(m)
         if reason:
@@ -60,7 +62,7 @@ def why_not(model: nn.Module, store) -> str | None:
 @functools.cache
 def _built() -> bool:
     try:
-        native.build("pocketlm_decode_step", "decode_step.cpp", ["-mavx512bw", "-mavx512vl"])
+        native.build("pocketlm_decode_step", "decode_step.cpp", ["-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"])
         return True
     except Exception as e:  # noqa: BLE001 (an unusual toolchain: the eager step still works)
         warnings.warn(f"the C++ decode step is unavailable, decoding eagerly ({type(e).__name__}: {e})")
