@@ -17,12 +17,7 @@ needs_kernels = pytest.mark.skipif(gemv.why_not() is not None, reason=f"decode k
 TOLERANCE = 0.1  # logits: a few bf16 steps at these magnitudes (matrix outputs round to bf16 on both paths)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest's: tiny matmuls)
 
 
 def small_llama(qkv_bias=False) -> GPT:
