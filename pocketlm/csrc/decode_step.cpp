@@ -11,10 +11,16 @@
 //   0 bf16   w (N, K) bf16
 //   1 int8   w (N, K) int8 times a bf16 scale per row
 //   2 q4     4-bit codes in groups of 32 inputs: w = (q - 8) * s + z (GGUF Q4_1's block, the layout
-//            Int4Linear holds): codes (N, K/2) uint8, two groups per 32 bytes (byte j: group A's
-//            input j in the low nibble, group B's in the high one), s and z (N, K/32) bf16.
+//            Int4Linear holds): codes (N, K/2) uint8 (Q4_LAYOUT), s and z (N, K/32) bf16.
 //            y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g): the second term's sums of x are made
-//            once per step, so a group costs one vdpbf16ps and one FMA.
+//            once per step, so a group costs one vdpbf16ps and one FMA. Codes widen to bf16 as
+//            128 + q (a byte beside 0x43: one unpack per 32, no table), and s_g * 136 * sum(x_g) is
+//            taken off with the zeros' term (fp32 sums of terms ~136x larger: error ~1e-5 relative,
+//            far below the output's bf16 rounding).
+// Q4_LAYOUT: per row, blocks of 64 bytes hold four groups a..d: the bytes of 16-byte lane L (0..3) are
+//            [a[8L..8L+8), b[8L..8L+8)] in the low nibbles and [c[..], d[..]] in the high ones (what
+//            vpunpckl/hbw read back in order); a last pair of groups (K % 128 == 64) is 32 bytes, byte j
+//            holding group A's input j low and group B's high, widened by a table.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -51,6 +57,10 @@ struct Matrix {
   const bf16* bias = nullptr;
 };
 
+inline __m512 load_bf16_masked(const bf16* p, __mmask16 k) {  // up to 16 bf16 -> fp32, zeros past k
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
 // Per-format sums of four weight rows n..n+3 against x: the caller adds the bias and rounds.
 struct Rows {
   const Matrix& m;
@@ -68,9 +78,29 @@ struct Rows {
           0x3f80, 0, (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0,
           (short)0xc0e0, (short)0xc100);
       const __m256i low = _mm256_set1_epi8(0x0f);
-      for (int64_t c = 0; c < G / 2; ++c) {
+      const __m512i low4 = _mm512_set1_epi8(0x0f), exp128 = _mm512_set1_epi8(0x43);
+      const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+      const int64_t G4 = G / 4;
+      for (int64_t c = 0; c < G4; ++c) {  // four groups (64 bytes) a row at a time
         if (prefetch)
-          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (AHEAD + i) * (K / 2) + c * 32), _MM_HINT_T0);
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (AHEAD + i) * (K / 2) + c * 64), _MM_HINT_T0);
+        __m512bh xv[4];
+        for (int j = 0; j < 4; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(x + c * 128 + j * 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i v = _mm512_loadu_si512(q + i * (K / 2) + c * 64);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          // a code byte next to 0x43 is the bf16 of 128 + q: 4 unpacks widen 128 codes (see Q4_LAYOUT)
+          const __m512i w[4] = {_mm512_unpacklo_epi8(lo, exp128), _mm512_unpackhi_epi8(lo, exp128),
+                                _mm512_unpacklo_epi8(hi, exp128), _mm512_unpackhi_epi8(hi, exp128)};
+          const bf16* sp = m.s + (n + i) * G + 4 * c;
+          const __m512i s01 = _mm512_set1_epi32(*(const int32_t*)sp), s23 = _mm512_set1_epi32(*(const int32_t*)(sp + 2));
+          const __m512 sc[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(s01, 16)), _mm512_castsi512_ps(_mm512_and_si512(s01, high)),
+                                _mm512_castsi512_ps(_mm512_slli_epi32(s23, 16)), _mm512_castsi512_ps(_mm512_and_si512(s23, high))};
+          for (int j = 0; j < 4; ++j)
+            acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv[j], (__m512bh)w[j]), sc[j], acc[i]);
+        }
+      }
+      for (int64_t c = 2 * G4; c < G / 2; ++c) {  // a last pair of groups (32 bytes), codes to q - 8 by table
         const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + c * 64);
         const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + c * 64 + 32);
         for (int i = 0; i < 4; ++i) {
@@ -78,18 +108,21 @@ struct Rows {
           const __m512i a = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low)), table);
           const __m512i b = _mm512_permutexvar_epi16(
               _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low)), table);
-          const bf16* s = m.s + (n + i) * G + 2 * c;
-          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)a), _mm512_set1_ps(bf(s[0])), acc[i]);
-          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xb, (__m512bh)b), _mm512_set1_ps(bf(s[1])), acc[i]);
+          const __m512i sab = _mm512_set1_epi32(*(const int32_t*)(m.s + (n + i) * G + 2 * c));
+          const __m512 sa = _mm512_castsi512_ps(_mm512_slli_epi32(sab, 16));
+          const __m512 sb = _mm512_castsi512_ps(_mm512_and_si512(sab, high));
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)a), sa, acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xb, (__m512bh)b), sb, acc[i]);
         }
       }
-      for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group)
-        const bf16* z = m.z + (n + i) * G;
+      for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group) - 136 s . (those sums) over the unpacked groups
+        const bf16 *z = m.z + (n + i) * G, *sg = m.s + (n + i) * G;
         for (int64_t g = 0; g < G; g += 16) {
           const __mmask16 k = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-          const __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, z + g)), 16));
-          acc[i] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(k, xs + g), acc[i]);
+          const __mmask16 k4 = 4 * G4 - g >= 16 ? 0xffff : 4 * G4 <= g ? 0 : (__mmask16)((1u << (4 * G4 - g)) - 1);
+          const __m512 xsv = _mm512_maskz_loadu_ps(k, xs + g);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(z + g, k), xsv, acc[i]);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(sg + g, k4), _mm512_mul_ps(xsv, _mm512_set1_ps(-136.0f)), acc[i]);
         }
       }
     } else if (m.fmt == 1) {
@@ -348,8 +381,26 @@ class DecodeStep : public torch::CustomClassHolder {
 
 }  // namespace
 
+namespace {
+// One matrix alone, for measuring a format's loop against aten's kernels (cstep.matvec).
+at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t fmt, int64_t N) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "step_matvec: x (K,) bf16");
+  const int64_t K = x.size(0);
+  TORCH_CHECK(N % 4 == 0 && K % (fmt == 2 ? 64 : 32) == 0 && w.is_contiguous() && w.numel() == (fmt == 2 ? N * K / 2 : N * K),
+              "step_matvec: weights of ", N, " x ", K);
+  Matrix m{fmt, N, K, w.data_ptr()};
+  if (fmt >= 1) m.s = static_cast<const bf16*>(s.data_ptr());
+  if (fmt == 2) m.z = static_cast<const bf16*>(z.data_ptr());
+  at::Tensor y = at::empty({N}, x.options());
+  std::vector<float> xs;
+  matvec(m, static_cast<const bf16*>(x.data_ptr()), static_cast<bf16*>(y.data_ptr()), xs);
+  return y;
+}
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.class_<DecodeStep>("DecodeStep")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
       .def("run", &DecodeStep::run);
+  m.def("step_matvec(Tensor x, Tensor w, Tensor s, Tensor z, int fmt, int N) -> Tensor", &step_matvec);
 }

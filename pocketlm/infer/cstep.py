@@ -101,8 +101,15 @@ def _q4(m: Int4Linear) -> list[torch.Tensor]:
     unit = torch.stack([torch.ones(G, N), torch.zeros(G, N)], -1).to(torch.bfloat16)
     eye = torch.eye(K, dtype=torch.bfloat16)
     q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, m.qweight, Int4Linear.GROUP, unit).t().float() + 8
-    q = q.round().to(torch.uint8).view(N, G // 2, 2, Int4Linear.GROUP)
-    codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    q = q.round().to(torch.uint8).view(N, G, Int4Linear.GROUP)
+    four = G // 4 * 4  # decode_step.cpp's Q4_LAYOUT: blocks of four groups, then a last pair
+    blocks = q[:, :four].reshape(N, G // 4, 4, Int4Linear.GROUP)
+    place = torch.arange(32) // 8 * 16 + torch.arange(32) % 8  # input w of groups a and c -> its byte
+    packed = torch.zeros(N, G // 4, 64, dtype=torch.uint8)
+    packed[..., place] = blocks[:, :, 0] | (blocks[:, :, 2] << 4)
+    packed[..., place + 8] = blocks[:, :, 1] | (blocks[:, :, 3] << 4)
+    tail = q[:, four:].reshape(N, -1, 2, Int4Linear.GROUP)
+    codes = torch.cat([packed.reshape(N, -1), (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)], 1).contiguous()
     s, z = m.scales_zeros[..., 0].t().contiguous(), m.scales_zeros[..., 1].t().contiguous()
     return [codes, s, z, _bias(m)]
 
@@ -152,3 +159,10 @@ class CStep:
 def decoder(model: nn.Module, store):
     """What the engine's decode step calls: a CStep where the C++ step runs, else the model itself."""
     return model if why_not(model, store) else CStep(model, store)
+
+
+def matvec(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """One of the C++ step's matrix-vector loops alone on an engine linear's weights: x (K,) bf16 ->
+    (N,) bf16, without bias (benchmarks/decode_speed.py --kernels times it against aten's)."""
+    fmt, (w, s, z, _) = _matrix(linear)
+    return torch.ops.pocketlm.step_matvec(x, w, s, z, fmt, w.size(0))
