@@ -39,6 +39,7 @@
 namespace {
 
 constexpr int64_t AHEAD = 8;  // weight rows prefetched ahead of the four being summed
+constexpr int64_t Q4_AHEAD = 16;  // q4 rows are half as long: twice as many ahead
 constexpr int64_t FLASH_BLOCK = 512;  // keys per block of aten's flash attention at one query
 
 inline float bf(bf16 v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
@@ -81,9 +82,11 @@ struct Rows {
       const __m512i low4 = _mm512_set1_epi8(0x0f), exp128 = _mm512_set1_epi8(0x43);
       const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
       const int64_t G4 = G / 4;
+      if (prefetch)  // the scales and zeros of the rows the codes below fetch
+        for (const bf16* t : {m.s, m.z}) _mm_prefetch((const char*)(t + (n + Q4_AHEAD) * G), _MM_HINT_T0);
       for (int64_t c = 0; c < G4; ++c) {  // four groups (64 bytes) a row at a time
         if (prefetch)
-          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (AHEAD + i) * (K / 2) + c * 64), _MM_HINT_T0);
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (Q4_AHEAD + i) * (K / 2) + c * 64), _MM_HINT_T0);
         __m512bh xv[4];
         for (int j = 0; j < 4; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(x + c * 128 + j * 32);
         for (int i = 0; i < 4; ++i) {
@@ -310,7 +313,8 @@ class DecodeStep : public torch::CustomClassHolder {
   void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
     using Vec = at::vec::Vectorized<float>;
     const float scale = 1.0f / std::sqrt(float(Dh_));
-    at::parallel_for(0, H_, 1, [&](int64_t j0, int64_t j1) {
+    // (a short context is a few microseconds of work: one thread, no fork and join)
+    at::parallel_for(0, H_, T >= 256 ? 1 : H_, [&](int64_t j0, int64_t j1) {
       std::vector<float> s(std::min(T, FLASH_BLOCK)), o(Dh_);
       for (int64_t j = j0; j < j1; ++j) {
         const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
