@@ -400,6 +400,53 @@ at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   matvec(m, static_cast<const bf16*>(x.data_ptr()), static_cast<bf16*>(y.data_ptr()), xs);
   return y;
 }
+// aten's CPU int4 layout (torch._convert_weight_to_int4pack_for_cpu, N % 64 == 0): per 64 rows and
+// per input 32 bytes, byte d holding rows d and 32 + d, byte 16 + d rows 16 + d and 48 + d (low
+// nibble first). cstep.py checks the result against aten's own kernel before using it.
+at::Tensor int4pack_codes(const at::Tensor& packed, int64_t N, int64_t K) {
+  TORCH_CHECK(N % 64 == 0 && packed.is_contiguous() && packed.scalar_type() == at::kByte && packed.numel() == N * K / 2,
+              "int4pack_codes: aten's packed (N, K/2) uint8, N % 64 == 0");
+  at::Tensor q = at::empty({N, K}, packed.options());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* out = q.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t r = n % 64;
+      const uint8_t* src = p + (n / 64) * K * 32 + r % 32;
+      uint8_t* dst = out + n * K;
+      if (r < 32) for (int64_t k = 0; k < K; ++k) dst[k] = src[k * 32] & 15;
+      else for (int64_t k = 0; k < K; ++k) dst[k] = src[k * 32] >> 4;
+    }
+  });
+  return q;
+}
+
+// Plain codes (N, K) 0..15 -> Q4_LAYOUT
+at::Tensor q4_pack(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte && q.size(1) % 64 == 0, "q4_pack: codes (N, K % 64 == 0) uint8");
+  const int64_t N = q.size(0), K = q.size(1), G4 = K / 128;
+  at::Tensor out = at::zeros({N, K / 2}, q.options());
+  const uint8_t* in = q.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  std::vector<int32_t> place(K);  // input k -> its byte, + K/2 where it is the high nibble
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t g = k / 32, w = k % 32;
+    if (g < 4 * G4) {
+      const int64_t j = g % 4;
+      place[k] = (g / 4) * 64 + (w / 8) * 16 + w % 8 + (j % 2) * 8 + (j >= 2 ? K / 2 : 0);
+    } else {
+      place[k] = G4 * 64 + (g - 4 * G4) / 2 * 32 + w + ((g - 4 * G4) % 2 ? K / 2 : 0);
+    }
+  }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t at = place[k];
+        o[n * (K / 2) + at % (K / 2)] |= at >= K / 2 ? in[n * K + k] << 4 : in[n * K + k];
+      }
+  });
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
@@ -407,4 +454,6 @@ TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
       .def("run", &DecodeStep::run);
   m.def("step_matvec(Tensor x, Tensor w, Tensor s, Tensor z, int fmt, int N) -> Tensor", &step_matvec);
+  m.def("int4pack_codes(Tensor packed, int N, int K) -> Tensor", &int4pack_codes);
+  m.def("q4_pack(Tensor codes) -> Tensor", &q4_pack);
 }

@@ -92,26 +92,30 @@ def _bias(m):
     return torch.Tensor() if m.bias is None else m.bias.to(torch.bfloat16).contiguous()
 
 
-def _q4(m: Int4Linear) -> list[torch.Tensor]:
-    """Int4Linear's codes, scales and zeros in decode_step.cpp's layout. aten's packed layout is its
-    own, so the codes are read back through aten's kernel: an identity input with every scale 1 and
-    zero 0 gives q - 8 exactly (small integers are exact in bf16)."""
+def _codes(m: Int4Linear, direct: bool = True) -> torch.Tensor:
+    """Int4Linear's 4-bit codes (N, K), 0..15, out of aten's packed layout: read directly
+    (decode_step.cpp's int4pack_codes) and checked against aten's own kernel on one input; where that
+    read does not hold (another torch), read back through aten's kernel: an identity input with every
+    scale 1 and zero 0 gives q - 8 exactly (small integers are exact in bf16), a K x K product."""
     G, N, _ = m.scales_zeros.shape
     K = G * Int4Linear.GROUP
     unit = torch.stack([torch.ones(G, N), torch.zeros(G, N)], -1).to(torch.bfloat16)
+    if direct and N % 64 == 0 and tuple(m.qweight.shape) == (N, K // 2) and m.qweight.dtype == torch.uint8:
+        q = torch.ops.pocketlm.int4pack_codes(m.qweight.contiguous(), N, K)
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.qweight, Int4Linear.GROUP, unit).float()[:, :64]
+        got = x.float() @ (q[:64].float() - 8).t()  # (the first 64 rows: one whole block of the layout)
+        if torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+            return q
     eye = torch.eye(K, dtype=torch.bfloat16)
     q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, m.qweight, Int4Linear.GROUP, unit).t().float() + 8
-    q = q.round().to(torch.uint8).view(N, G, Int4Linear.GROUP)
-    four = G // 4 * 4  # decode_step.cpp's Q4_LAYOUT: blocks of four groups, then a last pair
-    blocks = q[:, :four].reshape(N, G // 4, 4, Int4Linear.GROUP)
-    place = torch.arange(32) // 8 * 16 + torch.arange(32) % 8  # input w of groups a and c -> its byte
-    packed = torch.zeros(N, G // 4, 64, dtype=torch.uint8)
-    packed[..., place] = blocks[:, :, 0] | (blocks[:, :, 2] << 4)
-    packed[..., place + 8] = blocks[:, :, 1] | (blocks[:, :, 3] << 4)
-    tail = q[:, four:].reshape(N, -1, 2, Int4Linear.GROUP)
-    codes = torch.cat([packed.reshape(N, -1), (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)], 1).contiguous()
+    return q.round().to(torch.uint8).contiguous()
+
+
+def _q4(m: Int4Linear) -> list[torch.Tensor]:
+    """Int4Linear's codes (decode_step.cpp's Q4_LAYOUT), scales and zeros."""
     s, z = m.scales_zeros[..., 0].t().contiguous(), m.scales_zeros[..., 1].t().contiguous()
-    return [codes, s, z, _bias(m)]
+    return [torch.ops.pocketlm.q4_pack(_codes(m)), s, z, _bias(m)]
 
 
 def _matrix(m: nn.Module) -> tuple[int, list[torch.Tensor]]:
