@@ -3,7 +3,8 @@
 At batch 1 the eager step is bound by per-op cost, not by the weights it reads: SmolLM2-135M's step
 is 30 layers x ~15 ops, each a Python call and an aten dispatch, for ~100 MB of weights that the
 machine reads in well under 2 ms. The C++ step runs every layer and the final norm from one call,
-with AVX512-BF16 matrix-vector loops (bf16, row-wise int8, and Q4_1-style 4-bit groups read in place)
+with AVX512-BF16 matrix-vector loops (bf16 and row-wise int8 on the engine's own weights; int4's
+Q4_1-style groups repacked once into a layout its loop widens cheaply, ~66 MB more for SmolLM2)
 threaded over output rows as gemv.py's are; the engine's own embedding and LM head (Head: fp32
 logits, the refined top candidates) stay in Python, one call each. Numerics follow the eager step's
 roundings (decode_step.cpp lists them), so its logits agree with the eager step's to bf16 rounding.
