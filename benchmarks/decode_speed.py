@@ -4,6 +4,7 @@ against llama.cpp (llama-cpp-python on the same GGUF, in the file's own quantiza
     python benchmarks/decode_speed.py                      # SmolLM2-135M-Instruct (GGUF): fp32, bf16, int8, int4
     python benchmarks/decode_speed.py --compile            # also the engine with its decode step compiled
     python benchmarks/decode_speed.py --precisions int4 --peers llama.cpp --startup   # issue 17's comparison
+    python benchmarks/decode_speed.py --precisions int4 --peers llama.cpp --python-step  # C++ step vs per-op step
 
 llama.cpp runs the file's Q4_1 blocks, so its faithful twin is pocketlm's int4 row (the file's own
 blocks too); every row prints its ratio to llama.cpp. Also printed: prefill tokens/s of a 500-token
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pocketlm.infer import gemv  # noqa: E402
+from pocketlm.infer.cstep import CStep  # noqa: E402
 from pocketlm.infer.engine import Engine  # noqa: E402
 from pocketlm.infer.fused import weight_bytes_per_token  # noqa: E402
 from pocketlm.infer.generate import encode_chat  # noqa: E402
@@ -171,6 +173,8 @@ def main():
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams for the batching figure")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compile", action="store_true", help="also time the engine with a compiled decode step")
+    ap.add_argument("--python-step", action="store_true",
+                    help="also time the eager engine with its per-op Python decode step (POCKETLM_CSTEP=0) beside the C++ one")
     ap.add_argument("--skip-peer", action="store_true", help="pocketlm only (no transformers, no llama.cpp)")
     ap.add_argument("--peers", nargs="+", choices=("transformers", "llama.cpp"), default=["transformers", "llama.cpp"])
     ap.add_argument("--prefill-tokens", type=int, default=500, help="prompt length of the prefill figure (0: skip)")
@@ -207,6 +211,10 @@ def main():
             return Engine(base, tok, max_seq_len=max_len, precision=name, **kw)
 
         engines = {"pocketlm": make_engine(max_batch=1)}
+        if args.python_step:  # the same engine without the C++ batch-1 step (pocketlm/infer/cstep.py)
+            os.environ["POCKETLM_CSTEP"] = "0"
+            engines["pocketlm-python-step"] = make_engine(max_batch=1)
+            del os.environ["POCKETLM_CSTEP"]
         if args.compile:
             engines["pocketlm+compile"] = make_engine(max_batch=1, compile=True)
         model = engines["pocketlm"].model
@@ -236,7 +244,7 @@ def main():
                 print(f"[{name}] rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
             bandwidths.append(read_bandwidth_gbps())
             best = max(engines, key=lambda k: statistics.median(rates[k]))
-            batch = make_engine(max_batch=args.streams, compile=best != "pocketlm")
+            batch = make_engine(max_batch=args.streams, compile=best == "pocketlm+compile")
             engine_decode_rate(batch, prompts, 8)
             streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
         weight_bytes = weight_bytes_per_token(model)  # every weight once, the embedding table one row
@@ -245,6 +253,7 @@ def main():
         res = {k: summary(v) for k, v in rates.items()}
         ours = statistics.median(rates[best])
         res["best_engine"] = best
+        res["decode_step"] = "C++ (cstep)" if isinstance(engines["pocketlm"].forward, CStep) else "Python"
         res["peer_precision"] = str(dtype).removeprefix("torch.")
         res["bytes_per_token_MB"] = round((weight_bytes + kv_bytes) / 1e6, 1)
         res["bandwidth_GBps"] = [round(b, 1) for b in bandwidths]  # before and after the batch-1 reps
@@ -264,7 +273,9 @@ def main():
 
     print("\nbatch-1 decode tokens/s (median of %d, min-max)" % args.reps)
     for name, res in results.items():
-        line = f"  {name}: pocketlm ({res['best_engine']}) {res[res['best_engine']]['median']}"
+        line = f"  {name}: pocketlm ({res['best_engine']}, {res['decode_step']} step) {res[res['best_engine']]['median']}"
+        if "pocketlm-python-step" in res:
+            line += f" (Python step {res['pocketlm-python-step']['median']})"
         if "transformers" in res:
             line += (f" vs transformers ({res['peer_precision']}) {res['transformers']['median']} -> "
                      f"{res['ratio_vs_transformers']}x")

