@@ -1,0 +1,167 @@
+// The matrix-vector loops of the C++ decode step (decode_step.cpp includes this file once):
+// one weight matrix times one bf16 activation row, over the OpenMP threads torch uses.
+//
+// Weight formats per matrix (N outputs, K inputs; bf16 activations, fp32 sums):
+//   0 bf16   w (N, K) bf16
+//   1 int8   w (N, K) int8 times a bf16 scale per row
+//   2 q4     4-bit codes in groups of 32 inputs: w = (q - 8) * s + z (GGUF Q4_1's block, the layout
+//            Int4Linear holds): codes (N, K/2) uint8 (Q4_LAYOUT), s and z (N, K/32) bf16.
+//            y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g): the second term's sums of x are made
+//            once per step, so a group costs one vdpbf16ps and one FMA. Codes widen to bf16 as
+//            128 + q (a byte beside 0x43: one unpack per 32, no table), and s_g * 136 * sum(x_g) is
+//            taken off with the zeros' term (fp32 sums of terms ~136x larger: error ~1e-5 relative,
+//            far below the output's bf16 rounding).
+// Q4_LAYOUT: per row, blocks of 64 bytes hold four groups a..d: the bytes of 16-byte lane L (0..3) are
+//            [a[8L..8L+8), b[8L..8L+8)] in the low nibbles and [c[..], d[..]] in the high ones (what
+//            vpunpckl/hbw read back in order); a last pair of groups (K % 128 == 64) is 32 bytes, byte j
+//            holding group A's input j low and group B's high, widened by a table.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+#include "common.h"
+
+namespace {
+
+constexpr int64_t AHEAD = 8;  // weight rows prefetched ahead of the four being summed
+constexpr int64_t Q4_AHEAD = 16;  // q4 rows are half as long: twice as many ahead
+
+inline float bf(bf16 v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline bf16 to_bf(float f) { return c10::bit_cast<bf16>(at::BFloat16(f)); }
+inline float round_bf(float f) { return bf(to_bf(f)); }
+
+inline __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 (nearest even) and back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+struct Matrix {
+  int64_t fmt = 0, N = 0, K = 0;
+  const void* w = nullptr;
+  const bf16* s = nullptr;  // int8: per row; q4: per group
+  const bf16* z = nullptr;  // q4: per group
+  const bf16* bias = nullptr;
+};
+
+inline __m512 load_bf16_masked(const bf16* p, __mmask16 k) {  // up to 16 bf16 -> fp32, zeros past k
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+// Per-format sums of four weight rows n..n+3 against x: the caller adds the bias and rounds.
+struct Rows {
+  const Matrix& m;
+  const bf16* x;    // K bf16
+  const float* xs;  // q4: K/32 sums of x per group
+
+  void four(int64_t n, bool prefetch, float out[4]) const {
+    const int64_t K = m.K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (m.fmt == 2) {
+      const uint8_t* q = static_cast<const uint8_t*>(m.w) + n * (K / 2);
+      const int64_t G = K / 32;
+      const __m512i table = _mm512_set_epi16(  // bf16 of q - 8 for q = 31..0 (the top 16 unused)
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
+          0x3f80, 0, (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0,
+          (short)0xc0e0, (short)0xc100);
+      const __m256i low = _mm256_set1_epi8(0x0f);
+      const __m512i low4 = _mm512_set1_epi8(0x0f), exp128 = _mm512_set1_epi8(0x43);
+      const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+      const int64_t G4 = G / 4;
+      if (prefetch)  // the scales and zeros of the rows the codes below fetch
+        for (const bf16* t : {m.s, m.z}) _mm_prefetch((const char*)(t + (n + Q4_AHEAD) * G), _MM_HINT_T0);
+      for (int64_t c = 0; c < G4; ++c) {  // four groups (64 bytes) a row at a time
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(q + (Q4_AHEAD + i) * (K / 2) + c * 64), _MM_HINT_T0);
+        __m512bh xv[4];
+        for (int j = 0; j < 4; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(x + c * 128 + j * 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i v = _mm512_loadu_si512(q + i * (K / 2) + c * 64);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          // a code byte next to 0x43 is the bf16 of 128 + q: 4 unpacks widen 128 codes (see Q4_LAYOUT)
+          const __m512i w[4] = {_mm512_unpacklo_epi8(lo, exp128), _mm512_unpackhi_epi8(lo, exp128),
+                                _mm512_unpacklo_epi8(hi, exp128), _mm512_unpackhi_epi8(hi, exp128)};
+          const bf16* sp = m.s + (n + i) * G + 4 * c;
+          const __m512i s01 = _mm512_set1_epi32(*(const int32_t*)sp), s23 = _mm512_set1_epi32(*(const int32_t*)(sp + 2));
+          const __m512 sc[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(s01, 16)), _mm512_castsi512_ps(_mm512_and_si512(s01, high)),
+                                _mm512_castsi512_ps(_mm512_slli_epi32(s23, 16)), _mm512_castsi512_ps(_mm512_and_si512(s23, high))};
+          for (int j = 0; j < 4; ++j)
+            acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv[j], (__m512bh)w[j]), sc[j], acc[i]);
+        }
+      }
+      for (int64_t c = 2 * G4; c < G / 2; ++c) {  // a last pair of groups (32 bytes), codes to q - 8 by table
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + c * 64);
+        const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + c * 64 + 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(q + i * (K / 2) + c * 32));
+          const __m512i a = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low)), table);
+          const __m512i b = _mm512_permutexvar_epi16(
+              _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low)), table);
+          const __m512i sab = _mm512_set1_epi32(*(const int32_t*)(m.s + (n + i) * G + 2 * c));
+          const __m512 sa = _mm512_castsi512_ps(_mm512_slli_epi32(sab, 16));
+          const __m512 sb = _mm512_castsi512_ps(_mm512_and_si512(sab, high));
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)a), sa, acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xb, (__m512bh)b), sb, acc[i]);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group) - 136 s . (those sums) over the unpacked groups
+        const bf16 *z = m.z + (n + i) * G, *sg = m.s + (n + i) * G;
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 k = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+          const __mmask16 k4 = 4 * G4 - g >= 16 ? 0xffff : 4 * G4 <= g ? 0 : (__mmask16)((1u << (4 * G4 - g)) - 1);
+          const __m512 xsv = _mm512_maskz_loadu_ps(k, xs + g);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(z + g, k), xsv, acc[i]);
+          acc[i] = _mm512_fmadd_ps(load_bf16_masked(sg + g, k4), _mm512_mul_ps(xsv, _mm512_set1_ps(-136.0f)), acc[i]);
+        }
+      }
+    } else if (m.fmt == 1) {
+      const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(w + i * K + k));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], xv, _mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 127
+        }
+      }
+    } else {
+      const bf16* w = static_cast<const bf16*>(m.w) + n * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch)
+          for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (AHEAD + i) * K + k), _MM_HINT_T0);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int i = 0; i < 4; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w + i * K + k));
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      out[i] = _mm512_reduce_add_ps(acc[i]);
+      if (m.fmt == 1) out[i] *= bf(m.s[n + i]);
+    }
+  }
+};
+
+// y (N bf16) = x (K bf16) . W^T (+ bias), over the OpenMP threads torch uses. N % 4 == 0.
+void matvec(const Matrix& m, const bf16* x, bf16* y, std::vector<float>& xs) {
+  if (m.fmt == 2) {
+    xs.resize(m.K / 32);
+    for (int64_t g = 0; g < m.K / 32; ++g) {
+      const __m512 lo = load_bf16(x + g * 32), hi = load_bf16(x + g * 32 + 16);
+      xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  }
+  const Rows rows{m, x, xs.data()};
+  at::parallel_for(0, m.N / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float v[4];
+      rows.four(b * 4, b + AHEAD / 4 < b1, v);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = b * 4 + i;
+        y[n] = to_bf(m.bias ? v[i] + bf(m.bias[n]) : v[i]);
+      }
+    }
+  });
+}
+
+}  // namespace
