@@ -52,6 +52,11 @@ def load_engine(source, *, adapter=None, dtype: str = "auto", max_batch: int = 1
     print(describe(dtype, source_quant if FAITHFUL.get(source_quant) == dtype else None),
           file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, precision=dtype, compile=compile)
+    if not compile:  # which step one decoding stream takes, said once as the kernels are
+        from pocketlm.infer import cstep
+        why = cstep.why_not(engine.model, engine.cache)
+        print("decode: one stream's step in one C++ call (decode_step.cpp)" if why is None else
+              f"decode: one stream's step op by op ({why})", file=sys.stderr, flush=True)
     from pocketlm.model.vision import vision_tower
     engine.vision = vision_tower(source, model)  # a vision model's encoder and projector, else None
     if engine.vision is not None:
