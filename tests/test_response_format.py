@@ -84,7 +84,8 @@ def test_json_object_and_schemaless_json_schema(client, server):
             else:
                 assert text[:1] in ("{" if kind is dict else '{["-0123456789tfn')
     assert stopped >= 2
-    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=5, response_format={"type": "text"})
+    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=5, response_format={"type": "text"},
+                                       temperature=0)  # greedy: a sampled reply of this random model stops early ~3% of the time
     assert r.choices[0].finish_reason == "length"
     # /v1/completions takes it too (vLLM's extension)
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
