@@ -70,9 +70,14 @@ def _built() -> bool:
         return False
 
 
+def _block_linears(b) -> dict[str, nn.Module]:
+    """One block's matrices in the order decode_step.cpp takes them."""
+    return {"qkv": b.attn.qkv, "o_proj": b.attn.o_proj, "up": b.mlp.up, "down_proj": b.mlp.down_proj}
+
+
 def _linears(model):
     for i, b in enumerate(model.layers):
-        for name, m in (("qkv", b.attn.qkv), ("o_proj", b.attn.o_proj), ("up", b.mlp.up), ("down_proj", b.mlp.down_proj)):
+        for name, m in _block_linears(b).items():
             yield f"layers.{i}.{name}", m
 
 
@@ -139,7 +144,7 @@ class CStep:
         with torch.no_grad():
             for b in model.layers:
                 tensors.append(b.attn_norm.weight.detach().float().contiguous())
-                for m in (b.attn.qkv, b.attn.o_proj, b.mlp.up, b.mlp.down_proj):
+                for m in _block_linears(b).values():
                     fmt, parts = _matrix(m)
                     formats.append(fmt)
                     tensors += parts
