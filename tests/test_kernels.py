@@ -136,6 +136,7 @@ def test_bf16_training_step_on_the_kernels_matches_aten(arch, kv, amx, env):
 
 def test_a_cpu_without_avx512_bf16_runs_aten_alone(env):
     """An AVX2-only CPU (its flags stood in for here): no build, no tile-state request, aten's ops."""
+    env.delenv("POCKETLM_TRAIN_KERNELS", raising=False)  # the CPU's flags decide here, not a switch
     env.setattr(native, "has", lambda flag: flag not in ("avx512_bf16", "amx_bf16"))
     env.setattr(kernels, "_build", lambda: pytest.fail("built the kernels on a CPU without AVX512-BF16"))
     assert kernels.choice() == kernels.Choice(kernels.ATEN, kernels.ATEN, "no AVX512-BF16")
