@@ -22,16 +22,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import QUESTIONS  # noqa: E402
 
+from pocketlm.infer import cstep  # noqa: E402
 from pocketlm.infer.batch import KVStore  # noqa: E402
 from pocketlm.infer.fused import ACTIVATIONS, PRECISIONS, inference_copy  # noqa: E402
 from pocketlm.infer.generate import encode_chat, faithful_precision  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 
 
-def teacher_forced(model, prompt: list[int], follow: list[int] | None, n: int, dtype) -> tuple[torch.Tensor, list[int], float]:
-    """fp32 logits (positions, V) of a prefill and n decode steps; each step is fed follow[i] (or the
-    argmax where follow is None). Returns the logits, the tokens fed and seconds per decode step."""
-    store = KVStore(model.cfg, 1, len(prompt) + n + 1, dtype=dtype)
+def teacher_forced(model, store, prompt: list[int], follow: list[int] | None, n: int, python_step: bool = False):
+    """fp32 logits (positions, V) of a prefill and n decode steps in slot 0 of `store`; each step is fed
+    follow[i] (or the argmax where follow is None). Decode steps run what the engine runs: the C++ step
+    where it can (cstep.py), the model's own step with python_step. Returns the logits, the tokens fed
+    and seconds per decode step."""
+    store.free(0)
+    store.allocate()
+    decode = model if python_step else cstep.decoder(model, store)
     ids = torch.tensor([prompt])
     out = [model(ids, batch=store.step(0, 1, ids))[0]]
     fed, start = [], time.perf_counter()
@@ -39,7 +44,7 @@ def teacher_forced(model, prompt: list[int], follow: list[int] | None, n: int, d
         tok = out[-1][-1].argmax().item() if follow is None else follow[i]
         fed.append(tok)
         nxt = torch.tensor([[tok]])
-        out.append(model(nxt, batch=store.step(0, 1, nxt))[0])
+        out.append(decode(nxt, batch=store.step(0, 1, nxt))[0])
     return torch.cat(out).float(), fed, (time.perf_counter() - start) / max(n, 1)
 
 
@@ -54,6 +59,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=len(QUESTIONS), help="how many of the prompts")
+    ap.add_argument("--python-step", action="store_true", help="decode with the model's own step, not the C++ one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.gguf)
@@ -61,25 +67,30 @@ def main():
     auto = faithful_precision(model)
     print(f"{Path(args.gguf).name} ({getattr(model, 'source_quant', '?')}): auto = {auto}; "
           f"{len(prompts)} prompts, {args.new_tokens} teacher-forced decode steps each, {args.threads} threads")
+    length = max(len(p) for p in prompts) + args.new_tokens + 1
     with torch.inference_mode():
         ref_model = inference_copy(model, "fp32")
-        refs = [teacher_forced(ref_model, p, None, args.new_tokens, torch.float32) for p in prompts]
+        store = KVStore(model.cfg, 1, length, dtype=torch.float32)
+        refs = [teacher_forced(ref_model, store, p, None, args.new_tokens) for p in prompts]
         del ref_model
         for precision in args.precisions.split(","):
             if precision not in PRECISIONS or precision == "fp32":
                 raise SystemExit(f"--precisions: expected some of {PRECISIONS[1:]}, got {precision!r}")
             m = inference_copy(model, precision)
+            store = KVStore(model.cfg, 1, length, dtype=ACTIVATIONS[precision])
+            why = "the model's own step (--python-step)" if args.python_step else cstep.why_not(m, store)
             agree = total = 0
             kl, step = [], []
             for p, (want, fed, _) in zip(prompts, refs):
-                got, _, s = teacher_forced(m, p, fed, args.new_tokens, ACTIVATIONS[precision])
+                got, _, s = teacher_forced(m, store, p, fed, args.new_tokens, args.python_step)
                 agree += (got.argmax(-1) == want.argmax(-1)).sum().item()
                 total += want.size(0)
                 kl.append(F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1))
                 step.append(s)
             name = f"{precision} (auto)" if precision == auto else precision
             print(f"{name:12s} top-1 {100 * agree / total:5.1f}%  KL {torch.cat(kl).mean().item():.5f}  "
-                  f"{1000 * sorted(step)[len(step) // 2]:6.1f} ms/decode step  ({total} positions)", flush=True)
+                  f"{1000 * sorted(step)[len(step) // 2]:6.1f} ms/decode step  ({total} positions; decode: "
+                  f"{'the C++ step' if why is None else why})", flush=True)
             del m
 
 

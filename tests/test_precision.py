@@ -106,3 +106,28 @@ def test_each_fallback_matches_fp32(forced, monkeypatch):
         for precision, tolerance in (("bf16", 0.05), ("int8", 0.05), ("int8g", 0.03), ("int4", 0.25)):
             got = run(inference_copy(model, precision), IDS, 3, ACTIVATIONS[precision])
             assert (got - want).abs().max() < tolerance * spread, (precision, (got - want).abs().max(), spread)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8g", "int4"])
+def test_a_long_prefill_through_the_bf16_copy_matches_the_quantized_kernels(precision, monkeypatch):
+    """A prompt of DENSE_ROWS rows or more multiplies by a bf16 copy of the quantized weights
+    (oneDNN): its logits stay as close to fp32 as the weight-only kernels' do, and the switch turns it off."""
+    if not linears_module.onednn_bf16():
+        pytest.skip("no native oneDNN bf16 matmul on this CPU: quantized linears keep no bf16 copy")
+    model, _ = tiny_lm("llama")
+    ids = torch.randint(0, 384, (2, linears_module.DENSE_ROWS), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = run(model, ids, 2, torch.float32)
+        spread = want.std().item()
+        got = {}
+        for on in ("1", "0"):
+            monkeypatch.setenv("POCKETLM_DENSE_PREFILL", on)
+            copy = inference_copy(model, precision)
+            has_copy = [m.prefill is not None for m in copy.modules() if hasattr(m, "prefill")]
+            assert has_copy and all(has_copy) == (on == "1") and any(has_copy) == (on == "1")
+            got[on] = run(copy, ids, 2, ACTIVATIONS[precision])
+        tolerance = 0.25 if precision == "int4" else 0.05
+        for on, logits in got.items():
+            assert (logits - want).abs().max() < tolerance * spread, (on, (logits - want).abs().max(), spread)
+        # the same quantized weights either way: the two paths differ by bf16 rounding, not by quantization
+        assert (got["1"] - got["0"]).abs().max() < 0.05 * spread

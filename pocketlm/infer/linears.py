@@ -6,6 +6,8 @@ batch (gpt.project calls them with x alone, without a slow attribute miss on nn.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,6 +48,23 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, "none", [], "")
 
 
+# A forward of at least this many rows (a prompt's prefill) multiplies by a bf16 copy of a quantized
+# matrix through oneDNN instead of aten's int4/int8 weight-only kernels: with AVX512-BF16 the packed
+# bf16 matmul is several times faster at hundreds of rows, for 2 bytes a weight more memory.
+DENSE_ROWS = 32
+
+
+def dense_prefill(compiled: bool = False) -> bool:
+    """Whether quantized linears keep that bf16 copy: oneDNN's bf16 matmul runs natively (onednn_bf16),
+    the step is not compiled (it cannot trace packed weights) and POCKETLM_DENSE_PREFILL is not 0."""
+    return not compiled and os.environ.get("POCKETLM_DENSE_PREFILL", "1") != "0" and onednn_bf16()
+
+
+def _attach_prefill(module: nn.Module, dequantized: torch.Tensor | None, bias) -> None:
+    """Keep the bf16 copy outside the module's buffers (not saved, not seen by state_dict or cstep)."""
+    module.__dict__["prefill"] = None if dequantized is None else PackedLinear(dequantized, bias)
+
+
 class GemvLinear(DenseLinear):
     """x W^T + b in bf16 or fp32: the hand-written kernels (gemv.py) for the few rows of a decode step,
     aten's matmul (oneDNN, MKL) for a prompt's many."""
@@ -67,7 +86,7 @@ class Int8Linear(nn.Module):
     rows go to the hand-written kernel (gemv.py: 1.5x aten's at one row, 3x at 8), a prompt's to aten."""
     takes_batch = False
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool = False):
         super().__init__()
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -75,10 +94,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
         self.gemv = self.qweight.size(1) % 32 == 0 and gemv_available()
+        _attach_prefill(self, self.qweight.float() * self.scale.float()[:, None] if prefill else None, self.bias)
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.prefill is not None and x.size(0) >= DENSE_ROWS:
+            return self.prefill(x).view(*shape[:-1], -1)
         if self.gemv and x.size(0) <= MAX_ROWS:
             return int8_gemv(x, self.qweight, self.scale, self.bias).view(*shape[:-1], -1)
         y = torch._weight_int8pack_mm(x, self.qweight, self.scale).view(*shape[:-1], -1)
@@ -99,7 +121,7 @@ class Int8GroupLinear(nn.Module):
     torch._weight_int8pack_mm per group (a call per 32 inputs) or dequantizing per call."""
     takes_batch = False
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool = False):
         super().__init__()
         w = weight.detach().float()
         N, K = w.shape
@@ -109,9 +131,12 @@ class Int8GroupLinear(nn.Module):
         self.register_buffer("qweight", q.permute(1, 2, 0).contiguous())  # (groups, GROUP, N): bmm's right side
         self.register_buffer("scale", scale.t().contiguous())  # (groups, N), fp32
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        _attach_prefill(self, self.dequantized() if prefill else None, self.bias)
 
     def forward(self, x):
         shape = x.shape
+        if self.prefill is not None and x.numel() >= DENSE_ROWS * shape[-1]:
+            return self.prefill(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
         x = x.reshape(-1, shape[-1]).float()
         G, _, N = self.qweight.shape
         if x.size(0) <= 16:
@@ -145,7 +170,7 @@ class Int4Linear(nn.Module):
     GROUP = GROUP
     takes_batch = False
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool = False):
         super().__init__()
         w = weight.detach().float()
         N, K = w.shape
@@ -169,13 +194,17 @@ class Int4Linear(nn.Module):
                 best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
                         torch.where(better, zero, best[2]), torch.minimum(err, best[3])]
         q, scale, zero, _ = best
+        dense = ((q - 8) * scale[..., None] + zero[..., None]).view(N, K) if prefill else None
         q = q.to(torch.int32).view(N, K)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        _attach_prefill(self, dense, self.bias)
 
     def forward(self, x):
         shape = x.shape
+        if self.prefill is not None and x.numel() >= DENSE_ROWS * shape[-1]:
+            return self.prefill(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight,
                                                        self.GROUP, self.scales_zeros)
         y = y.view(*shape[:-1], -1)
@@ -183,12 +212,13 @@ class Int4Linear(nn.Module):
 
 
 def make_linear(weight, bias, precision: str, compiled: bool = False) -> nn.Module:
+    prefill = dense_prefill(compiled)
     if precision == "int4" and weight.size(1) % Int4Linear.GROUP == 0:
-        return Int4Linear(weight, bias)
+        return Int4Linear(weight, bias, prefill)
     if precision == "int8g" and weight.size(1) % GROUP == 0:
-        return Int8GroupLinear(weight, bias)
+        return Int8GroupLinear(weight, bias, prefill)
     if precision in ("int8", "int8g", "int4"):  # (int4 and int8g need whole groups of inputs)
-        return Int8Linear(weight, bias)
+        return Int8Linear(weight, bias, prefill)
     if precision in ("bf16", "fp32") and weight.size(1) % 32 == 0 and gemv_available():
         return GemvLinear(weight, bias, ACTIVATIONS[precision])
     if precision == "bf16" and not compiled and onednn_bf16():
@@ -231,4 +261,6 @@ def describe(precision: str, source: str | None = None) -> str:
     line += f", {cpu_kind()}; hand-written gemv kernels {'off: ' + off if off else 'on'}"
     if precision == "int4":
         line += f"; LM head: {KERNELS['int8'].format(gemv=gemv)}"
+    if precision in ("int8", "int8g", "int4") and dense_prefill():
+        line += f"; prompts of {DENSE_ROWS}+ tokens: a bf16 copy of the weights via oneDNN"
     return line

@@ -15,6 +15,7 @@ from pocketlm.errors import PocketLMError
 
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature can overflow to inf: treat it as greedy
+NUCLEUS_FIRST = 256  # tokens ranked before falling back to a full sort (see _nucleus)
 MIN_PENALTY = 0.01      # logits / a far smaller penalty overflow to inf (and sampling gets NaNs)
 
 
@@ -94,25 +95,45 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         kth = torch.topk(logits, top_k).values[-1]
         logits = torch.where(logits < kth, neg_inf, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p on their own
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop_sorted[0] = False  # even when top_p rounds to 0 in the logits' dtype
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = torch.where(drop, neg_inf, logits)
+        logits = _nucleus(logits, top_p, neg_inf)
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = torch.where(probs < min_p * probs.max(), neg_inf, logits)
     return logits
 
 
+def _nucleus(logits: torch.Tensor, top_p: float, neg_inf: torch.Tensor) -> torch.Tensor:
+    """Drop a token when the tokens ranked above it already reach top_p on their own. The nucleus
+    nearly always ends within the first few hundred tokens, so those are ranked first (a top-k of 256:
+    ~20x cheaper than sorting a 49k vocabulary) and the whole row is sorted only when it does not."""
+    V = logits.size(-1)
+    probs = logits.softmax(-1)
+    for k in (min(NUCLEUS_FIRST, V), V):
+        top, order = probs.topk(k) if k < V else probs.sort(descending=True)
+        before = top.cumsum(-1) - top
+        if k == V or before[-1] >= top_p:  # the k-th token is dropped, so every later one is too
+            keep = before < top_p
+            keep[0] = True  # even when top_p rounds to 0 in the logits' dtype
+            out = torch.full_like(logits, float(neg_inf))
+            kept = order[keep]
+            out[kept] = logits[kept]
+            return out
+    raise AssertionError("unreachable")
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from a (V,) row of logits (already through the request's processors: the
     repetition penalty is one, pocketlm/infer/processors.py). The only sampler: the engine, and so
-    eval and the server, draw through it."""
+    eval and the server, draw through it.
+
+    The draw is an exponential race, argmax(p / E) with E ~ Exp(1) per token, which picks token i with
+    probability p_i exactly as torch.multinomial does, at a fraction of its cost on a large vocabulary
+    (multinomial builds a cumulative table per call: ~10% of a decode step on SmolLM2 at 49k tokens)."""
     logits = logits.float()
     if params.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_(min=torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would turn a filtered 0/0 into NaN, which argmax picks
+    return int((probs / race).argmax())

@@ -12,7 +12,7 @@ import uuid
 from fastapi.responses import StreamingResponse
 
 from pocketlm.errors import InputError
-from pocketlm.infer.engine import ContextLengthError
+from pocketlm.infer.engine import ContextLengthError, Event
 from pocketlm.serve.context import ServerContext, Turn
 from pocketlm.serve.errors import APIError, error_body, error_response, log
 
@@ -75,7 +75,7 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=
     try:
         yield None
         while True:
-            event = await queue.get()
+            event = _merged(await queue.get(), queue)
             if event.finish_reason is not None:
                 ctx.metrics.generation_done(req)
             yield event
@@ -84,6 +84,16 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=
     finally:
         if not req.finished:
             ctx.engine.cancel(req)
+
+
+def _merged(event: Event, queue: asyncio.Queue) -> Event:
+    """The event and any that queued behind it while the loop was busy, as one: one chunk then carries
+    several tokens' text (clients join deltas), so a loaded server writes fewer chunks, not later ones."""
+    text = [event.text]
+    while event.finish_reason is None and not queue.empty():
+        event = queue.get_nowait()
+        text.append(event.text)
+    return event if len(text) == 1 else Event(event.request, "".join(text), event.finish_reason)
 
 
 async def _until_done(events, http):
