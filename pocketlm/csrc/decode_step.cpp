@@ -1,5 +1,6 @@
-// One batch-1 decode step of a llama-arch model in C++: every layer (RMSNorm, fused qkv, RoPE, the
-// KV-cache append, GQA attention over the row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
+// One decode step of a few rows of a llama-arch model in C++ (one token each, each row at its own
+// position): every layer (RMSNorm, fused qkv, RoPE, the
+// KV-cache append, GQA attention over each row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
 // down) and the final norm, without a Python call or a dispatcher round trip per op. Built and
 // driven by pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
 //
@@ -81,46 +82,57 @@ class DecodeStep : public torch::CustomClassHolder {
     positions_ = c.size(0), cos_ = c.data_ptr<float>(), sin_ = s.data_ptr<float>();
   }
 
-  // x: (n_embd,) fp32, this token's embedding, overwritten with the final norm's output. k, v: the
-  // KV store's rows for this one sequence, (n_layer, 1, n_kv_head, max_len, head_dim) bf16; position
-  // pos is written and 0..pos attended over.
-  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, int64_t pos) {
-    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() == D_, "DecodeStep.run: x (n_embd,) fp32");
+  // x: (M, n_embd) fp32, each row's token embedding, overwritten with the final norm's output. k, v:
+  // the KV store's rows for these M sequences, (n_layer, M, n_kv_head, max_len, head_dim) bf16;
+  // positions (M,) int64: row r writes its position positions[r] and attends over 0..positions[r].
+  // Every weight matrix is read once per call for all M rows (decode_matvec.h's matmul).
+  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, at::Tensor positions) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == D_, "DecodeStep.run: x (rows, n_embd) fp32");
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && positions.is_contiguous() && positions.scalar_type() == at::kLong && positions.numel() == M,
+                "DecodeStep.run: positions (rows,) int64");
     for (const at::Tensor* c : {&k, &v})
-      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == 1 && c->size(2) == KVH_ && c->size(4) == Dh_ &&
-                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, 1, kv heads, len, head_dim) bf16");
-    TORCH_CHECK(0 <= pos && pos < k.size(3) && pos < positions_, "DecodeStep.run: position ", pos, " out of range");
+      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == M && c->size(2) == KVH_ && c->size(4) == Dh_ &&
+                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, rows, kv heads, len, head_dim) bf16");
+    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < M; ++r)
+      TORCH_CHECK(0 <= pos[r] && pos[r] < k.size(3) && pos[r] < positions_, "DecodeStep.run: position ", pos[r], " out of range");
     float* h = x.data_ptr<float>();
-    const int64_t qkv = (H_ + 2 * KVH_) * Dh_;
-    std::vector<bf16> a(std::max(D_, H_ * Dh_)), b(std::max(qkv, 2 * I_)), att(H_ * Dh_), mid(I_);
+    const int64_t qkv = (H_ + 2 * KVH_) * Dh_, A = std::max(D_, H_ * Dh_), B = std::max(qkv, 2 * I_);
+    std::vector<bf16> a(M * A), b(M * B), att(M * H_ * Dh_), mid(M * I_);
     std::vector<float> xs;
     bf16* kc = static_cast<bf16*>(k.data_ptr());
     bf16* vc = static_cast<bf16*>(v.data_ptr());
-    const int64_t sl = k.stride(0), sh = k.stride(2), sp = k.stride(3);
-    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    const int64_t sl = k.stride(0), sr = k.stride(1), sh = k.stride(2), sp = k.stride(3);
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& ly = layers_[l];
-      rms_norm(h, ly.attn_norm, D_, eps_, a.data(), nullptr);
-      matvec(ly.m[0], a.data(), b.data(), xs);
-      bf16 *q = b.data(), *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
-      rope(q, H_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
-      rope(kn, KVH_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
-      for (int64_t j = 0; j < KVH_; ++j) {
-        std::memcpy(kc + l * sl + j * sh + pos * sp, kn + j * Dh_, Dh_ * 2);
-        std::memcpy(vc + l * sl + j * sh + pos * sp, vn + j * Dh_, Dh_ * 2);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.attn_norm, D_, eps_, a.data() + r * D_, nullptr);
+      matmul(ly.m[0], a.data(), M, b.data(), xs);
+      for (int64_t r = 0; r < M; ++r) {
+        bf16 *q = b.data() + r * qkv, *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
+        const int64_t p = pos[r];
+        rope(q, H_, Dh_, cos_ + p * Dh_, sin_ + p * Dh_);
+        rope(kn, KVH_, Dh_, cos_ + p * Dh_, sin_ + p * Dh_);
+        for (int64_t j = 0; j < KVH_; ++j) {
+          std::memcpy(kc + l * sl + r * sr + j * sh + p * sp, kn + j * Dh_, Dh_ * 2);
+          std::memcpy(vc + l * sl + r * sr + j * sh + p * sp, vn + j * Dh_, Dh_ * 2);
+        }
       }
-      attend(q, kc + l * sl, vc + l * sl, sh, sp, pos + 1, att.data());
-      matvec(ly.m[1], att.data(), a.data(), xs);
-      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
-      rms_norm(h, ly.mlp_norm, D_, eps_, a.data(), nullptr);
-      matvec(ly.m[2], a.data(), b.data(), xs);
-      swiglu(b.data(), b.data() + I_, mid.data());
-      matvec(ly.m[3], mid.data(), a.data(), xs);
-      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+      attend(b.data(), qkv, kc + l * sl, vc + l * sl, sr, sh, sp, pos, M, att.data());
+      matmul(ly.m[1], att.data(), M, a.data(), xs);
+      for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.mlp_norm, D_, eps_, a.data() + r * D_, nullptr);
+      matmul(ly.m[2], a.data(), M, b.data(), xs);
+      for (int64_t r = 0; r < M; ++r) swiglu(b.data() + r * 2 * I_, b.data() + r * 2 * I_ + I_, mid.data() + r * I_);
+      matmul(ly.m[3], mid.data(), M, a.data(), xs);
+      for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
     }
     std::vector<float> out(D_);
-    rms_norm(h, norm_, D_, eps_, nullptr, out.data());
-    std::memcpy(h, out.data(), D_ * 4);
+    for (int64_t r = 0; r < M; ++r) {
+      rms_norm(h + r * D_, norm_, D_, eps_, nullptr, out.data());
+      std::memcpy(h + r * D_, out.data(), D_ * 4);
+    }
     return x;
   }
 
@@ -154,20 +166,27 @@ class DecodeStep : public torch::CustomClassHolder {
     return m;
   }
 
-  // att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over positions 0..T-1, q head j reading kv
-  // head j / (H / KVH); one q head per task. The order of operations is aten's flash attention's for
-  // one query (what the eager step's SDPA runs): keys in blocks of
+  // Per row r: att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over its positions 0..T-1 (T =
+  // pos[r] + 1), q head j (row r of q, rows qs apart) reading kv head j / (H / KVH) of row r (k and v
+  // rows sr apart); one (row, q head) per task. The order of operations is aten's flash attention's
+  // for one query (what the eager step's SDPA runs): keys in blocks of
   // FLASH_BLOCK with a running max, exp_u20 over whole vectors and std::exp over the rest, the
   // weights for v rounded to bf16, the sums in fp32, the output scaled by 1 / sum. The two agree to
   // the bit up to 15 keys; beyond, aten's matrix products sum in another order (an ulp here and there).
-  void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
+  void attend(const bf16* qs0, int64_t qs, const bf16* k0, const bf16* v0, int64_t sr, int64_t sh, int64_t sp,
+              const int64_t* pos, int64_t M, bf16* att0) const {
     using Vec = at::vec::Vectorized<float>;
     const float scale = 1.0f / std::sqrt(float(Dh_));
+    int64_t keys = 0;
+    for (int64_t r = 0; r < M; ++r) keys += pos[r] + 1;
     // (a short context is a few microseconds of work: one thread, no fork and join)
-    at::parallel_for(0, H_, T >= 256 ? 1 : H_, [&](int64_t j0, int64_t j1) {
-      std::vector<float> s(std::min(T, FLASH_BLOCK)), o(Dh_);
-      for (int64_t j = j0; j < j1; ++j) {
-        const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
+    at::parallel_for(0, M * H_, keys >= 256 ? 1 : M * H_, [&](int64_t t0, int64_t t1) {
+      std::vector<float> s(FLASH_BLOCK), o(Dh_);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t r = task / H_, j = task % H_, T = pos[r] + 1;
+        const bf16 *kh = k0 + r * sr + (j / (H_ / KVH_)) * sh, *vh = v0 + r * sr + (j / (H_ / KVH_)) * sh;
+        const bf16* qj = qs0 + r * qs + j * Dh_;
+        bf16* att = att0 + r * H_ * Dh_;
         float mx = -INFINITY, sum = 0;
         for (int64_t n0 = 0; n0 < T; n0 += FLASH_BLOCK) {
           const int64_t nb = std::min(FLASH_BLOCK, T - n0);
@@ -247,7 +266,7 @@ at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (fmt == 2) m.z = static_cast<const bf16*>(z.data_ptr());
   at::Tensor y = at::empty({N}, x.options());
   std::vector<float> xs;
-  matvec(m, static_cast<const bf16*>(x.data_ptr()), static_cast<bf16*>(y.data_ptr()), xs);
+  matmul(m, static_cast<const bf16*>(x.data_ptr()), 1, static_cast<bf16*>(y.data_ptr()), xs);
   return y;
 }
 // aten's CPU int4 layout (torch._convert_weight_to_int4pack_for_cpu, N % 64 == 0): per 64 rows and
