@@ -8,7 +8,7 @@
 // in fp32, every matrix input rounded to bf16, matrix outputs rounded to bf16, RoPE in fp32 rounded
 // to bf16, the KV cache in bf16, attention summed in fp32, SiLU and the product each rounded to bf16.
 //
-// Weight formats and their matrix-vector loops: decode_matvec.h.
+// Weight formats and their matrix loops: decode_matvec.h; one head's attention: decode_attention.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -24,11 +24,10 @@
 #include <cstring>
 #include <vector>
 
+#include "decode_attention.h"
 #include "decode_matvec.h"
 
 namespace {
-
-constexpr int64_t FLASH_BLOCK = 512;  // keys per block of aten's flash attention at one query
 
 void rms_norm(const float* x, const float* w, int64_t D, double eps, bf16* out, float* out32) {
   double ss = 0;
@@ -65,7 +64,7 @@ class DecodeStep : public torch::CustomClassHolder {
     L_ = ints[0], H_ = ints[1], KVH_ = ints[2], Dh_ = ints[3], D_ = ints[4], I_ = ints[5];
     TORCH_CHECK(int64_t(ints.size()) == 6 + 4 * L_ && int64_t(held_.size()) == L_ * 18 + 3,
                 "DecodeStep: expected ", 6 + 4 * L_, " ints and ", L_ * 18 + 3, " tensors");
-    TORCH_CHECK(Dh_ % 32 == 0 && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0 and whole GQA groups");
+    TORCH_CHECK(Dh_ % 32 == 0 && Dh_ <= 16 * MAX_CHUNKS && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0, <= 256, and whole GQA groups");
     const int64_t shapes[4][2] = {{(H_ + 2 * KVH_) * Dh_, D_}, {D_, H_ * Dh_}, {2 * I_, D_}, {D_, I_}};
     for (int64_t l = 0; l < L_; ++l) {
       const at::Tensor* t = held_.data() + l * 18;
@@ -166,64 +165,20 @@ class DecodeStep : public torch::CustomClassHolder {
     return m;
   }
 
-  // Per row r: att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over its positions 0..T-1 (T =
-  // pos[r] + 1), q head j (row r of q, rows qs apart) reading kv head j / (H / KVH) of row r (k and v
-  // rows sr apart); one (row, q head) per task. The order of operations is aten's flash attention's
-  // for one query (what the eager step's SDPA runs): keys in blocks of
-  // FLASH_BLOCK with a running max, exp_u20 over whole vectors and std::exp over the rest, the
-  // weights for v rounded to bf16, the sums in fp32, the output scaled by 1 / sum. The two agree to
-  // the bit up to 15 keys; beyond, aten's matrix products sum in another order (an ulp here and there).
-  void attend(const bf16* qs0, int64_t qs, const bf16* k0, const bf16* v0, int64_t sr, int64_t sh, int64_t sp,
-              const int64_t* pos, int64_t M, bf16* att0) const {
-    using Vec = at::vec::Vectorized<float>;
-    const float scale = 1.0f / std::sqrt(float(Dh_));
+  // Per row r: att (H heads of Dh bf16), q head j (row r of q, rows qs apart) attending over kv head
+  // j / (H / KVH) of row r (k and v rows sr apart) at positions 0..pos[r] (decode_attention.h); one
+  // (row, q head) per task.
+  void attend(const bf16* q, int64_t qs, const bf16* k, const bf16* v, int64_t sr, int64_t sh, int64_t sp,
+              const int64_t* pos, int64_t M, bf16* att) const {
     int64_t keys = 0;
     for (int64_t r = 0; r < M; ++r) keys += pos[r] + 1;
+    const auto head = Dh_ == 64 ? attend_head<4> : Dh_ == 32 ? attend_head<2> : Dh_ == 128 ? attend_head<8> : attend_head<0>;
     // (a short context is a few microseconds of work: one thread, no fork and join)
     at::parallel_for(0, M * H_, keys >= 256 ? 1 : M * H_, [&](int64_t t0, int64_t t1) {
-      std::vector<float> s(FLASH_BLOCK), o(Dh_);
+      std::vector<float> s(FLASH_BLOCK);
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t r = task / H_, j = task % H_, T = pos[r] + 1;
-        const bf16 *kh = k0 + r * sr + (j / (H_ / KVH_)) * sh, *vh = v0 + r * sr + (j / (H_ / KVH_)) * sh;
-        const bf16* qj = qs0 + r * qs + j * Dh_;
-        bf16* att = att0 + r * H_ * Dh_;
-        float mx = -INFINITY, sum = 0;
-        for (int64_t n0 = 0; n0 < T; n0 += FLASH_BLOCK) {
-          const int64_t nb = std::min(FLASH_BLOCK, T - n0);
-          float bmax = -INFINITY;
-          for (int64_t t = 0; t < nb; ++t) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t d = 0; d < Dh_; d += 32)
-              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + (n0 + t) * sp + d));
-            s[t] = _mm512_reduce_add_ps(acc) * scale;
-            bmax = std::max(bmax, s[t]);
-          }
-          const float m = std::max(mx, bmax);
-          Vec vsum(0.0f);
-          int64_t t = 0;
-          for (; t + Vec::size() <= nb; t += Vec::size()) {
-            const Vec e = (Vec::loadu(s.data() + t) - Vec(m)).exp_u20();
-            vsum += e;
-            _mm512_storeu_ps(s.data() + t, load_bf16_rounded(e));
-          }
-          float bsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-          for (; t < nb; ++t) {
-            const float e = std::exp(s[t] - m);
-            bsum += e;
-            s[t] = round_bf(e);
-          }
-          const float rescale = std::exp(mx - m);
-          sum = bsum + rescale * sum;
-          mx = m;
-          for (int64_t d = 0; d < Dh_; ++d) o[d] = n0 == 0 ? 0.0f : o[d] * rescale;
-          for (int64_t t = 0; t < nb; ++t) {
-            const __m512 p = _mm512_set1_ps(s[t]);
-            for (int64_t d = 0; d < Dh_; d += 16)
-              _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + (n0 + t) * sp + d), _mm512_loadu_ps(o.data() + d)));
-          }
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < Dh_; ++d) att[j * Dh_ + d] = to_bf(o[d] * inv);
+        const int64_t r = task / H_, j = task % H_, kv = r * sr + (j / (H_ / KVH_)) * sh;
+        head(q + r * qs + j * Dh_, k + kv, v + kv, sp, pos[r] + 1, Dh_, s.data(), att + (r * H_ + j) * Dh_);
       }
     });
   }

@@ -52,8 +52,8 @@ def why_not(model: nn.Module, store) -> str | None:
         return f"precision {getattr(model, 'precision', None)}"
     if store.k.dtype != torch.bfloat16:
         return f"KV store in {store.k.dtype}"
-    if cfg.head_dim % 32:
-        return f"head_dim {cfg.head_dim} (needs a multiple of 32)"
+    if cfg.head_dim % 32 or cfg.head_dim > 256:
+        return f"head_dim {cfg.head_dim} (needs a multiple of 32, at most 256)"
     if not all(isinstance(n, RMSNorm) for b in model.layers for n in (b.attn_norm, b.mlp_norm)):
         return "norms other than RMSNorm"
     for name, m in _linears(model):
