@@ -3,6 +3,8 @@ step after step, for one row and for many rows at their own positions (a free ro
 its extend), its greedy tokens the eager step's, the engine decodes with it where it runs (several
 requests at once too), and POCKETLM_KERNELS=0 (or POCKETLM_CSTEP=0) turns it off."""
 
+import os
+
 import pytest
 import torch
 from tiny_lm import tiny_tokenizer
@@ -14,7 +16,9 @@ from pocketlm.infer.fused import inference_copy
 from pocketlm.infer.sampling import SamplingParams
 from pocketlm.model.gpt import GPT, ModelConfig
 
-needs_kernels = pytest.mark.skipif(gemv.why_not() is not None, reason=f"decode kernels off: {gemv.why_not()}")
+# (the suite runs with each fast path forced off too: POCKETLM_KERNELS=0 or POCKETLM_CSTEP=0)
+OFF = gemv.why_not() or ("POCKETLM_CSTEP=0" if os.environ.get("POCKETLM_CSTEP") == "0" else None)
+needs_kernels = pytest.mark.skipif(OFF is not None, reason=f"the C++ step is off: {OFF}")
 TOLERANCE = 0.1  # logits: a few bf16 steps at these magnitudes (matrix outputs round to bf16 on both paths)
 
 
@@ -203,7 +207,7 @@ def test_kernels_off_turns_it_off(monkeypatch):
 def test_what_it_does_not_take_goes_to_the_model():
     model = small_llama()
     copy = inference_copy(model, "fp32")
-    assert cstep.why_not(copy, KVStore(model.cfg, 1, 16)) in ("precision fp32", gemv.why_not())
+    assert cstep.why_not(copy, KVStore(model.cfg, 1, 16)) in ("precision fp32", OFF)
     assert cstep.decoder(copy, KVStore(model.cfg, 1, 16)) is copy
 
 
