@@ -1,8 +1,8 @@
-// One decode step of a few rows of a llama-arch model in C++ (one token each, each row at its own
-// position): every layer (RMSNorm, fused qkv, RoPE, the
-// KV-cache append, GQA attention over each row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
-// down) and the final norm, without a Python call or a dispatcher round trip per op. Built and
-// driven by pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
+// One decode step of a llama-arch model in C++, for one row or many (one token each, each row at its
+// own position): every layer (RMSNorm, fused qkv, RoPE, the KV-cache append, GQA attention over each
+// row's past, o-proj, RMSNorm, fused gate/up, SiLU * up, down) and the final norm, without a Python
+// call or a dispatcher round trip per op, each weight read once for all rows. Built and driven by
+// pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
 //
 // Numerics follow the engine's eager step (pocketlm/infer/fused.py): the residual stream and norms
 // in fp32, every matrix input rounded to bf16, matrix outputs rounded to bf16, RoPE in fp32 rounded
