@@ -22,7 +22,9 @@ interleaved (transformers, pocketlm, transformers, ...) after a warm-up; figures
 min-max. Also printed: the share of the memory-bandwidth bound (bytes of weights and KV cache read per
 token x tokens/s / read bandwidth, measured by reading a 1 GiB tensor before and after each precision's
 batch-1 reps and averaged, since this machine's speed drifts within a run), and aggregate tokens/s
-with 8 concurrent streams (continuous batching) against batch 1. The last line is JSON.
+with N concurrent streams (continuous batching: `--streams 1 4 8 16`, one figure each, the C++ step
+running all rows of a step in one call) against batch 1, and with --python-step the same streams
+through the per-op Python step. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def main():
     ap.add_argument("--precisions", nargs="+", choices=list(PEER_DTYPE), default=list(PEER_DTYPE))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--streams", type=int, default=8, help="concurrent streams for the batching figure")
+    ap.add_argument("--streams", type=int, nargs="+", default=[8], help="concurrent streams for the batching figures")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compile", action="store_true", help="also time the engine with a compiled decode step")
     ap.add_argument("--python-step", action="store_true",
@@ -192,7 +194,8 @@ def main():
     print(f"read bandwidth: {bandwidth:.1f} GB/s (1 GiB read by torch.sum and by the fp32 kernel, the faster, median of 7)", flush=True)
 
     base, tok = load_model(args.model)
-    prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:args.streams]]
+    # (more streams than questions: the questions again, each stream its own row all the same)
+    prompts = [encode_chat(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(max(args.streams))]
     ids = torch.tensor([prompts[0]])
     hf_base = llama = None
     if "llama.cpp" in args.peers:
@@ -244,9 +247,18 @@ def main():
                 print(f"[{name}] rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
             bandwidths.append(read_bandwidth_gbps())
             best = max(engines, key=lambda k: statistics.median(rates[k]))
-            batch = make_engine(max_batch=args.streams, compile=best == "pocketlm+compile")
-            engine_decode_rate(batch, prompts, 8)
-            streams = [engine_decode_rate(batch, prompts, args.new_tokens)[0] for _ in range(3)]
+            batch = make_engine(max_batch=max(args.streams), compile=best == "pocketlm+compile")
+            batches = {"": batch}
+            if args.python_step:
+                os.environ["POCKETLM_CSTEP"] = "0"
+                batches["python_step_"] = make_engine(max_batch=max(args.streams))
+                del os.environ["POCKETLM_CSTEP"]
+            streams = {}
+            for key, engine in batches.items():
+                engine_decode_rate(engine, prompts, 8)
+                for n in args.streams:
+                    streams[f"{key}streams{n}"] = [engine_decode_rate(engine, prompts[:n], args.new_tokens)[0] for _ in range(3)]
+                    print(f"[{name}] {key}streams{n}: {streams[f'{key}streams{n}']} tok/s", flush=True)
         weight_bytes = weight_bytes_per_token(model)  # every weight once, the embedding table one row
         kv_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * \
             engines["pocketlm"].cache.k.element_size() * (len(prompts[0]) + args.new_tokens / 2)
@@ -264,12 +276,13 @@ def main():
         if llama is not None:  # llama.cpp runs the file's own quantization whatever the row's precision
             res["ratio_vs_llama_cpp"] = round(ours / statistics.median(rates["llama.cpp"]), 2)
             res["same_greedy_tokens_first_16_llama_cpp"] = tokens["llama.cpp"][:16] == tokens[best][:16]
-        res[f"streams{args.streams}_tok_s"] = summary(streams)
-        res[f"streams{args.streams}_over_batch1"] = round(statistics.median(streams) / ours, 2)
+        for key, rates_n in streams.items():
+            res[f"{key}_tok_s"] = summary(rates_n)
+            res[f"{key}_over_batch1"] = round(statistics.median(rates_n) / ours, 2)
         res["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine, at the end of this row
         results[name] = res
         print(f"[{name}] " + json.dumps(res), flush=True)
-        del engines, batch, model, hf
+        del engines, batch, batches, model, hf
 
     print("\nbatch-1 decode tokens/s (median of %d, min-max)" % args.reps)
     for name, res in results.items():
@@ -281,9 +294,12 @@ def main():
                      f"{res['ratio_vs_transformers']}x")
         if "llama.cpp" in res:
             line += f" vs llama.cpp (the file's quantization) {res['llama.cpp']['median']} -> {res['ratio_vs_llama_cpp']}x"
-        line += (f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound; {args.streams} streams "
-                 f"{res[f'streams{args.streams}_tok_s']['median']} tok/s = {res[f'streams{args.streams}_over_batch1']}x"
-                 f"; load {res['load_average']}")
+        line += f"; {res['bandwidth_share'] * 100:.0f}% of the bandwidth bound"
+        for n in args.streams:
+            line += f"; {n} streams {res[f'streams{n}_tok_s']['median']} tok/s = {res[f'streams{n}_over_batch1']}x"
+            if f"python_step_streams{n}_tok_s" in res:
+                line += f" (Python step {res[f'python_step_streams{n}_tok_s']['median']})"
+        line += f"; load {res['load_average']}"
         print(line)
     extra = {}
     if args.prefill_tokens:

@@ -1,6 +1,9 @@
-"""The C++ batch-1 decode step (pocketlm/infer/cstep.py): its logits are the eager step's to bf16
-rounding, step after step, its greedy tokens the eager step's, the engine decodes with it where it
-runs, and POCKETLM_KERNELS=0 (or POCKETLM_CSTEP=0) turns it off."""
+"""The C++ decode step (pocketlm/infer/cstep.py): its logits are the eager step's to bf16 rounding,
+step after step, for one row and for many rows at their own positions (a free row, a row waiting for
+its extend), its greedy tokens the eager step's, the engine decodes with it where it runs (several
+requests at once too), and POCKETLM_KERNELS=0 (or POCKETLM_CSTEP=0) turns it off."""
+
+import os
 
 import pytest
 import torch
@@ -13,7 +16,9 @@ from pocketlm.infer.fused import inference_copy
 from pocketlm.infer.sampling import SamplingParams
 from pocketlm.model.gpt import GPT, ModelConfig
 
-needs_kernels = pytest.mark.skipif(gemv.why_not() is not None, reason=f"decode kernels off: {gemv.why_not()}")
+# (the suite runs with each fast path forced off too: POCKETLM_KERNELS=0 or POCKETLM_CSTEP=0)
+OFF = gemv.why_not() or ("POCKETLM_CSTEP=0" if os.environ.get("POCKETLM_CSTEP") == "0" else None)
+needs_kernels = pytest.mark.skipif(OFF is not None, reason=f"the C++ step is off: {OFF}")
 TOLERANCE = 0.1  # logits: a few bf16 steps at these magnitudes (matrix outputs round to bf16 on both paths)
 
 
@@ -102,12 +107,80 @@ def test_engine_decodes_through_it_with_the_eager_engines_tokens(precision, monk
     eager = Engine(model, tok, precision=precision, max_batch=2, max_seq_len=64)
     assert eager.forward is eager.model
     assert fast.generate(prompt, params).output_ids == eager.generate(prompt, params).output_ids
-    # two rows at once are not its case: the model runs them, with the same tokens as one at a time
-    both = [fast.submit(prompt, params), fast.submit(tok.encode("Now is"), params)]
-    while fast.step():
-        pass
-    assert both[0].output_ids == eager.generate(prompt, params).output_ids
-    assert both[1].output_ids == eager.generate(tok.encode("Now is"), params).output_ids
+
+
+def step_sizes(monkeypatch) -> list[tuple[int, bool]]:
+    """(rows, whether the C++ step ran them) of every decode forward from now on."""
+    seen, runs = [], cstep.CStep.runs
+
+    def spy(self, ids, batch, kwargs):
+        ok = runs(self, ids, batch, kwargs)
+        seen.append((ids.size(0), ok))
+        return ok
+    monkeypatch.setattr(cstep.CStep, "runs", spy)
+    return seen
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", cstep.PRECISIONS)
+def test_engine_decodes_several_requests_at_once_with_the_eager_engines_tokens(precision, monkeypatch):
+    model, tok = small_llama(), tiny_tokenizer()
+    prompts = [tok.encode(t) for t in ("To be, or not", "Now is", "The quick brown fox jumps", "Hi")]
+    # replies of different lengths: the first finishes early, so later steps run over its free row
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (2, 6, 5, 6)]
+
+    def run(engine):
+        reqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        while engine.step():
+            pass
+        return [r.output_ids for r in reqs]
+    fast = Engine(model, tok, precision=precision, max_batch=4, max_seq_len=64)
+    seen = step_sizes(monkeypatch)
+    got = run(fast)
+    assert (4, True) in seen  # (the C++ step ran the steps of many rows, the free row's among them)
+    monkeypatch.setenv("POCKETLM_CSTEP", "0")
+    eager = Engine(model, tok, precision=precision, max_batch=4, max_seq_len=64)
+    assert got == run(eager)
+    assert got == [eager.generate(p, q).output_ids for p, q in zip(prompts, params)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", cstep.PRECISIONS)
+@pytest.mark.parametrize("lengths", [(7, 3, 0), (7, 3, 0, 5, 12, 1)])
+def test_rows_at_their_own_positions_are_the_eager_steps(precision, lengths):
+    """A step over rows of different lengths as the engine's _decode makes it: row 2 free (position
+    0), row 1 waiting for its extend (a throwaway write at its next position, its length kept), the
+    others decoding; logits of every row and the whole KV store as the eager step's."""
+    model = small_llama(qkv_bias=True)
+    m, n = inference_copy(model, precision), len(lengths)
+    eager_store, c_store = stores = [KVStore(model.cfg, n, 64, dtype=torch.bfloat16) for _ in range(2)]
+    forward = cstep.decoder(m, c_store)
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for s, length in enumerate(lengths):  # each row's prompt, prefilled through the model into both stores
+            if length:
+                ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=gen)
+                for store in stores:
+                    m(ids, batch=store.step(s, s + 1, ids))
+        held = {1: lengths[1], 2: 0}  # (the rows not decoding, as _decode sets them)
+        ids = torch.randint(0, model.cfg.vocab_size, (n, 1), generator=gen)
+        spreads = []
+        for _ in range(6):
+            out = []
+            for store, f in ((eager_store, m), (c_store, forward)):
+                store.lengths[1:3] = [held[1], held[2]]
+                batch = store.step(0, n, ids)
+                assert f is m or forward.runs(ids, batch, {})
+                out.append(f(ids, batch=batch)[:, -1])
+            want, got = out
+            assert got.shape == (n, model.cfg.vocab_size)
+            assert (got - want).abs().max() < TOLERANCE, (got - want).abs().max(-1).values
+            spreads.append(want.std())
+            ids = want.argmax(-1, keepdim=True)
+        assert min(spreads) > 1
+        assert eager_store.lengths == c_store.lengths
+        for a, b in ((eager_store.k, c_store.k), (eager_store.v, c_store.v)):
+            assert (a.float() - b.float()).abs().max() < 0.1
 
 
 @needs_kernels
@@ -134,7 +207,7 @@ def test_kernels_off_turns_it_off(monkeypatch):
 def test_what_it_does_not_take_goes_to_the_model():
     model = small_llama()
     copy = inference_copy(model, "fp32")
-    assert cstep.why_not(copy, KVStore(model.cfg, 1, 16)) in ("precision fp32", gemv.why_not())
+    assert cstep.why_not(copy, KVStore(model.cfg, 1, 16)) in ("precision fp32", OFF)
     assert cstep.decoder(copy, KVStore(model.cfg, 1, 16)) is copy
 
 

@@ -1,13 +1,14 @@
-// One batch-1 decode step of a llama-arch model in C++: every layer (RMSNorm, fused qkv, RoPE, the
-// KV-cache append, GQA attention over the row's past, o-proj, RMSNorm, fused gate/up, SiLU * up,
-// down) and the final norm, without a Python call or a dispatcher round trip per op. Built and
-// driven by pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
+// One decode step of a llama-arch model in C++, for one row or many (one token each, each row at its
+// own position): every layer (RMSNorm, fused qkv, RoPE, the KV-cache append, GQA attention over each
+// row's past, o-proj, RMSNorm, fused gate/up, SiLU * up, down) and the final norm, without a Python
+// call or a dispatcher round trip per op, each weight read once for all rows. Built and driven by
+// pocketlm/infer/cstep.py, which says why (the eager step is bound by per-op overhead).
 //
 // Numerics follow the engine's eager step (pocketlm/infer/fused.py): the residual stream and norms
 // in fp32, every matrix input rounded to bf16, matrix outputs rounded to bf16, RoPE in fp32 rounded
 // to bf16, the KV cache in bf16, attention summed in fp32, SiLU and the product each rounded to bf16.
 //
-// Weight formats and their matrix-vector loops: decode_matvec.h.
+// Weight formats and their matrix loops: decode_matvec.h; one head's attention: decode_attention.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -23,11 +24,10 @@
 #include <cstring>
 #include <vector>
 
+#include "decode_attention.h"
 #include "decode_matvec.h"
 
 namespace {
-
-constexpr int64_t FLASH_BLOCK = 512;  // keys per block of aten's flash attention at one query
 
 void rms_norm(const float* x, const float* w, int64_t D, double eps, bf16* out, float* out32) {
   double ss = 0;
@@ -64,7 +64,7 @@ class DecodeStep : public torch::CustomClassHolder {
     L_ = ints[0], H_ = ints[1], KVH_ = ints[2], Dh_ = ints[3], D_ = ints[4], I_ = ints[5];
     TORCH_CHECK(int64_t(ints.size()) == 6 + 4 * L_ && int64_t(held_.size()) == L_ * 18 + 3,
                 "DecodeStep: expected ", 6 + 4 * L_, " ints and ", L_ * 18 + 3, " tensors");
-    TORCH_CHECK(Dh_ % 32 == 0 && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0 and whole GQA groups");
+    TORCH_CHECK(Dh_ % 32 == 0 && Dh_ <= 16 * MAX_CHUNKS && H_ % KVH_ == 0, "DecodeStep: head_dim % 32 == 0, <= 256, and whole GQA groups");
     const int64_t shapes[4][2] = {{(H_ + 2 * KVH_) * Dh_, D_}, {D_, H_ * Dh_}, {2 * I_, D_}, {D_, I_}};
     for (int64_t l = 0; l < L_; ++l) {
       const at::Tensor* t = held_.data() + l * 18;
@@ -81,46 +81,57 @@ class DecodeStep : public torch::CustomClassHolder {
     positions_ = c.size(0), cos_ = c.data_ptr<float>(), sin_ = s.data_ptr<float>();
   }
 
-  // x: (n_embd,) fp32, this token's embedding, overwritten with the final norm's output. k, v: the
-  // KV store's rows for this one sequence, (n_layer, 1, n_kv_head, max_len, head_dim) bf16; position
-  // pos is written and 0..pos attended over.
-  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, int64_t pos) {
-    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() == D_, "DecodeStep.run: x (n_embd,) fp32");
+  // x: (M, n_embd) fp32, each row's token embedding, overwritten with the final norm's output. k, v:
+  // the KV store's rows for these M sequences, (n_layer, M, n_kv_head, max_len, head_dim) bf16;
+  // positions (M,) int64: row r writes its position positions[r] and attends over 0..positions[r].
+  // Every weight matrix is read once per call for all M rows (decode_matvec.h's matmul).
+  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, at::Tensor positions) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == D_, "DecodeStep.run: x (rows, n_embd) fp32");
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && positions.is_contiguous() && positions.scalar_type() == at::kLong && positions.numel() == M,
+                "DecodeStep.run: positions (rows,) int64");
     for (const at::Tensor* c : {&k, &v})
-      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == 1 && c->size(2) == KVH_ && c->size(4) == Dh_ &&
-                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, 1, kv heads, len, head_dim) bf16");
-    TORCH_CHECK(0 <= pos && pos < k.size(3) && pos < positions_, "DecodeStep.run: position ", pos, " out of range");
+      TORCH_CHECK(c->dim() == 5 && c->size(0) == L_ && c->size(1) == M && c->size(2) == KVH_ && c->size(4) == Dh_ &&
+                  c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, rows, kv heads, len, head_dim) bf16");
+    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < M; ++r)
+      TORCH_CHECK(0 <= pos[r] && pos[r] < k.size(3) && pos[r] < positions_, "DecodeStep.run: position ", pos[r], " out of range");
     float* h = x.data_ptr<float>();
-    const int64_t qkv = (H_ + 2 * KVH_) * Dh_;
-    std::vector<bf16> a(std::max(D_, H_ * Dh_)), b(std::max(qkv, 2 * I_)), att(H_ * Dh_), mid(I_);
+    const int64_t qkv = (H_ + 2 * KVH_) * Dh_, A = std::max(D_, H_ * Dh_), B = std::max(qkv, 2 * I_);
+    std::vector<bf16> a(M * A), b(M * B), att(M * H_ * Dh_), mid(M * I_);
     std::vector<float> xs;
     bf16* kc = static_cast<bf16*>(k.data_ptr());
     bf16* vc = static_cast<bf16*>(v.data_ptr());
-    const int64_t sl = k.stride(0), sh = k.stride(2), sp = k.stride(3);
-    TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
+    const int64_t sl = k.stride(0), sr = k.stride(1), sh = k.stride(2), sp = k.stride(3);
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& ly = layers_[l];
-      rms_norm(h, ly.attn_norm, D_, eps_, a.data(), nullptr);
-      matvec(ly.m[0], a.data(), b.data(), xs);
-      bf16 *q = b.data(), *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
-      rope(q, H_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
-      rope(kn, KVH_, Dh_, cos_ + pos * Dh_, sin_ + pos * Dh_);
-      for (int64_t j = 0; j < KVH_; ++j) {
-        std::memcpy(kc + l * sl + j * sh + pos * sp, kn + j * Dh_, Dh_ * 2);
-        std::memcpy(vc + l * sl + j * sh + pos * sp, vn + j * Dh_, Dh_ * 2);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.attn_norm, D_, eps_, a.data() + r * D_, nullptr);
+      matmul(ly.m[0], a.data(), M, b.data(), xs);
+      for (int64_t r = 0; r < M; ++r) {
+        bf16 *q = b.data() + r * qkv, *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
+        const int64_t p = pos[r];
+        rope(q, H_, Dh_, cos_ + p * Dh_, sin_ + p * Dh_);
+        rope(kn, KVH_, Dh_, cos_ + p * Dh_, sin_ + p * Dh_);
+        for (int64_t j = 0; j < KVH_; ++j) {
+          std::memcpy(kc + l * sl + r * sr + j * sh + p * sp, kn + j * Dh_, Dh_ * 2);
+          std::memcpy(vc + l * sl + r * sr + j * sh + p * sp, vn + j * Dh_, Dh_ * 2);
+        }
       }
-      attend(q, kc + l * sl, vc + l * sl, sh, sp, pos + 1, att.data());
-      matvec(ly.m[1], att.data(), a.data(), xs);
-      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
-      rms_norm(h, ly.mlp_norm, D_, eps_, a.data(), nullptr);
-      matvec(ly.m[2], a.data(), b.data(), xs);
-      swiglu(b.data(), b.data() + I_, mid.data());
-      matvec(ly.m[3], mid.data(), a.data(), xs);
-      for (int64_t i = 0; i < D_; ++i) h[i] += bf(a[i]);
+      attend(b.data(), qkv, kc + l * sl, vc + l * sl, sr, sh, sp, pos, M, att.data());
+      matmul(ly.m[1], att.data(), M, a.data(), xs);
+      for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.mlp_norm, D_, eps_, a.data() + r * D_, nullptr);
+      matmul(ly.m[2], a.data(), M, b.data(), xs);
+      for (int64_t r = 0; r < M; ++r) swiglu(b.data() + r * 2 * I_, b.data() + r * 2 * I_ + I_, mid.data() + r * I_);
+      matmul(ly.m[3], mid.data(), M, a.data(), xs);
+      for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
     }
     std::vector<float> out(D_);
-    rms_norm(h, norm_, D_, eps_, nullptr, out.data());
-    std::memcpy(h, out.data(), D_ * 4);
+    for (int64_t r = 0; r < M; ++r) {
+      rms_norm(h + r * D_, norm_, D_, eps_, nullptr, out.data());
+      std::memcpy(h + r * D_, out.data(), D_ * 4);
+    }
     return x;
   }
 
@@ -154,57 +165,20 @@ class DecodeStep : public torch::CustomClassHolder {
     return m;
   }
 
-  // att (H heads of Dh bf16) = softmax(q k^T / sqrt(Dh)) v over positions 0..T-1, q head j reading kv
-  // head j / (H / KVH); one q head per task. The order of operations is aten's flash attention's for
-  // one query (what the eager step's SDPA runs): keys in blocks of
-  // FLASH_BLOCK with a running max, exp_u20 over whole vectors and std::exp over the rest, the
-  // weights for v rounded to bf16, the sums in fp32, the output scaled by 1 / sum. The two agree to
-  // the bit up to 15 keys; beyond, aten's matrix products sum in another order (an ulp here and there).
-  void attend(const bf16* q, const bf16* k, const bf16* v, int64_t sh, int64_t sp, int64_t T, bf16* att) const {
-    using Vec = at::vec::Vectorized<float>;
-    const float scale = 1.0f / std::sqrt(float(Dh_));
+  // Per row r: att (H heads of Dh bf16), q head j (row r of q, rows qs apart) attending over kv head
+  // j / (H / KVH) of row r (k and v rows sr apart) at positions 0..pos[r] (decode_attention.h); one
+  // (row, q head) per task.
+  void attend(const bf16* q, int64_t qs, const bf16* k, const bf16* v, int64_t sr, int64_t sh, int64_t sp,
+              const int64_t* pos, int64_t M, bf16* att) const {
+    int64_t keys = 0;
+    for (int64_t r = 0; r < M; ++r) keys += pos[r] + 1;
+    const auto head = Dh_ == 64 ? attend_head<4> : Dh_ == 32 ? attend_head<2> : Dh_ == 128 ? attend_head<8> : attend_head<0>;
     // (a short context is a few microseconds of work: one thread, no fork and join)
-    at::parallel_for(0, H_, T >= 256 ? 1 : H_, [&](int64_t j0, int64_t j1) {
-      std::vector<float> s(std::min(T, FLASH_BLOCK)), o(Dh_);
-      for (int64_t j = j0; j < j1; ++j) {
-        const bf16 *kh = k + (j / (H_ / KVH_)) * sh, *vh = v + (j / (H_ / KVH_)) * sh, *qj = q + j * Dh_;
-        float mx = -INFINITY, sum = 0;
-        for (int64_t n0 = 0; n0 < T; n0 += FLASH_BLOCK) {
-          const int64_t nb = std::min(FLASH_BLOCK, T - n0);
-          float bmax = -INFINITY;
-          for (int64_t t = 0; t < nb; ++t) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t d = 0; d < Dh_; d += 32)
-              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + d), (__m512bh)_mm512_loadu_si512(kh + (n0 + t) * sp + d));
-            s[t] = _mm512_reduce_add_ps(acc) * scale;
-            bmax = std::max(bmax, s[t]);
-          }
-          const float m = std::max(mx, bmax);
-          Vec vsum(0.0f);
-          int64_t t = 0;
-          for (; t + Vec::size() <= nb; t += Vec::size()) {
-            const Vec e = (Vec::loadu(s.data() + t) - Vec(m)).exp_u20();
-            vsum += e;
-            _mm512_storeu_ps(s.data() + t, load_bf16_rounded(e));
-          }
-          float bsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-          for (; t < nb; ++t) {
-            const float e = std::exp(s[t] - m);
-            bsum += e;
-            s[t] = round_bf(e);
-          }
-          const float rescale = std::exp(mx - m);
-          sum = bsum + rescale * sum;
-          mx = m;
-          for (int64_t d = 0; d < Dh_; ++d) o[d] = n0 == 0 ? 0.0f : o[d] * rescale;
-          for (int64_t t = 0; t < nb; ++t) {
-            const __m512 p = _mm512_set1_ps(s[t]);
-            for (int64_t d = 0; d < Dh_; d += 16)
-              _mm512_storeu_ps(o.data() + d, _mm512_fmadd_ps(p, load_bf16(vh + (n0 + t) * sp + d), _mm512_loadu_ps(o.data() + d)));
-          }
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < Dh_; ++d) att[j * Dh_ + d] = to_bf(o[d] * inv);
+    at::parallel_for(0, M * H_, keys >= 256 ? 1 : M * H_, [&](int64_t t0, int64_t t1) {
+      std::vector<float> s(FLASH_BLOCK);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t r = task / H_, j = task % H_, kv = r * sr + (j / (H_ / KVH_)) * sh;
+        head(q + r * qs + j * Dh_, k + kv, v + kv, sp, pos[r] + 1, Dh_, s.data(), att + (r * H_ + j) * Dh_);
       }
     });
   }
@@ -247,7 +221,7 @@ at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (fmt == 2) m.z = static_cast<const bf16*>(z.data_ptr());
   at::Tensor y = at::empty({N}, x.options());
   std::vector<float> xs;
-  matvec(m, static_cast<const bf16*>(x.data_ptr()), static_cast<bf16*>(y.data_ptr()), xs);
+  matmul(m, static_cast<const bf16*>(x.data_ptr()), 1, static_cast<bf16*>(y.data_ptr()), xs);
   return y;
 }
 // aten's CPU int4 layout (torch._convert_weight_to_int4pack_for_cpu, N % 64 == 0): per 64 rows and

@@ -1,17 +1,20 @@
-"""A batch-1 decode step of a llama-arch model in one C++ call (pocketlm/csrc/decode_step.cpp).
+"""A decode step of a llama-arch model in one C++ call (pocketlm/csrc/decode_step.cpp), for one row or many.
 
 At batch 1 the eager step is bound by per-op cost, not by the weights it reads: SmolLM2-135M's step
 is 30 layers x ~15 ops, each a Python call and an aten dispatch, for ~100 MB of weights that the
 machine reads in well under 2 ms. The C++ step runs every layer and the final norm from one call,
 with AVX512-BF16 matrix-vector loops (bf16 and row-wise int8 on the engine's own weights; int4's
 Q4_1-style groups repacked once into a layout its loop widens cheaply, ~66 MB more for SmolLM2)
-threaded over output rows as gemv.py's are; the engine's own embedding and LM head (Head: fp32
-logits, the refined top candidates) stay in Python, one call each. Numerics follow the eager step's
+threaded over output rows as gemv.py's are. A step of many rows (continuous batching) reads each
+weight once for all of them: the loops widen a block of weight rows once and sum it against every
+row's input (a small-M matmul), so 16 rows cost far less than 16 steps. The engine's own embedding
+and LM head (Head: fp32 logits, the refined top candidates) stay in Python, one call each. Numerics follow the eager step's
 roundings (decode_step.cpp lists them), so its logits agree with the eager step's to bf16 rounding.
 
 It runs where the hand-written kernels do (AVX512-BF16, POCKETLM_KERNELS not 0, the build works) for
-bf16, int8 and int4 copies of llama-arch models with a bf16 KV store, for a step of one row and one
-token without adapters; any other step goes to the model itself. POCKETLM_CSTEP=0 turns it off alone.
+bf16, int8 and int4 copies of llama-arch models with a bf16 KV store, for a decode step (one token
+per row, any number of rows) without adapters; any other step (a prefill, an extend) goes to the
+model itself. POCKETLM_CSTEP=0 turns it off alone.
 
     forward = decoder(engine_model, kv_store)      # the model itself where the C++ step cannot run
     logits = forward(ids, batch=store.step(0, 1, ids))
@@ -49,8 +52,8 @@ def why_not(model: nn.Module, store) -> str | None:
         return f"precision {getattr(model, 'precision', None)}"
     if store.k.dtype != torch.bfloat16:
         return f"KV store in {store.k.dtype}"
-    if cfg.head_dim % 32:
-        return f"head_dim {cfg.head_dim} (needs a multiple of 32)"
+    if cfg.head_dim % 32 or cfg.head_dim > 256:
+        return f"head_dim {cfg.head_dim} (needs a multiple of 32, at most 256)"
     if not all(isinstance(n, RMSNorm) for b in model.layers for n in (b.attn_norm, b.mlp_norm)):
         return "norms other than RMSNorm"
     for name, m in _linears(model):
@@ -133,7 +136,7 @@ def _matrix(m: nn.Module) -> tuple[int, list[torch.Tensor]]:
 
 
 class CStep:
-    """The engine's decode forward: the C++ step for one row and one token, the model otherwise."""
+    """The engine's decode forward: the C++ step for one token per row, the model otherwise."""
 
     def __init__(self, model: nn.Module, store):
         reason = why_not(model, store)
@@ -156,14 +159,16 @@ class CStep:
 
     def runs(self, ids, batch, kwargs) -> bool:
         return (batch is not None and not kwargs and batch.adapter_ids is None and batch.input_embeds is None
-                and ids is not None and tuple(ids.shape) == (1, 1) and batch.k.size(1) == 1)
+                and ids is not None and ids.dim() == 2 and ids.size(1) == 1 and batch.k.size(1) == ids.size(0))
 
     def __call__(self, ids=None, batch=None, **kwargs):
         if not self.runs(ids, batch, kwargs):
             return self.model(ids, batch=batch, **kwargs)
-        x = self.model.embed_tokens(ids).reshape(-1)
-        self.step.run(x, batch.k, batch.v, batch.end - 1)  # (one row, one token: its position is end - 1)
-        return self.model.lm_head(x.view(1, 1, -1))
+        n = ids.size(0)
+        x = self.model.embed_tokens(ids).reshape(n, -1)
+        # (one token per row, each at its own position: a free row's 0, a row waiting for an extend its next)
+        self.step.run(x, batch.k, batch.v, batch.positions.reshape(n))
+        return self.model.lm_head(x.view(n, 1, -1))
 
 
 def decoder(model: nn.Module, store):
