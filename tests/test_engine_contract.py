@@ -8,6 +8,7 @@ from reference import generate
 from tiny_lm import reference_greedy, tiny_adapter, tiny_lm
 
 from pocketlm.infer.batch import KVStore
+from pocketlm.infer import engine as engine_module
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.fused import inference_copy
 from pocketlm.infer.processors import BanTokens, Processor
@@ -197,7 +198,8 @@ def test_copy_prefix_then_extend_equals_a_full_prefill(lm):
 
 def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
     """Rows sharing an instruction: the prefix is computed once, the rest of the prompts (different
-    lengths) prefill in one padded forward, beside a running row; every reply equals its own greedy one."""
+    lengths) prefill in one packed forward (laid end to end, no padding), beside a running row; every
+    reply equals its own greedy one."""
     model, tok = lm
     head = tok.encode("First Citizen:\n")
     prompts = [head + tok.encode(t) for t in ("Before we proceed", "You are all resolved rather to die", "Speak.")]
@@ -206,16 +208,15 @@ def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
     other = tok.encode("MENENIUS:")
     quick, running = engine.submit(other, greedy(1)), engine.submit(other, greedy(14))
     engine.step()  # quick finishes: slot 0 frees, slot 1 keeps decoding in the middle of the next prefill
-    steps, real = [], engine.cache.step
-    monkeypatch.setattr(engine.cache, "step", lambda *a, **k: steps.append(real(*a, **k)) or steps[-1])
+    fed, real = [], engine_module.feed_packed
+    monkeypatch.setattr(engine_module, "feed_packed", lambda e, pack: fed.append([r.slot for r in pack]) or real(e, pack))
     reqs = [engine.submit(p, greedy(10)) for p in prompts]
     while engine.step():
         pass
     assert [r.slot for r in (quick, running)] == [0, 1] and sorted(r.slot for r in reqs) == [0, 2, 3]
     assert [r.output_ids for r in reqs] == [reference_greedy(model, p, 10) for p in prompts]
     assert running.output_ids == reference_greedy(model, other, 14)
-    widest = max(len(p) - len(head) for p in prompts)
-    assert steps[0].positions.shape == (4, widest)  # one forward for the three prompts, slots 0-3
+    assert fed[0] == [0, 2, 3]  # one forward for the three prompts
     assert engine.reused_tokens == 3 * len(head)
 
 
