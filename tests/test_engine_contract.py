@@ -220,6 +220,47 @@ def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
     assert engine.reused_tokens == 3 * len(head)
 
 
+class ForceAfterFirst(Processor):
+    """After the first token, the constraint dictates the next few."""
+
+    def __init__(self, tokens):
+        self.tokens, self.n = tokens, 0
+
+    def accept(self, token):
+        self.n += 1
+
+    def forced(self):
+        return self.tokens if self.n == 1 else []
+
+
+def test_packs_keep_to_their_own_prefix_and_adapter(lm, tmp_path, monkeypatch):
+    """Rows on two cached prefixes, under two adapters, and one on none, admitted together: each
+    (prefix, adapter) packs apart, the rest goes alone, and every reply (forced extends included)
+    is its own model's greedy one."""
+    model, tok = lm
+    path, merged = tiny_adapter(model, tmp_path / "a", scale=0.3)
+    engine = Engine(model, tok, max_batch=6)
+    engine.add_adapter("a", path)
+    head, other, forced = tok.encode("First Citizen:\n"), tok.encode("MENENIUS:\n"), tok.encode(" the king")
+    engine.cache_prefix(head)
+    engine.cache_prefix(other)
+    engine.cache_prefix(head, adapter="a")
+    texts = [tok.encode(t) for t in ("Before we proceed", "Speak, speak.", "You are all resolved")]
+    rows = [(head + texts[0], None), (other + texts[1], None), (head + texts[2], "a"), (head + texts[1], None),
+            (tok.encode("ROMEO: what"), None), (head + texts[0], "a")]
+    fed, real = [], engine_module.feed_packed
+    monkeypatch.setattr(engine_module, "feed_packed", lambda e, pack: fed.append([r.slot for r in pack]) or real(e, pack))
+    n = len(forced) + 4
+    reqs = [engine.submit(ids, greedy(n), adapter_id=a, processors=[ForceAfterFirst(forced)]) for ids, a in rows]
+    while engine.step():
+        pass
+    assert fed[:6] == [[0, 3], [1], [2, 5]] * 2  # the prefills, then the forced extends: base/head, base/other, a/head
+    for (ids, a), r in zip(rows, reqs):
+        m = merged if a else model
+        first = reference_greedy(m, ids, 1)
+        assert r.output_ids == first + forced + reference_greedy(m, ids + first + forced, n - 1 - len(forced))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rows_of_one_batch_run_different_adapters(arch, tmp_path):
     model, tok = tiny_lm(arch)
