@@ -7,7 +7,7 @@ in one forward instead of one each, two ways:
   row's keys (gathered from the slots); a mask keeps each row to itself. On a CPU a padded token
   costs what a real one does, so a batch of prompts of mixed lengths computes only its real tokens.
   The extra attention (every query scores the pack's other rows before the mask drops them) is
-  bounded by PACK_TOKENS.
+  bounded by PACK_TOKENS and PACK_KEYS.
 - padded: rows of neighbouring slots, each padded on the right to the longest (any other rows).
 
 The engine (Engine._feed_short) sends what packs here, the rest to the padded path.
@@ -24,10 +24,12 @@ from pocketlm.infer.batch import StepBatch
 # A longer prompt is compute-bound on its own and goes alone.
 SHORT_PROMPT = 64
 PAD_SLACK = 1.25  # padded / real tokens a padded forward may compute (see padding_groups)
-# Keys (own past + new tokens) one pack may hold besides the prefix: every query of the pack scores
-# all of them, so this bounds the attention the mask throws away (a few % of a SmolLM2 forward),
-# while the pack's matmuls stay large (on 2 loaded cores 256 ran faster than 64, 128 and 512).
+# New tokens a pack may hold, and keys (own past + new tokens) besides the prefix: every query of the
+# pack scores all of its keys, so these bound the attention the mask throws away (a few % of a SmolLM2
+# forward), while the pack's matmuls stay large (on 2 loaded cores 256 ran faster than 64, 128 and
+# 512). Extends (2-3 forced tokens a row over ~20 of their own) pack by the first bound, not the second.
 PACK_TOKENS = 256
+PACK_KEYS = 4 * PACK_TOKENS
 
 
 class PackedStep(StepBatch):
@@ -61,29 +63,31 @@ class PackedStep(StepBatch):
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer, self.new_slot, :, self.new_pos] = k[0].transpose(0, 1)  # (tokens, heads, head_dim)
         self.v[layer, self.new_slot, :, self.new_pos] = v[0].transpose(0, 1)
-        keys = self.k[layer, self.key_slot, :, self.key_pos].transpose(0, 1)[None]
-        values = self.v[layer, self.key_slot, :, self.key_pos].transpose(0, 1)[None]
+        # gathered straight into (heads, keys, head_dim): the cat below then copies contiguous blocks
+        keys = self.k[layer].transpose(0, 1)[:, self.key_slot, self.key_pos][None]
+        values = self.v[layer].transpose(0, 1)[:, self.key_slot, self.key_pos][None]
         return torch.cat([self.prefix_k[layer], keys], 2), torch.cat([self.prefix_v[layer], values], 2)
 
 
 def packs(engine, reqs) -> tuple[list[list], list]:
     """(packs, the rest): rows whose slot holds a cached prefix and then only their own few tokens,
-    grouped by prefix and adapter, up to PACK_TOKENS keys a pack."""
-    groups: dict = {}  # (prefix, adapter) -> [[pack, keys it holds]]
+    grouped by prefix and adapter, up to PACK_TOKENS new tokens and PACK_KEYS keys a pack."""
+    groups: dict = {}  # (prefix, adapter) -> [[pack, new tokens, keys]]
     rest = []
     for r in sorted(reqs, key=lambda r: r.slot):
-        n = r._prefix_len
-        own = engine.cache.lengths[r.slot] - n + len(engine._todo(r))
+        n, new = r._prefix_len, len(engine._todo(r))
+        own = engine.cache.lengths[r.slot] - n + new
         if n == 0 or own > PACK_TOKENS:
             rest.append(r)
             continue
         key = (engine.adapter_identity(r.adapter), tuple(r.prompt_ids[:n]), engine._adapter_index(r))
-        chunks = groups.setdefault(key, [[[], 0]])
-        if chunks[-1][1] + own > PACK_TOKENS:
-            chunks.append([[], 0])
+        chunks = groups.setdefault(key, [[[], 0, 0]])
+        if chunks[-1][1] + new > PACK_TOKENS or chunks[-1][2] + own > PACK_KEYS:
+            chunks.append([[], 0, 0])
         chunks[-1][0].append(r)
-        chunks[-1][1] += own
-    return [pack for chunks in groups.values() for pack, _ in chunks], rest
+        chunks[-1][1] += new
+        chunks[-1][2] += own
+    return [pack for chunks in groups.values() for pack, _, _ in chunks], rest
 
 
 def feed_packed(engine, reqs):
