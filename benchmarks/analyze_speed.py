@@ -6,8 +6,8 @@
 Rows: a seeded sample of Bitext's customer-support requests (../shared/data/bitext_customer_support),
 each labelled with one of its 27 intents, greedy. Timed, in one run, on the same rows:
 - pocketlm: `analyze()` as the CLI runs it (the shared instruction computed once, rows dealt into
-  batches by prompt length, the rows of a batch prefilled together, labels through the Choice trie,
-  forced tokens fed as one extend);
+  batches by prompt length, the rows of a batch prefilled packed end to end with no padding, labels
+  through the Choice trie, forced tokens fed as one extend);
 - naive: `analyze()` one row at a time with no prefix reuse (the loop one would write first);
 - llama.cpp (llama-cpp-python): the same prompt token ids and the same GGUF, constrained by a GBNF
   grammar of the label alternatives (the way llama.cpp constrains), at its best settings: the prompt

@@ -214,3 +214,46 @@ def test_load_schema_forms(tmp_path):
     f.write_text('{"type": "integer"}')
     assert load_schema(f) == {"type": "integer"} == load_schema('{"type": "integer"}')
     assert load_schema("a int")["properties"] == {"a": {"type": "integer"}}
+
+
+def test_allows_is_one_bit_of_the_mask_process_applies(random_lm):
+    """The engine's greedy fast path takes the batch's argmax when the grammar allows it: allows()
+    must agree with the mask on every token of the (padded) vocabulary, state after state."""
+    model, tok = random_lm
+    V = model.cfg.vocab_size
+    proc = JsonSchema(tok, SCHEMAS[0], vocab_size=V)
+    reply = tok.encode('{"intent":"cancel","order_id":null,"urgency":42}') + [tok.eos_id]
+    for t in reply:
+        logits = proc.process(torch.zeros(V))
+        assert [proc.allows(i) for i in range(V)] == torch.isfinite(logits).tolist()
+        proc.accept(t)
+    assert proc.is_done()
+
+
+def test_the_greedy_fast_path_changes_no_reply(random_lm, monkeypatch):
+    """Constrained greedy replies through the engine, with the fast path and with every row masked
+    in full (the path it skips), are the same tokens, and the reference loop's."""
+    from pocketlm.infer import engine as engine_module
+    from pocketlm.infer.engine import Engine
+    from pocketlm.infer.sampling import SamplingParams
+
+    model, tok = random_lm
+    schema = bounded(SCHEMAS[1])
+    params = SamplingParams(max_tokens=150, temperature=0)
+
+    def replies():
+        engine = Engine(model, tok, max_batch=4)
+        reqs = [engine.submit(ids, params, processors=[JsonSchema(tok, schema, model.cfg.vocab_size)])
+                for ids in prompts(tok, 4)]
+        while engine.step():
+            pass
+        return [r.output_ids for r in reqs]
+
+    taken, real = [], engine_module.let_through
+    monkeypatch.setattr(engine_module, "let_through", lambda ps, token: taken.append(real(ps, token)) or taken[-1])
+    fast = replies()
+    assert any(taken) and not all(taken)  # both ways ran: the argmax let through, and masked in full
+    monkeypatch.setattr(engine_module, "let_through", lambda processors, token: False)
+    assert replies() == fast
+    assert fast == [decode(model, ids, JsonSchema(tok, schema, model.cfg.vocab_size), n=150)
+                    for ids in prompts(tok, 4)]

@@ -8,6 +8,7 @@ from reference import generate
 from tiny_lm import reference_greedy, tiny_adapter, tiny_lm
 
 from pocketlm.infer.batch import KVStore
+from pocketlm.infer import engine as engine_module
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.fused import inference_copy
 from pocketlm.infer.processors import BanTokens, Processor
@@ -197,7 +198,8 @@ def test_copy_prefix_then_extend_equals_a_full_prefill(lm):
 
 def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
     """Rows sharing an instruction: the prefix is computed once, the rest of the prompts (different
-    lengths) prefill in one padded forward, beside a running row; every reply equals its own greedy one."""
+    lengths) prefill in one packed forward (laid end to end, no padding), beside a running row; every
+    reply equals its own greedy one."""
     model, tok = lm
     head = tok.encode("First Citizen:\n")
     prompts = [head + tok.encode(t) for t in ("Before we proceed", "You are all resolved rather to die", "Speak.")]
@@ -206,17 +208,57 @@ def test_short_prompts_prefill_together_after_a_cached_prefix(lm, monkeypatch):
     other = tok.encode("MENENIUS:")
     quick, running = engine.submit(other, greedy(1)), engine.submit(other, greedy(14))
     engine.step()  # quick finishes: slot 0 frees, slot 1 keeps decoding in the middle of the next prefill
-    steps, real = [], engine.cache.step
-    monkeypatch.setattr(engine.cache, "step", lambda *a, **k: steps.append(real(*a, **k)) or steps[-1])
+    fed, real = [], engine_module.feed_packed
+    monkeypatch.setattr(engine_module, "feed_packed", lambda e, pack: fed.append([r.slot for r in pack]) or real(e, pack))
     reqs = [engine.submit(p, greedy(10)) for p in prompts]
     while engine.step():
         pass
     assert [r.slot for r in (quick, running)] == [0, 1] and sorted(r.slot for r in reqs) == [0, 2, 3]
     assert [r.output_ids for r in reqs] == [reference_greedy(model, p, 10) for p in prompts]
     assert running.output_ids == reference_greedy(model, other, 14)
-    widest = max(len(p) - len(head) for p in prompts)
-    assert steps[0].positions.shape == (4, widest)  # one forward for the three prompts, slots 0-3
+    assert fed[0] == [0, 2, 3]  # one forward for the three prompts
     assert engine.reused_tokens == 3 * len(head)
+
+
+class ForceAfterFirst(Processor):
+    """After the first token, the constraint dictates the next few."""
+
+    def __init__(self, tokens):
+        self.tokens, self.n = tokens, 0
+
+    def accept(self, token):
+        self.n += 1
+
+    def forced(self):
+        return self.tokens if self.n == 1 else []
+
+
+def test_packs_keep_to_their_own_prefix_and_adapter(lm, tmp_path, monkeypatch):
+    """Rows on two cached prefixes, under two adapters, and one on none, admitted together: each
+    (prefix, adapter) packs apart, the rest goes alone, and every reply (forced extends included)
+    is its own model's greedy one."""
+    model, tok = lm
+    path, merged = tiny_adapter(model, tmp_path / "a", scale=0.3)
+    engine = Engine(model, tok, max_batch=6)
+    engine.add_adapter("a", path)
+    head, other, forced = tok.encode("First Citizen:\n"), tok.encode("MENENIUS:\n"), tok.encode(" the king")
+    engine.cache_prefix(head)
+    engine.cache_prefix(other)
+    engine.cache_prefix(head, adapter="a")
+    texts = [tok.encode(t) for t in ("Before we proceed", "Speak, speak.", "You are all resolved")]
+    rows = [(head + texts[0], None), (other + texts[1], None), (head + texts[2], "a"), (head + texts[1], None),
+            (tok.encode("ROMEO: what"), None), (head + texts[0], "a")]
+    fed, real = [], engine_module.feed_packed
+    monkeypatch.setattr(engine_module, "feed_packed", lambda e, pack: fed.append([r.slot for r in pack]) or real(e, pack))
+    n = len(forced) + 4
+    reqs = [engine.submit(ids, greedy(n), adapter_id=a, processors=[ForceAfterFirst(forced)]) for ids, a in rows]
+    while engine.step():
+        pass
+    assert fed[:6] == [[0, 3], [1], [2, 5]] * 2  # the prefills, then the forced extends: base/head, base/other, a/head
+    for (ids, a), r in zip(rows, reqs):
+        m = merged if a else model
+        first = reference_greedy(m, ids, 1)
+        assert r.output_ids == first + forced + reference_greedy(m, ids + first + forced, n - 1 - len(forced))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

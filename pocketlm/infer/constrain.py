@@ -202,26 +202,41 @@ class JsonSchema:
         if self.matcher.is_stopped() and not self.matcher.is_accepting():  # e.g. {"$ref": "#"}: an empty language
             raise SchemaError("schema: no JSON value can be generated from it (a $ref that only leads to itself?)")
         self._bits = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
+        self._words, self._fresh = self._bits.numpy()[0], False  # (_bits seen from numpy; fresh: this state's)
+
+    def _mask(self) -> torch.Tensor:
+        """The (1, words) bitmask of the tokens the grammar accepts next, computed once per state."""
+        if not self._fresh:
+            from llguidance.torch import fill_next_token_bitmask
+
+            fill_next_token_bitmask(self.matcher, self._bits, 0)
+            self._fresh = True
+        return self._bits
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens the grammar accepts next."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, self._bits, 0)
-        bits = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
+        bits = np.unpackbits(self._mask().numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
         return torch.from_numpy(bits.astype(bool))
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         # llguidance applies its bitmask to the logits directly (~0.3 ms a row less than unpacking it
         # into a bool mask over a 49k vocabulary); positions past the mask (a padded vocabulary) get -inf
-        from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
+        from llguidance.torch import apply_token_bitmask_inplace
 
-        fill_next_token_bitmask(self.matcher, self._bits, 0)
         out = logits.clone()
-        apply_token_bitmask_inplace(out, self._bits[0])
+        apply_token_bitmask_inplace(out, self._mask()[0])
         return out
 
+    def allows(self, token: int) -> bool:
+        # one bit of the mask process() would apply: no pass over the vocabulary (the mask itself is
+        # the grammar's, not llguidance's validate_tokens, which also passes non-canonical tokens)
+        if token >= self.vocab_size:
+            return False
+        self._mask()
+        return (int(self._words[token >> 5]) >> (token & 31)) & 1 == 1
+
     def accept(self, token: int) -> None:
+        self._fresh = False
         if not self.matcher.consume_token(token):
             raise ConstraintError(f"token {token} does not fit the schema here: {self.matcher.get_error()}")
 

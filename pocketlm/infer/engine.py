@@ -30,21 +30,17 @@ from pocketlm.infer import cstep
 from pocketlm.infer.batch import KVStore
 from pocketlm.infer.fused import ACTIVATIONS, inference_copy
 from pocketlm.infer.prefixes import PrefixCache
-from pocketlm.infer.processors import Processor, RepetitionPenalty
+from pocketlm.infer.processors import Processor, RepetitionPenalty, let_through
 from pocketlm.infer.runner import Event, Runner
 from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
 from pocketlm.infer.textstream import OutputFilter, StreamDecoder, TextStream
+from pocketlm.infer.together import SHORT_PROMPT, feed_packed, feed_padded, packs, padding_groups
 from pocketlm.model.gpt import GPT
 from pocketlm.tokenizer import Tokenizer
 
 __all__ = ["ContextLengthError", "Engine", "Event", "Request", "StreamDecoder"]
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations a long prompt allocates
-# Admitted prompts up to this many tokens (after a shared prefix), and forced-token extends as short,
-# are fed together in one forward over their rows, padded to the longest: one pass over the weights
-# instead of one each. A longer prompt is compute-bound on its own and goes alone.
-SHORT_PROMPT = 64
-PAD_SLACK = 1.25  # padded / real tokens a batched prefill may compute (see Engine._padding_groups)
 
 
 class ContextLengthError(PocketLMError):
@@ -75,6 +71,7 @@ class Request:
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _pending: list[int] = field(default_factory=list)  # accepted tokens not yet in the KV store
+    _prefix_len: int = 0  # positions of its slot copied from a cached prefix (together.py packs by them)
 
     @property
     def finished(self) -> bool:
@@ -255,7 +252,8 @@ class Engine(Runner):
         for req in admitted:
             req._generator = make_generator(req.params.seed)
             if req.input_embeds is None:
-                self.prefixes.copy_into(self.cache, req.slot, self.adapter_identity(req.adapter), req.prompt_ids)
+                req._prefix_len = self.prefixes.copy_into(self.cache, req.slot, self.adapter_identity(req.adapter),
+                                                          req.prompt_ids)
             if req.input_embeds is None and len(self._todo(req)) <= SHORT_PROMPT:
                 short.append(req)
             else:
@@ -267,32 +265,18 @@ class Engine(Runner):
         return req._pending if req._pending else req.prompt_ids[self.cache.lengths[req.slot]:]
 
     def _feed_short(self, reqs: list[Request]):
-        """Prefills and extends of a few tokens each, several rows in one forward (_feed_together)."""
-        for group in self._padding_groups(reqs):
+        """Prefills and extends of a few tokens each, several rows in one forward (together.py): packed
+        where rows share a cached prefix, else padded; a row alone takes the plain path."""
+        packed, rest = packs(self, reqs)
+        for pack in packed:
+            self._guarded(pack, feed_packed, self, pack)
+        for group in padding_groups(self, rest):
             if len(group) > 1:
-                self._guarded(group, self._feed_together, group)
+                self._guarded(group, feed_padded, self, group)
             elif group[0]._pending:
                 self._guarded(group, self._extend, group[0])
             else:
                 self._guarded(group, self._prefill, group[0])
-
-    def _padding_groups(self, reqs: list[Request]) -> list[list[Request]]:
-        """Runs of neighbouring slots to feed together. On a CPU a forward this size is bound by
-        compute, so padding costs as much as real tokens: a run ends where the padded tokens it would
-        compute exceed PAD_SLACK x the real ones (callers that submit prompts sorted by length, as
-        analyze does, get few runs), or where a row's padding would run off the end of its slot."""
-        groups, group = [], []
-        for r in sorted(reqs, key=lambda r: r.slot):
-            trial = group + [r]
-            todo = [len(self._todo(q)) for q in trial]
-            start, stop = trial[0].slot, r.slot + 1
-            padded = max(todo) * (stop - start)
-            fits = max(self.cache.lengths[start:stop]) + max(todo) <= self.max_seq_len
-            if group and (padded > PAD_SLACK * sum(todo) + SHORT_PROMPT or not fits):
-                groups.append(group)
-                trial = [r]
-            group = trial
-        return groups + ([group] if group else [])
 
     def _prefill(self, req: Request):
         """The prompt after the positions the slot holds already (a copied prefix), in one row."""
@@ -302,30 +286,6 @@ class Engine(Runner):
             embeds = torch.zeros(len(ids), self.model.cfg.n_embd, device=self.device)
             embeds[ids < 0] = req.input_embeds
         self._choose(req, self._feed(req, req.prompt_ids[self.cache.lengths[req.slot]:], embeds))
-
-    def _feed_together(self, reqs: list[Request]):
-        """One forward over the slots start:stop the requests hold, each row's tokens (the rest of its
-        prompt, or its forced tokens) padded on the right to the longest. A pad's keys land past its
-        row's end, hidden by the mask, and the row's next tokens overwrite them; the head runs at each
-        row's own last token. Rows of the range not fed (decoding, or free) get a throwaway write the
-        same way and keep their length."""
-        start, stop = min(r.slot for r in reqs), max(r.slot for r in reqs) + 1
-        lengths = self.cache.lengths[start:stop]
-        todo = {r.slot - start: self._todo(r) for r in reqs}
-        T = max(len(ids) for ids in todo.values())
-        tokens, last, adapter = [[0] * T for _ in lengths], [T - 1] * len(lengths), [-1] * len(lengths)
-        for r in reqs:
-            i = r.slot - start
-            tokens[i][:len(todo[i])], last[i], adapter[i] = todo[i], len(todo[i]) - 1, self._adapter_index(r)
-            r._pending = []
-        ids = torch.tensor(tokens, device=self.device)
-        batch = self.cache.step(start, stop, ids, adapter_ids=adapter if max(adapter) >= 0 else None)
-        batch.last = torch.tensor(last, device=self.device)
-        logits = self.model(ids, batch=batch)[:, -1]
-        for i, length in enumerate(lengths):
-            self.cache.lengths[start + i] = length + len(todo.get(i, ()))
-        for r in reqs:
-            self._choose(r, logits[r.slot - start])
 
     def _extend(self, req: Request):
         """Forced tokens: one forward over all of them (an extend of the running row), not one each."""
@@ -347,10 +307,10 @@ class Engine(Runner):
         logits = self.forward(ids, batch=batch)[:, -1]
         for i, length in others.items():
             self.cache.lengths[i] = length
-        fast = [r for r in running if r.params.greedy and not r.processors]
-        best = logits.argmax(-1).tolist() if fast else None  # one read-back for every greedy row
-        for r in running:
-            if r in fast:
+        greedy = any(r.params.greedy for r in running)
+        best = logits.argmax(-1).tolist() if greedy else None  # one read-back for every greedy row
+        for r in running:  # (a greedy row whose processors all let the batch's argmax through takes it)
+            if r.params.greedy and let_through(r.processors, best[r.slot]):
                 self._accept(r, best[r.slot])
             else:
                 self._choose(r, logits[r.slot])

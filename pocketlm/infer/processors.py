@@ -5,8 +5,8 @@ was chosen, may force the next tokens outright (the engine feeds them to the mod
 prefill of several tokens, not one decode step each), and may declare the request complete. One
 instance per request, so a processor keeps its own state (a grammar's position, the tokens seen).
 
-A request with no processors and greedy settings takes the engine's fast path: one argmax over the
-whole batch, no per-row work at all.
+A greedy request takes the engine's fast path, one argmax over the whole batch, when it has no
+processors or when every one of them allows that token (Processor.allows): no per-row logits work.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ class Processor:
         """(V,) fp32 logits of this row -> the logits to sample from (e.g. -inf on banned tokens)."""
         return logits
 
+    def allows(self, token: int) -> bool:
+        """True only when process() would keep `token` and its logit as they are and touch no other
+        logit but to lower it to -inf (a pure mask that lets this token through): then a greedy row
+        whose argmax is `token` takes it from the batch's one argmax, with no full-vocabulary pass
+        (as llama.cpp checks the sampled token against its grammar before masking). False: run process()."""
+        return False
+
     def accept(self, token: int) -> None:
         """The token this row got (sampled or forced)."""
 
@@ -33,6 +40,11 @@ class Processor:
     def is_done(self) -> bool:
         """The constraint is complete: the request finishes with "stop"."""
         return False
+
+
+def let_through(processors, token: int) -> bool:
+    """Every processor allows `token` (Processor.allows); one without an allows() method does not."""
+    return all(getattr(p, "allows", None) is not None and p.allows(token) for p in processors)
 
 
 class RepetitionPenalty(Processor):
@@ -54,7 +66,11 @@ class BanTokens(Processor):
     """Never emit these tokens (their logits become -inf)."""
 
     def __init__(self, token_ids):
-        self.ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        self.banned = set(token_ids)
+        self.ids = torch.tensor(sorted(self.banned), dtype=torch.long)
 
     def process(self, logits):
         return logits.index_fill(-1, self.ids, -float("inf"))
+
+    def allows(self, token):
+        return token not in self.banned

@@ -132,6 +132,12 @@ class Guarded:
         out[self.end] = 0.0
         return out
 
+    def allows(self, token: int) -> bool:  # (the engine's greedy fast path: Processor.allows)
+        try:
+            return self.failure is None and self.inner.allows(token)
+        except Exception:  # noqa: BLE001 - process() then meets the failure and ends the reply
+            return False
+
     def accept(self, token: int) -> None:
         if self.failure is None:
             try:
