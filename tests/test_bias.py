@@ -11,7 +11,8 @@ import torch
 from conftest import SHARED_DATA
 from pocketlm.errors import PocketLMError
 from pocketlm.eval import evaluate
-from pocketlm.eval.bias import mean_ci, pair_report, resolution_rows, score_pairs, sentence_logprobs
+from pocketlm.eval.bias import (mean_ci, pair_report, resolution_rows, score_pairs, score_reply_pairs,
+                                sentence_logprobs)
 from pocketlm.eval.probes import Pair, ProbeError, load_pairs, load_winobias, winobias_pairs
 from pocketlm.model import GPT, ModelConfig, load_model, save_checkpoint
 from pocketlm.tokenizer import Tokenizer
@@ -141,6 +142,19 @@ def test_winobias_pairs_and_resolution(tiny):
     item = probe["type1"][0][0]
     text = tok.decode(resolution_rows(tok, item)[0][0])
     assert f'"{item.pronoun}"' in text and item.answer.lower() in text.lower() and item.distractor.lower() in text.lower()
+
+
+def test_shared_prompt_scoring_equals_two_rows(tiny):
+    """Both replies in one row (B sees the prompt, not A) give each reply's log-probability as two
+    separate rows do, in batches of mixed lengths."""
+    _, model, tok = tiny
+    probe = load_winobias(WINOBIAS, "test", limit=5)
+    pairs = [resolution_rows(tok, item) for t in ("type1", "type2") for side in probe[t] for item in side]
+    got = score_reply_pairs(model, pairs, tok.eos_id or 0, batch_size=3)
+    for (a, b), (sa, sb) in zip(pairs, got):
+        assert sa == pytest.approx(_reply_logprob(model, *a), abs=1e-4)
+        assert sb == pytest.approx(_reply_logprob(model, *b), abs=1e-4)
+    assert len({round(x, 3) for pair in got for x in pair}) > 10  # real, different scores
 
 
 def test_winobias_loader_on_the_shared_files():

@@ -64,7 +64,7 @@ def figures(result: dict) -> list[tuple[str, str, float, dict | None]]:
 def command(result: dict) -> str:
     """The `pocketlm eval` call that measured `result`."""
     parts = ["pocketlm", "eval", "--model", result["model"], "--task", result["task"], "--data", result["data"]]
-    for key in ("adapter", "probe", "limit", "dtype"):
+    for key in ("adapter", "probe", "split", "limit", "dtype"):
         if result.get(key) is not None:
             parts += [f"--{key}", str(result[key])]
     return shlex.join(parts)
