@@ -157,6 +157,25 @@ def test_shared_prompt_scoring_equals_two_rows(tiny):
     assert len({round(x, 3) for pair in got for x in pair}) > 10  # real, different scores
 
 
+def test_cli_dev_split_pairs_only(tiny, tmp_path):
+    """--split dev reads the *.txt.dev files; --pairs-only leaves the resolution prompts out, and the
+    card's reproducing command says both."""
+    import json
+
+    from pocketlm.cli import main
+    from pocketlm.eval.card import command
+
+    path, _, _ = tiny
+    out = tmp_path / "dev.json"
+    main(["eval", "--model", str(path), "--task", "bias", "--probe", "winobias", "--data", str(WINOBIAS),
+          "--split", "dev", "--pairs-only", "--limit", "3", "--dtype", "fp32", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["split"] == "dev" and "resolution" not in r and r["pairs"]["n"] == len(r["pair_scores"]) > 0
+    dev_first = load_winobias(WINOBIAS, "dev", limit=1)["type1"][0][0].where
+    assert r["pairs"]["n"] + len(r["pairs"]["skipped_not_minimal"]) == 6 and dev_first.endswith(".dev:1")
+    assert "--split dev" in command(r) and command(r).endswith("--pairs-only")
+
+
 def test_winobias_loader_on_the_shared_files():
     if not WINOBIAS.is_dir():
         pytest.skip("shared WinoBias data not present")

@@ -208,9 +208,10 @@ def resolution_report(correct: dict, samples: int = 1000, seed: int = 0, notes: 
 # ---- the task -----------------------------------------------------------------------------------
 
 def eval_bias(model, tokenizer, data, probe: str = "winobias", limit: int | None = None, batch_size: int = 8,
-              dtype: str = "bf16", split: str = "test", samples: int = 1000, seed: int = 0) -> dict:
+              dtype: str = "bf16", split: str = "test", samples: int = 1000, seed: int = 0,
+              resolution: bool = True) -> dict:
     """The figures `pocketlm eval --task bias --probe ...` prints. `limit`: at most N pairs (pairs) or
-    N sentences per WinoBias file."""
+    N sentences per WinoBias file. resolution=False: WinoBias pair preference only."""
     from pocketlm.eval.tasks import autocast
 
     if probe not in PROBES:
@@ -229,10 +230,11 @@ def eval_bias(model, tokenizer, data, probe: str = "winobias", limit: int | None
             scores = score_pairs(model, tokenizer, pairs, batch_size)
             result["pairs"] = pair_report(pairs, scores, samples, seed, notes)
             result["pairs"]["skipped_not_minimal"] = skipped
-            correct = {t: (resolve(model, tokenizer, pro, batch_size), resolve(model, tokenizer, anti, batch_size))
-                       for t, (pro, anti) in wino.items()}
-            result["resolution"] = resolution_report(correct, samples, seed, notes)
-            result["resolution"]["method"] = "likelihood of each candidate occupation as the reply"
+            if resolution:
+                correct = {t: (resolve(model, tokenizer, pro, batch_size), resolve(model, tokenizer, anti, batch_size))
+                           for t, (pro, anti) in wino.items()}
+                result["resolution"] = resolution_report(correct, samples, seed, notes)
+                result["resolution"]["method"] = "likelihood of each candidate occupation as the reply"
     result["notes"] = notes
     # per pair, in file order: lets two models be compared pair by pair (a paired bootstrap, debias.py)
     result["pair_scores"] = [[round(m, 4), round(l, 4)] for m, l in scores]

@@ -67,6 +67,8 @@ def command(result: dict) -> str:
     for key in ("adapter", "probe", "split", "limit", "dtype"):
         if result.get(key) is not None:
             parts += [f"--{key}", str(result[key])]
+    if result.get("probe") == "winobias" and "resolution" not in result:
+        parts.append("--pairs-only")
     return shlex.join(parts)
 
 
