@@ -163,7 +163,7 @@ def test_cli_dev_split_pairs_only(tiny, tmp_path):
     import json
 
     from pocketlm.cli import main
-    from pocketlm.eval.card import command
+    from pocketlm.eval.card import _bias_section, command
 
     path, _, _ = tiny
     out = tmp_path / "dev.json"
@@ -174,6 +174,7 @@ def test_cli_dev_split_pairs_only(tiny, tmp_path):
     dev_first = load_winobias(WINOBIAS, "dev", limit=1)["type1"][0][0].where
     assert r["pairs"]["n"] + len(r["pairs"]["skipped_not_minimal"]) == 6 and dev_first.endswith(".dev:1")
     assert "--split dev" in command(r) and command(r).endswith("--pairs-only")
+    assert _bias_section(r)[0] == "### winobias (winobias, dev split, the first 3 sentences of each file, pair preference only)"
 
 
 def test_winobias_loader_on_the_shared_files():
