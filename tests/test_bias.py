@@ -11,7 +11,8 @@ import torch
 from conftest import SHARED_DATA
 from pocketlm.errors import PocketLMError
 from pocketlm.eval import evaluate
-from pocketlm.eval.bias import mean_ci, pair_report, resolution_rows, score_pairs, sentence_logprobs
+from pocketlm.eval.bias import (mean_ci, pair_report, resolution_rows, score_pairs, score_reply_pairs,
+                                sentence_logprobs)
 from pocketlm.eval.probes import Pair, ProbeError, load_pairs, load_winobias, winobias_pairs
 from pocketlm.model import GPT, ModelConfig, load_model, save_checkpoint
 from pocketlm.tokenizer import Tokenizer
@@ -141,6 +142,39 @@ def test_winobias_pairs_and_resolution(tiny):
     item = probe["type1"][0][0]
     text = tok.decode(resolution_rows(tok, item)[0][0])
     assert f'"{item.pronoun}"' in text and item.answer.lower() in text.lower() and item.distractor.lower() in text.lower()
+
+
+def test_shared_prompt_scoring_equals_two_rows(tiny):
+    """Both replies in one row (B sees the prompt, not A) give each reply's log-probability as two
+    separate rows do, in batches of mixed lengths."""
+    _, model, tok = tiny
+    probe = load_winobias(WINOBIAS, "test", limit=5)
+    pairs = [resolution_rows(tok, item) for t in ("type1", "type2") for side in probe[t] for item in side]
+    got = score_reply_pairs(model, pairs, tok.eos_id or 0, batch_size=3)
+    for (a, b), (sa, sb) in zip(pairs, got):
+        assert sa == pytest.approx(_reply_logprob(model, *a), abs=1e-4)
+        assert sb == pytest.approx(_reply_logprob(model, *b), abs=1e-4)
+    assert len({round(x, 3) for pair in got for x in pair}) > 10  # real, different scores
+
+
+def test_cli_dev_split_pairs_only(tiny, tmp_path):
+    """--split dev reads the *.txt.dev files; --pairs-only leaves the resolution prompts out, and the
+    card's reproducing command says both."""
+    import json
+
+    from pocketlm.cli import main
+    from pocketlm.eval.card import _bias_section, command
+
+    path, _, _ = tiny
+    out = tmp_path / "dev.json"
+    main(["eval", "--model", str(path), "--task", "bias", "--probe", "winobias", "--data", str(WINOBIAS),
+          "--split", "dev", "--pairs-only", "--limit", "3", "--dtype", "fp32", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["split"] == "dev" and "resolution" not in r and r["pairs"]["n"] == len(r["pair_scores"]) > 0
+    dev_first = load_winobias(WINOBIAS, "dev", limit=1)["type1"][0][0].where
+    assert r["pairs"]["n"] + len(r["pairs"]["skipped_not_minimal"]) == 6 and dev_first.endswith(".dev:1")
+    assert "--split dev" in command(r) and command(r).endswith("--pairs-only")
+    assert _bias_section(r)[0] == "### winobias (winobias, dev split, the first 3 sentences of each file, pair preference only)"
 
 
 def test_winobias_loader_on_the_shared_files():

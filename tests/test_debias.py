@@ -71,6 +71,7 @@ def test_debias_through_the_cli(setup, capsys):
     for side in ("before", "after"):
         assert set(report[side]) == {"stereo_preferred_pct", "heldout_bits_per_byte", "sst2_accuracy", "pair_scores"}
     assert report["training"]["step"] == 3
+    assert json.loads((run / "config.json").read_text())["train"]["budget_clock"] == "cpu"  # "30 CPU-minutes"
     change = report["change"]
     assert change["heldout_bpb_change_pct"] == pytest.approx(
         100 * (report["after"]["heldout_bits_per_byte"] / report["before"]["heldout_bits_per_byte"] - 1))

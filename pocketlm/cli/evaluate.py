@@ -18,7 +18,8 @@ def _eval(args):
             "no_answer": args.no_answer}
     result = evaluate(args.model, args.task, args.data, adapter=args.adapter, limit=args.limit, spec_overrides=spec,
                       batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, methods=methods,
-                      probe=args.probe)
+                      probe=args.probe, split=args.split,
+                      resolution=not args.pairs_only)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -37,6 +38,10 @@ def register(sub):
     ev.add_argument("--data", required=True, help="lm: .txt/.jsonl text; classification/qa: .jsonl/.json/.csv/.tsv")
     ev.add_argument("--probe", choices=("winobias", "pairs"), default="winobias",
                     help="bias: the WinoBias folder, or a CrowS-Pairs-format CSV of minimal pairs")
+    ev.add_argument("--split", choices=("test", "dev"), default="test",
+                    help="bias, WinoBias: which published files (*.txt.test or *.txt.dev)")
+    ev.add_argument("--pairs-only", action="store_true",
+                    help="bias, WinoBias: the pro/anti pair preference only, not the resolution prompts (~4x its cost)")
     ev.add_argument("--limit", type=int, help="at most N examples (lm: N windows; bias: N pairs, or N sentences per WinoBias file)")
     ev.add_argument("--out", help="also write the JSON here (for bias, with each pair's two log-likelihoods)")
     ev.add_argument("--method", choices=("likelihood", "generation", "both"), default="both",

@@ -28,8 +28,9 @@ def _debias(args):
                max_minutes=args.max_minutes, max_steps=args.max_steps, seq_len=args.seq_len, batch_size=args.batch_size,
                lr=args.lr, lora_rank=args.lora_rank, max_pieces=args.max_pieces, heldout_chars=args.heldout_chars,
                bias_data=args.bias_data,
-               probe=args.probe, bias_limit=args.bias_limit, sst2=args.sst2, sst2_limit=args.sst2_limit,
-               evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume)
+               probe=args.probe, bias_limit=args.bias_limit, bias_split=args.bias_split, sst2=args.sst2, sst2_limit=args.sst2_limit,
+               evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume,
+               budget_clock=args.budget_clock)
     shown = {k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}
     for side in ("before", "after"):
         shown.get(side, {}).pop("pair_scores", None)  # in RUN/debias.json
@@ -60,7 +61,9 @@ def register(sub):
     d.add_argument("--out", required=True, help="run directory (RUN/adapter, RUN/debias.json)")
     d.add_argument("--corpus", help="text files or a folder of them (default: ../shared/data/gutenberg_books)")
     d.add_argument("--lists", default="gender,religion,race", help="which swap lists (pocketlm/safety/cda.py)")
-    d.add_argument("--max-minutes", type=float, default=30.0, help="training time budget, wall-clock (default: 30)")
+    d.add_argument("--max-minutes", type=float, default=30.0, help="training time budget in minutes (default: 30)")
+    d.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu",
+                   help="what --max-minutes counts: this process's CPU time (default) or wall time")
     d.add_argument("--max-steps", type=int, default=100_000, help="training steps (default: until --max-minutes)")
     d.add_argument("--seq-len", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=8)
@@ -71,6 +74,8 @@ def register(sub):
                    "(the last 10%% of each book, this many characters in all)")
     d.add_argument("--bias-data", help="probe data (default: ../shared/data/winobias)")
     d.add_argument("--probe", choices=("winobias", "pairs"), default="winobias")
+    d.add_argument("--bias-split", choices=("test", "dev"), default="test",
+                   help="WinoBias files to measure on: tune on dev, report on test")
     d.add_argument("--bias-limit", type=int, help="at most N pairs (pairs) or sentences per WinoBias file")
     d.add_argument("--sst2", help="SST-2 file for the accuracy cost (default: ../shared/data/sst2/dev.tsv)")
     d.add_argument("--sst2-limit", type=int, help="score only the first N sentences")

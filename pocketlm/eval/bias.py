@@ -118,11 +118,77 @@ def resolution_rows(tokenizer, r: Resolution):
     return rows
 
 
+class _SharedPrompt:
+    """The three things GPT.forward reads from a KV-cached step's batch (positions, mask, end),
+    standing in for one without a cache: a row [prompt, reply A, reply B] is scored in one pass, B's
+    tokens taking A's positions and seeing the prompt but not A. The question is ~95% of each row,
+    so this halves the work of scoring both replies as two rows."""
+    last_only, last = False, None
+
+    def __init__(self, positions, mask):
+        self.positions, self.mask, self.end = positions, mask, int(positions.max()) + 1
+
+    def write(self, layer_idx, k, v):
+        return k, v
+
+
+def _shared_row(a, b):
+    """(ids, positions, segment, targets) of one row holding two (ids, labels) rows that share their
+    prompt. The prompt's last token is repeated at the start of B's part, so B's first reply token is
+    predicted by a copy of it that sees only the prompt. segment: 0 prompt, 1 A, 2 B (A and B start
+    at the prompt's last token, the one predicting their first reply token)."""
+    (ids_a, lab_a), (ids_b, lab_b) = a, b
+    p = next(i for i, t in enumerate(lab_a) if t != -100)  # first scored token: the reply starts here
+    if ids_a[:p] != ids_b[:p] or any(t != -100 for t in lab_b[:p]):
+        raise ValueError("the two rows do not share their prompt")
+    ids = ids_a + ids_b[p - 1:]
+    positions = list(range(len(ids_a))) + list(range(p - 1, len(ids_b)))
+    segment = [0] * (p - 1) + [1] * (len(ids_a) - p + 1) + [2] * (len(ids_b) - p + 1)
+    targets = lab_a[1:] + [-100] + lab_b[p:] + [-100]  # token i predicts token i + 1 of its own part
+    return ids, positions, segment, targets
+
+
+def score_reply_pairs(model, row_pairs, pad_id: int, batch_size: int = 8, desc: str = "score") -> list[tuple[float, float]]:
+    """(log p(reply A), log p(reply B)) for pairs of (ids, labels) rows that differ only in the reply,
+    one forward pass per pair (see _SharedPrompt)."""
+    import torch
+
+    shared = [_shared_row(a, b) for a, b in row_pairs]
+    order = sorted(range(len(shared)), key=lambda i: len(shared[i][0]))
+    out = [(0.0, 0.0)] * len(shared)
+    device = next(model.parameters()).device
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = order[i:i + batch_size]
+        T = max(len(shared[j][0]) for j in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        pos = torch.zeros((len(chunk), T), dtype=torch.long)
+        seg = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1: padding
+        tgt = torch.full((len(chunk), T), -100, dtype=torch.long)
+        for r, j in enumerate(chunk):
+            row_ids, row_pos, row_seg, row_tgt = shared[j]
+            n = len(row_ids)
+            ids[r, :n], pos[r, :n], seg[r, :n], tgt[r, :n] = (torch.tensor(v) for v in (row_ids, row_pos, row_seg, row_tgt))
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        q, k = seg[:, :, None], seg[:, None, :]
+        # a token sees earlier tokens of its own part and the prompt; padding sees only itself
+        mask = causal & ((q == k) | (k == 0)) & (k >= 0) | torch.eye(T, dtype=torch.bool)
+        with torch.inference_mode():
+            logits, _ = model(ids.to(device), tgt.to(device),
+                              batch=_SharedPrompt(pos.to(device), mask[:, None].to(device)))
+            scored = tgt != -100
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, tgt[scored].to(device)[:, None])[:, 0].cpu()
+        sums = torch.zeros(len(chunk), 3, dtype=torch.float64)
+        sums.index_put_((scored.nonzero()[:, 0], seg[scored]), logp.double(), accumulate=True)
+        for r, j in enumerate(chunk):
+            out[j] = (float(sums[r, 1]), float(sums[r, 2]))
+    return out
+
+
 def resolve(model, tokenizer, items: list[Resolution], batch_size: int = 8) -> list[bool]:
     """Whether the model's likelier reply is the occupation the pronoun refers to."""
-    rows = [row for r in items for row in resolution_rows(tokenizer, r)]
-    s = _score_rows(model, rows, tokenizer.eos_id or 0, batch_size, "bias resolution")
-    return [s[2 * i] > s[2 * i + 1] for i in range(len(items))]
+    pairs = [resolution_rows(tokenizer, r) for r in items]
+    s = score_reply_pairs(model, pairs, tokenizer.eos_id or 0, batch_size, "bias resolution")
+    return [right > wrong for right, wrong in s]
 
 
 def resolution_report(correct: dict, samples: int = 1000, seed: int = 0, notes: list | None = None) -> dict:
@@ -142,9 +208,10 @@ def resolution_report(correct: dict, samples: int = 1000, seed: int = 0, notes: 
 # ---- the task -----------------------------------------------------------------------------------
 
 def eval_bias(model, tokenizer, data, probe: str = "winobias", limit: int | None = None, batch_size: int = 8,
-              dtype: str = "bf16", split: str = "test", samples: int = 1000, seed: int = 0) -> dict:
+              dtype: str = "bf16", split: str = "test", samples: int = 1000, seed: int = 0,
+              resolution: bool = True) -> dict:
     """The figures `pocketlm eval --task bias --probe ...` prints. `limit`: at most N pairs (pairs) or
-    N sentences per WinoBias file."""
+    N sentences per WinoBias file. resolution=False: WinoBias pair preference only."""
     from pocketlm.eval.tasks import autocast
 
     if probe not in PROBES:
@@ -163,10 +230,11 @@ def eval_bias(model, tokenizer, data, probe: str = "winobias", limit: int | None
             scores = score_pairs(model, tokenizer, pairs, batch_size)
             result["pairs"] = pair_report(pairs, scores, samples, seed, notes)
             result["pairs"]["skipped_not_minimal"] = skipped
-            correct = {t: (resolve(model, tokenizer, pro, batch_size), resolve(model, tokenizer, anti, batch_size))
-                       for t, (pro, anti) in wino.items()}
-            result["resolution"] = resolution_report(correct, samples, seed, notes)
-            result["resolution"]["method"] = "likelihood of each candidate occupation as the reply"
+            if resolution:
+                correct = {t: (resolve(model, tokenizer, pro, batch_size), resolve(model, tokenizer, anti, batch_size))
+                           for t, (pro, anti) in wino.items()}
+                result["resolution"] = resolution_report(correct, samples, seed, notes)
+                result["resolution"]["method"] = "likelihood of each candidate occupation as the reply"
     result["notes"] = notes
     # per pair, in file order: lets two models be compared pair by pair (a paired bootstrap, debias.py)
     result["pair_scores"] = [[round(m, 4), round(l, 4)] for m, l in scores]

@@ -64,9 +64,11 @@ def figures(result: dict) -> list[tuple[str, str, float, dict | None]]:
 def command(result: dict) -> str:
     """The `pocketlm eval` call that measured `result`."""
     parts = ["pocketlm", "eval", "--model", result["model"], "--task", result["task"], "--data", result["data"]]
-    for key in ("adapter", "probe", "limit", "dtype"):
+    for key in ("adapter", "probe", "split", "limit", "dtype"):
         if result.get(key) is not None:
             parts += [f"--{key}", str(result[key])]
+    if result.get("probe") == "winobias" and "resolution" not in result:
+        parts.append("--pairs-only")
     return shlex.join(parts)
 
 
@@ -113,8 +115,12 @@ def _describe(source: Path) -> tuple[str, dict]:
 
 
 def _bias_section(result: dict) -> list[str]:
-    lines = [f"### {result.get('probe', 'pairs')} ({Path(result['data']).name}"
-             + (f", {result['split']} split" if result.get("split") else "") + ")", ""]
+    scope = [f"{result['split']} split"] if result.get("split") else []
+    if result.get("limit"):
+        scope.append(f"the first {result['limit']} " + ("sentences of each file" if result.get("split") else "pairs"))
+    if result.get("probe") == "winobias" and "resolution" not in result:
+        scope.append("pair preference only")
+    lines = [f"### {result.get('probe', 'pairs')} ({', '.join([Path(result['data']).name, *scope])})", ""]
     pairs = result.get("pairs")
     if pairs:
         lines += ["Share of minimal pairs whose stereotyping sentence the model finds more likely (ideal 50%), and the "

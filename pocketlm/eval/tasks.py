@@ -199,7 +199,7 @@ def find_task_spec(*places) -> TaskSpec | None:
 
 def evaluate(model_source, task: str, data, adapter=None, limit: int | None = None, spec_overrides: dict | None = None,
              batch_size: int = 8, seq_len: int = 1024, dtype: str = "bf16", methods=("likelihood", "generation"),
-             probe: str = "winobias") -> dict:
+             probe: str = "winobias", split: str = "test", resolution: bool = True) -> dict:
     from pocketlm.model.lora import load_model_with_adapter
 
     if task not in TASKS:
@@ -217,7 +217,8 @@ def evaluate(model_source, task: str, data, adapter=None, limit: int | None = No
         return {**result, **eval_lm(model, tokenizer, data, limit, seq_len, min(batch_size, 2), dtype)}
     if task == "bias":  # pocketlm/eval/bias.py: stereotype preference and WinoBias resolution
         from pocketlm.eval.bias import eval_bias
-        return {**result, **eval_bias(model, tokenizer, data, probe, limit, batch_size, dtype)}
+        return {**result, **eval_bias(model, tokenizer, data, probe, limit, batch_size, dtype, split,
+                                                      resolution=resolution)}
     spec = find_task_spec(adapter, model_source)
     if spec is not None and spec.format != task:
         spec = None  # a model fine-tuned on another task: start from this file's defaults

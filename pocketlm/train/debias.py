@@ -88,12 +88,14 @@ def cda_corpus(corpus, tokenizer, seq_len: int, max_pieces: int, lists=tuple(LIS
     return rows, "\n\n".join(h for h in heldout if h.strip()), stats
 
 
-def measure(model, adapter, out_dir: Path, *, bias_data, probe, bias_limit, heldout, sst2, sst2_limit, dtype) -> dict:
+def measure(model, adapter, out_dir: Path, *, bias_data, probe, bias_limit, heldout, sst2, sst2_limit, dtype,
+            bias_split: str = "test") -> dict:
     """The three figures of a model (and adapter), each `pocketlm eval` result also saved in out_dir."""
     from pocketlm.eval import evaluate
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {"bias": lambda: evaluate(model, "bias", bias_data, adapter=adapter, probe=probe, limit=bias_limit, dtype=dtype),
+    runs = {"bias": lambda: evaluate(model, "bias", bias_data, adapter=adapter, probe=probe, limit=bias_limit,
+                                     dtype=dtype, split=bias_split),
             "lm": lambda: evaluate(model, "lm", heldout, adapter=adapter, dtype=dtype),
             "sst2": lambda: evaluate(model, "classification", sst2, adapter=adapter, limit=sst2_limit, dtype=dtype,
                                      spec_overrides=SST2_SPEC, methods=("likelihood",))}
@@ -152,10 +154,13 @@ def change(before: dict, after: dict) -> dict:
 def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 30.0, max_steps: int = 100_000,
            seq_len: int = 256, batch_size: int = 8, lr: float = 5e-4, lora_rank: int = 8, lora_alpha: float = 16.0,
            max_pieces: int = 20_000, heldout_chars: int = 100_000, bias_data=None, probe: str = "winobias", bias_limit: int | None = None,
+           bias_split: str = "test",
            sst2=None, sst2_limit: int | None = None, evaluate: bool = True, dtype: str = "bf16", resume: bool = False,
-           seed: int = 0) -> dict:
+           seed: int = 0, budget_clock: str = "cpu") -> dict:
     """Train a CDA LoRA for `model` into RUN `out`; returns (and writes to RUN/debias.json) the report.
-    Defaults: the shared Gutenberg books, WinoBias and SST-2 dev (where ../shared/data has them)."""
+    Defaults: the shared Gutenberg books, WinoBias and SST-2 dev (where ../shared/data has them).
+    budget_clock: what max_minutes counts ("cpu": this process's CPU time, the issue's "30 CPU-minutes"; or "wall").
+    bias_split: the WinoBias files to measure on; tune a recipe on "dev" and report it on "test"."""
     out = Path(out)
     corpus = corpus or shared_data("gutenberg_books")
     if corpus is None:
@@ -174,7 +179,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     if evaluate:
         bias_data = bias_data or shared_data("winobias")
         sst2 = sst2 or (shared_data("sst2") / "dev.tsv" if shared_data("sst2") else None)
-    kw = dict(bias_data=bias_data, probe=probe, bias_limit=bias_limit, heldout=heldout, sst2=sst2,
+    kw = dict(bias_data=bias_data, probe=probe, bias_limit=bias_limit, bias_split=bias_split, heldout=heldout, sst2=sst2,
               sst2_limit=sst2_limit, dtype=native_dtype(dtype))
     report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "data": stats}
     cpu0 = time.process_time()
@@ -185,7 +190,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     torch.manual_seed(seed)
     add_lora(base, lora_rank, lora_alpha)
     cfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=min(20, max(1, max_steps // 10)),
-                      weight_decay=0.0, min_lr_ratio=0.0, max_steps=max_steps, max_minutes=max_minutes,
+                      weight_decay=0.0, min_lr_ratio=0.0, max_steps=max_steps, max_minutes=max_minutes, budget_clock=budget_clock,
                       eval_every=max(1, min(max_steps, 200)), eval_batches=4, log_every=10, dtype=dtype, seed=seed)
     n_val = max(batch_size, len(rows) // 50)
     val, rows = rows[:n_val], rows[n_val:]  # pieces come shuffled; a piece and its counterfactual stay together
