@@ -119,6 +119,20 @@ def test_a_prompt_given_as_embeddings(arch):
         engine.submit(holes, greedy(5), input_embeds=embeds)
 
 
+def test_requests_with_embeddings_are_told_apart_by_identity():
+    """A Request compared by value compares its input_embeds tensors, which raises (found by image
+    requests decoding together): cancelling one queued behind another must free only that one."""
+    model, tok = tiny_lm("llama")
+    embeds = model.embed_tokens.weight[tok.encode(PROMPT)].detach()
+    engine = Engine(model, tok, max_batch=1)
+    running, queued, cancelled = (engine.submit(None, greedy(4), input_embeds=embeds.clone()) for _ in range(3))
+    engine.cancel(cancelled)
+    while engine.step():
+        pass
+    assert (running.finish_reason, queued.finish_reason, cancelled.finish_reason) == ("length", "length", "cancelled")
+    assert running.output_ids == queued.output_ids == reference_greedy(model, tok.encode(PROMPT), 4)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_an_extend_of_a_running_row_equals_a_prefill_of_the_whole(lm, precision):
     model, _ = lm

@@ -50,7 +50,7 @@ class ContextLengthError(PocketLMError):
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity: their fields hold tensors (input_embeds)
 class Request:
     prompt_ids: list[int]           # ids < 0: positions whose embedding comes from input_embeds
     params: SamplingParams
