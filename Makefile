@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 CORPUS := pocketlm/data/bundled/tinyshakespeare.txt
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo vlm test test-slow clean
 
 $(BIN)/pocketlm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 	$(BIN)/pocketlm prepare --input $(CORPUS) --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data --val-fraction 0.1
 	$(BIN)/pocketlm pretrain --config configs/demo.yaml --data $(DEMO)/data --out $(DEMO)/run
 	$(BIN)/pocketlm generate --model $(DEMO)/run --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1
+
+# The vision-language model (issue 16): every stage of configs/vlm.yaml into runs/vlm, then the
+# chat-path accuracies (MNIST test, the Fashion-MNIST held-out split). Budgeted in CPU-minutes.
+vlm: install
+	TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-/tmp/pocketlm_ext} $(BIN)/python -m pocketlm.train.vlm_recipe --config configs/vlm.yaml --out runs/vlm
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -123,12 +123,12 @@ def test_a_few_steps_of_each_stage_lower_the_loss():
     labels = torch.arange(40) % 4
     noise = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.2
     pixels = labels.view(-1, 1, 1, 1) / 4 + noise  # class c: grey level c/4
-    head = train_encoder(model, pixels, labels, steps=30, batch_size=16, lr=3e-3, shift=1, log=lambda s: None)
+    (head,) = train_encoder(model, [(pixels, labels)], steps=30, batch_size=16, lr=3e-3, shift=1, log=lambda s: None)
     with torch.no_grad():
-        probe = head(model.encoder((pixels - 0.5) / 0.5).mean(1)).argmax(-1)
+        probe = head(model.encode(pixels).mean(1)).argmax(-1)
     assert (probe == labels).float().mean() > 0.9
     rows = ChatRows.build(tok, "<image>\nWhere is the square?", ["top left", "top right", "low left", "low right"], 16)
-    losses = train_chat(model, rows, encoder_features(model, pixels), labels, steps=30, train_lm=True,
+    losses = train_chat(model, [(rows, encoder_features(model, pixels), labels)], steps=30, train_lm=True,
                         batch_size=16, lr=1e-2, log=lambda s: None)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 

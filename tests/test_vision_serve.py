@@ -63,9 +63,9 @@ def vlm_dir(tmp_path_factory):
         lm, tok = tiny_text_model([QUESTION, *replies] * 20, n_embd=48)
         torch.manual_seed(0)
         vlm = VisionLM(lm, CFG)
-        train_encoder(vlm, pixels, labels, steps=80, batch_size=32, lr=3e-3, shift=1, log=lambda s: None)
+        train_encoder(vlm, [(pixels, labels)], steps=80, batch_size=32, lr=3e-3, shift=1, log=lambda s: None)
         rows = ChatRows.build(tok, QUESTION, replies, CFG.tokens_per_image)
-        train_chat(vlm, rows, encoder_features(vlm, pixels), labels, steps=80, train_lm=True, batch_size=32,
+        train_chat(vlm, [(rows, encoder_features(vlm, pixels), labels)], steps=80, train_lm=True, batch_size=32,
                    lr=1e-2, log=lambda s: None)
         out = vlm.eval().save(tmp_path_factory.mktemp("vlm") / "digits", tok)
     finally:

@@ -146,3 +146,20 @@ def decode_data_url(url: str, what: str = "image_url.url") -> np.ndarray:
     except (binascii.Error, ValueError):
         raise ImageDataError(f"{what}: the base64 data is corrupt") from None
     return decode_image(data, what)
+
+
+def labelled_splits(name: str, seed: int = 0, root=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train", "val", "test"} -> (images, labels) for one of the recipe's image sets:
+
+        mnist    train/val: mnist_train_5k, 10% held out; test: the official 10,000 (mnist_test)
+        fashion  test: a fixed 10% of the 60k (the same for every seed); train/val: the rest, 10% held out
+
+    Tune on "val"; "test" is for the reported figure only."""
+    if name == "mnist":
+        train, val = split(*load_mnist_train_5k(root), 0.1, seed)
+        return {"train": train, "val": val, "test": load_mnist_test(root)}
+    if name == "fashion":
+        rest, test = split(*load_fashion_mnist(root), 0.1, seed=20261202)
+        train, val = split(*rest, 0.1, seed)
+        return {"train": train, "val": val, "test": test}
+    raise ImageDataError(f"image set: expected 'mnist' or 'fashion', got {name!r}")

@@ -1,7 +1,7 @@
-"""The vision-language recipe on digits: three short stages, then accuracy through the chat path.
+"""The vision-language stages, then accuracy through the chat path.
 
-    stage 0  the encoder alone, with a linear classification head on its mean-pooled patches
-             (its accuracy on the test set is the encoder's own linear-probe figure)
+    stage 0  the encoder alone, with one linear classification head per image set on its mean-pooled
+             patches (its accuracy is the encoder's own linear-probe figure)
     stage 1  alignment: the projector on templated captions ("This is a picture of the digit seven.")
     stage 2  the projector on question-answer chat rows ("What digit is this?" -> "7")
 
@@ -9,17 +9,15 @@ The encoder is frozen after stage 0, so its pixel-shuffled features are computed
 train on them. Loss is on the assistant's tokens only. With `train_lm` (the from-scratch tiny LM,
 which knows no text yet) the LM trains with the projector in stages 1-2; with a pretrained LM it stays
 frozen. This is a small dedicated loop, not pocketlm/train/loop.py: that loop's batches are token ids
-only, and these rows carry images.
-
-    result = train_vlm("runs/vlm", stage0_steps=600, stage1_steps=150, stage2_steps=150)
+only, and these rows carry images. Each stage stops at its step count or its CPU-minute budget,
+whichever comes first, with the learning-rate schedule stretched to the budget (as loop.py does).
+The recipe that chains the stages is pocketlm/train/vlm_recipe.py.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,19 +28,44 @@ from pocketlm.data import images as image_data
 from pocketlm.infer.engine import Engine
 from pocketlm.infer.sampling import SamplingParams
 from pocketlm.model.gpt import GPT, ModelConfig
-from pocketlm.model.vision import IMAGE_PLACEHOLDER, VisionConfig, VisionLM, encode_prompt, prepare_images
+from pocketlm.model.vision import IMAGE_PLACEHOLDER, VisionLM, encode_prompt
 from pocketlm.tokenizer import Tokenizer
 
 CAPTION_PROMPT = f"{IMAGE_PLACEHOLDER}\nDescribe the image."
 QUESTION = f"{IMAGE_PLACEHOLDER}\nWhat digit is this?"
 
 
+@dataclass(frozen=True)
+class ImageTask:
+    """What the chat asks about one image set and what counts as right: `answers[c]` is the reply
+    trained for class c; a reply is right when it is one of `accepted[c]` (case and a final full stop
+    aside), or starts with one followed by a space."""
+    question: str
+    answers: tuple[str, ...]
+    captions: tuple[str, ...]
+    accepted: tuple[tuple[str, ...], ...]
+
+    def right(self, reply: str, label: int) -> bool:
+        norm = reply.strip().lower().rstrip(".")
+        return any(norm == w or norm.startswith(w + " ") for w in self.accepted[label])
+
+
+TASKS = {
+    "mnist": ImageTask(QUESTION, tuple(str(d) for d in range(10)),
+                       tuple(f"This is a picture of the digit {w}." for w in image_data.DIGIT_WORDS),
+                       tuple((str(d), w) for d, w in enumerate(image_data.DIGIT_WORDS))),
+    "fashion": ImageTask(f"{IMAGE_PLACEHOLDER}\nWhat piece of clothing is this?", image_data.FASHION_WORDS,
+                         tuple(f"This is a picture of a {w.lower()}." for w in image_data.FASHION_WORDS),
+                         tuple((w.lower(),) for w in image_data.FASHION_WORDS)),
+}
+
+
 def caption(label: int) -> str:
-    return f"This is a picture of the digit {image_data.DIGIT_WORDS[label]}."
+    return TASKS["mnist"].captions[label]
 
 
 def answer(label: int) -> str:
-    return str(label)
+    return TASKS["mnist"].answers[label]
 
 
 @dataclass
@@ -53,7 +76,7 @@ class ChatRows:
     answers: list[list[int]]
 
     @classmethod
-    def build(cls, tokenizer: Tokenizer, user: str, replies: list[str], tokens_per_image: int) -> "ChatRows":
+    def build(cls, tokenizer: Tokenizer, user: str, replies, tokens_per_image: int) -> "ChatRows":
         prompt = encode_prompt(tokenizer, [{"role": "user", "content": user}], tokens_per_image)
         end = tokenizer.eos_id
         return cls(prompt, [tokenizer.encode(r, special=False) + [end] for r in replies])
@@ -88,34 +111,68 @@ def shift_augment(pixels: torch.Tensor, max_shift: int, g: torch.Generator) -> t
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-def train_encoder(vlm: VisionLM, pixels, labels, *, steps: int, batch_size: int = 64, lr: float = 2e-3,
-                  shift: int = 2, seed: int = 0, log=print) -> nn.Linear:
-    """Stage 0: the encoder and a linear head on its mean-pooled patches, cross-entropy on the labels."""
-    head = nn.Linear(vlm.vision_cfg.width, int(labels.max()) + 1)
-    params = [*vlm.encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(seed)
-    vlm.encoder.train()
-    for step in range(steps):
-        for group in opt.param_groups:  # linear warmup, cosine decay
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, min(50, steps // 10))) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        x = shift_augment(pixels[idx], shift, g)
-        loss = F.cross_entropy(head(vlm.encoder((x - 0.5) / 0.5).mean(1)), labels[idx])
+class Schedule:
+    """Linear warmup then cosine decay over `steps`, or over `cpu_minutes` of this process's CPU
+    time when that ends first (0: no budget): progress is whichever share is further along."""
+
+    def __init__(self, steps: int, cpu_minutes: float = 0.0, warmup: int = 50):
+        self.steps, self.budget, self.warmup = steps, cpu_minutes * 60, max(1, min(warmup, steps // 10))
+        self.start = time.process_time()
+
+    def progress(self, step: int) -> float:
+        share = step / max(1, self.steps)
+        if self.budget:
+            share = max(share, (time.process_time() - self.start) / self.budget)
+        return share
+
+    def lr(self, step: int, peak: float) -> float:
+        return peak * min(1.0, (step + 1) / self.warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, self.progress(step))))
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+
+def _run(params, schedule: Schedule, lr: float, weight_decay: float, loss_at, log, stage: str, every: int) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses, step = [], 0
+    while not schedule.done(step):
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(step, lr)
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"stage 0 step {step}: loss {loss.item():.4f}")
+        losses.append(loss.item())
+        if step % every == 0:
+            log(f"{stage} step {step}: loss {loss.item():.4f}")
+        step += 1
+    log(f"{stage}: {step} steps, last loss {losses[-1] if losses else float('nan'):.4f}")
+    return losses
+
+
+def train_encoder(vlm: VisionLM, sets, *, steps: int, cpu_minutes: float = 0.0, batch_size: int = 64,
+                  lr: float = 2e-3, shift: int = 2, seed: int = 0, log=print) -> list[nn.Linear]:
+    """Stage 0: the encoder and one linear head per (pixels, labels) set on its mean-pooled patches,
+    cross-entropy on the labels; the sets take turns, one batch a step. Returns the heads."""
+    heads = [nn.Linear(vlm.vision_cfg.width, int(labels.max()) + 1) for _, labels in sets]
+    params = [*vlm.encoder.parameters(), *(p for h in heads for p in h.parameters())]
+    g = torch.Generator().manual_seed(seed)
+
+    def loss_at(step):
+        (pixels, labels), head = sets[step % len(sets)], heads[step % len(sets)]
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
+        return F.cross_entropy(head(vlm.encode(shift_augment(pixels[idx], shift, g)).mean(1)), labels[idx])
+
+    vlm.encoder.train()
+    _run(params, Schedule(steps, cpu_minutes), lr, 0.05, loss_at, log, "stage 0", 100)
     vlm.encoder.eval()
-    return head
+    return heads
 
 
 @torch.no_grad()
 def probe_accuracy(vlm: VisionLM, head: nn.Linear, pixels, labels, chunk: int = 500) -> float:
-    preds = torch.cat([head(vlm.encoder((pixels[i:i + chunk] - 0.5) / 0.5).mean(1)).argmax(-1)
-                       for i in range(0, len(pixels), chunk)])
+    preds = torch.cat([head(vlm.encode(pixels[i:i + chunk]).mean(1)).argmax(-1) for i in range(0, len(pixels), chunk)])
     return (preds == labels).float().mean().item()
 
 
@@ -124,45 +181,41 @@ def encoder_features(vlm: VisionLM, pixels, chunk: int = 500) -> torch.Tensor:
     return torch.cat([vlm.features(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
-def train_chat(vlm: VisionLM, rows: ChatRows, features, labels, *, steps: int, train_lm: bool,
-               batch_size: int = 32, lr: float = 3e-3, seed: int = 0, stage: str = "stage", log=print) -> list[float]:
-    """Stages 1-2: the projector (and the LM when train_lm) on chat rows, given precomputed features."""
+def train_chat(vlm: VisionLM, tasks, *, steps: int, train_lm: bool, cpu_minutes: float = 0.0, batch_size: int = 32,
+               lr: float = 3e-3, seed: int = 0, stage: str = "stage", log=print) -> list[float]:
+    """Stages 1-2: the projector (and the LM when train_lm) on chat rows, given precomputed features:
+    tasks is a list of (ChatRows, features, labels), taking turns one batch a step."""
     params = [*vlm.projector.parameters(), *(vlm.lm.parameters() if train_lm else [])]
     for p in vlm.lm.parameters():
         p.requires_grad_(train_lm)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    vlm.lm.train()
-    holes = torch.tensor(rows.prompt) < 0
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, min(20, steps // 10))) * 0.5 * (1 + np.cos(np.pi * step / steps))
+
+    def loss_at(step):
+        rows, features, labels = tasks[step % len(tasks)]
         idx = torch.randint(0, len(features), (batch_size,), generator=g)
         ids, targets = rows.batch(labels[idx].tolist())
         embeds = torch.zeros(*ids.shape, vlm.lm.cfg.n_embd)
-        embeds[:, :len(rows.prompt)][:, holes] = vlm.projector(features[idx])
-        _, loss = vlm.lm(ids, targets, input_embeds=embeds)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{stage} step {step}: loss {loss.item():.4f}")
-    vlm.lm.eval()
-    for p in vlm.lm.parameters():
-        p.requires_grad_(True)
-    return losses
+        embeds[:, :len(rows.prompt)][:, torch.tensor(rows.prompt) < 0] = vlm.projector(features[idx])
+        return vlm.lm(ids, targets, input_embeds=embeds)[1]
+
+    vlm.lm.train()
+    try:
+        return _run(params, Schedule(steps, cpu_minutes, warmup=20), lr, 0.0, loss_at, log, stage, 50)
+    finally:
+        vlm.lm.eval()
+        for p in vlm.lm.parameters():
+            p.requires_grad_(True)
 
 
-def chat_accuracy(vlm: VisionLM, tokenizer: Tokenizer, pixels, labels, *, question: str = QUESTION,
-                  max_batch: int = 32, chunk: int = 256) -> tuple[float, list[str]]:
-    """Greedy replies through the Engine with the images as input_embeds; a reply is right when its
-    first word is the label's digit or its word. Returns (accuracy, replies)."""
+def chat_replies(vlm: VisionLM, tokenizer: Tokenizer, pixels, question: str = QUESTION, *, max_batch: int = 32,
+                 chunk: int = 256) -> list[str]:
+    """Greedy replies through the Engine, the images as input_embeds."""
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}], vlm.tokens_per_image)
     engine = Engine(vlm.lm, tokenizer, max_batch=max_batch)
-    params = SamplingParams(max_tokens=4, temperature=0)
+    # Greedy as top_k=1 sampling: the engine's batched greedy decode (`r in fast` in Engine._decode)
+    # compares Requests with the dataclass __eq__, which fails on their input_embeds tensors, so every
+    # image request but one in a batch ended with an error after its first token
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=1)
     replies: list[str] = []
     with torch.no_grad():
         for start in range(0, len(pixels), chunk):
@@ -171,64 +224,12 @@ def chat_accuracy(vlm: VisionLM, tokenizer: Tokenizer, pixels, labels, *, questi
             while engine.step():
                 pass
             replies += [r.text for r in reqs]
-    right = [_matches(reply, int(label)) for reply, label in zip(replies, labels.tolist())]
-    return sum(right) / len(right), replies
+    return replies
 
 
-def _matches(reply: str, label: int) -> bool:
-    words = reply.strip().lower().rstrip(".").split()
-    return bool(words) and words[0] in (str(label), image_data.DIGIT_WORDS[label])
-
-
-def train_vlm(out, *, stage0_steps: int = 600, stage1_steps: int = 150, stage2_steps: int = 150,
-              vision: VisionConfig | None = None, eval_limit: int | None = None, seed: int = 0,
-              threads: int | None = None, data_root=None, log=print) -> dict:
-    """Every stage on MNIST's 5k training digits (10% held out for validation) with a tiny LM trained
-    from scratch; saves the model to `out` and returns the accuracies on the MNIST test set (the
-    first eval_limit images, or all 10,000) with the seconds and CPU-seconds each part took."""
-    if threads:
-        torch.set_num_threads(threads)
-    t0, c0 = time.perf_counter(), time.process_time()
-    timings = {}
-
-    def mark(name):
-        timings[name] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
-
-    cfg = vision or VisionConfig()
-    (train_x, train_y), (val_x, val_y) = image_data.split(*image_data.load_mnist_train_5k(data_root), 0.1, seed)
-    test_x, test_y = image_data.load_mnist_test(data_root)
-    if eval_limit:
-        test_x, test_y = test_x[:eval_limit], test_y[:eval_limit]
-    to_pixels = lambda x: prepare_images(x, cfg)  # noqa: E731
-    train_p, val_p, test_p = to_pixels(train_x), to_pixels(val_x), to_pixels(test_x)
-    train_t, val_t, test_t = (torch.as_tensor(y) for y in (train_y, val_y, test_y))
-
-    texts = [caption(d) for d in range(10)] + [answer(d) for d in range(10)] + [CAPTION_PROMPT, QUESTION]
-    lm, tok = tiny_text_model(texts * 20, seed)
-    vlm = VisionLM(lm, cfg)
-    log(f"vision encoder {sum(p.numel() for p in vlm.encoder.parameters()):,} params, projector "
-        f"{sum(p.numel() for p in vlm.projector.parameters()):,}, LM {sum(p.numel() for p in lm.parameters()):,}")
-
-    head = train_encoder(vlm, train_p, train_t, steps=stage0_steps, seed=seed, log=log)
-    mark("stage0")
-    result = {"probe_val": probe_accuracy(vlm, head, val_p, val_t), "probe_test": probe_accuracy(vlm, head, test_p, test_t)}
-    log(f"stage 0: linear-probe accuracy val {result['probe_val']:.4f}, test {result['probe_test']:.4f}")
-    feats = encoder_features(vlm, train_p)
-    captions = ChatRows.build(tok, CAPTION_PROMPT, [caption(d) for d in range(10)], vlm.tokens_per_image)
-    questions = ChatRows.build(tok, QUESTION, [answer(d) for d in range(10)], vlm.tokens_per_image)
-    result["stage1_loss"] = train_chat(vlm, captions, feats, train_t, steps=stage1_steps, train_lm=True,
-                                       seed=seed, stage="stage 1", log=log)[-1]
-    mark("stage1")
-    result["stage2_loss"] = train_chat(vlm, questions, feats, train_t, steps=stage2_steps, train_lm=True,
-                                       seed=seed + 1, stage="stage 2", log=log)[-1]
-    mark("stage2")
-    vlm.save(Path(out), tok)  # before the evaluation: a killed evaluation keeps the trained model
-    result["chat_val"], _ = chat_accuracy(vlm, tok, val_p, val_t)
-    result["chat_test"], replies = chat_accuracy(vlm, tok, test_p, test_t)
-    result["test_images"] = len(test_t)
-    result["sample_replies"] = replies[:5]
-    mark("eval")
-    log(f"chat-path accuracy val {result['chat_val']:.4f}, MNIST test ({len(test_t)}) {result['chat_test']:.4f}")
-    result["timings"] = timings
-    (Path(out) / "results.json").write_text(json.dumps(result, indent=2))
-    return result
+def chat_accuracy(vlm: VisionLM, tokenizer: Tokenizer, pixels, labels, task: ImageTask = TASKS["mnist"],
+                  **kw) -> tuple[float, list[str]]:
+    """(share of greedy replies that name the label, the replies)."""
+    replies = chat_replies(vlm, tokenizer, pixels, task.question, **kw)
+    right = [task.right(reply, int(label)) for reply, label in zip(replies, labels.tolist())]
+    return sum(right) / max(1, len(right)), replies
