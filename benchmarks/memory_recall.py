@@ -2,14 +2,14 @@
 questions answered by SmolLM2-135M-Instruct with the user's memory (pocketlm.memory: rules on the write
 path, FTS5/BM25 on the read path) against the same model given the whole history in context.
 
-    python benchmarks/memory_recall.py                 # 6 users x 4 sessions, 6 questions each
-    python benchmarks/memory_recall.py --users 12 --threads 2
+    python benchmarks/memory_recall.py                 # 6 eval users x 4 sessions, 6 questions each
+    python benchmarks/memory_recall.py --users 12 --adapter runs/memory/run/adapter   # with the memory LoRA
 
-Each user has 4 sessions on 4 dates. A session is one real coffee-order dialog (its user and agent
-turns as written) with, added to its user turns, what a user says to an assistant with memory: one
-"Remember that on DATE I ordered DRINK." (DRINK read from the dialog's order), and across sessions a
-name ("My name is ...", changed in a later session), a workplace and a home town. The user turns go
-through the server's own write path (pocketlm.memory.personalize, as `serve --data-dir` runs it).
+The users (benchmarks/memory_users.py) are the "eval" split: data_07.json's dialogs, with names,
+places, dates and never-said topics the memory LoRA's training users (data_00.json) never have. The
+user turns go through the server's own write path (pocketlm.memory.personalize, as `serve
+--data-dir` runs it). --adapter runs every prompt on that LoRA as `serve --lora memory=DIR` does
+(a per-row adapter of the engine, chat starts cached under it too).
 Questions, scored without a model judge (lower-cased substring tests of the reply):
   single  "What did I order on DATE?"                      the drink of that session
   across  "What did I order on DATE1 and on DATE2?"         both drinks
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -51,103 +50,19 @@ from pocketlm.memory.retrieval import relevant  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 from pocketlm.serve.personal import cache_chat_starts  # noqa: E402
 
-# ../shared/data beside the checkout (a worktree sits one folder deeper)
-DATA = next((p / "shared" / "data" / "taskmaster4_coffee_dialogs" for p in REPO.parents
-             if (p / "shared" / "data" / "taskmaster4_coffee_dialogs").is_dir()), None)
-DRINKS = ["chai latte", "cold brew", "flat white", "hot chocolate", "iced coffee", "cappuccino", "americano",
-          "macchiato", "frappuccino", "espresso", "mocha", "latte"]  # longest first: "chai latte" before "latte"
-DATES = ["March 3", "April 17", "May 22", "June 9", "July 14", "August 28"]
-FIRST = ["Ana", "Ben", "Chloe", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jia", "Kofi", "Lena"]
-SURNAMES = ["Lopez", "Brooks", "Novak", "Okafor", "Tanaka", "Weber", "Silva", "Moreau", "Kowalski", "Haddad"]
-WORK = ["a bakery", "the city library", "a bike shop", "the train station", "a dental clinic", "a bookshop"]
-TOWNS = ["Porto", "Leeds", "Graz", "Utrecht", "Lyon", "Bergen"]
-NEVER = [("What is my dog's name?", "dog"), ("What is my favourite film?", "film"),
-         ("What car do I drive?", "car"), ("When is my birthday?", "birthday")]
-ABSTAIN = ("don't know", "do not know", "dont know")
+from memory_users import dialogs_with_one_drink, history_block, make_user, remember_sessions, score  # noqa: E402
 
 
-def dialogs_with_one_drink(limit: int) -> list[tuple[list[dict], str]]:
-    """(turns, drink) for dialogs whose first user turn names exactly one drink of DRINKS."""
-    if DATA is None:
-        sys.exit("no shared/data/taskmaster4_coffee_dialogs found beside this checkout")
-    out = []
-    for f in sorted(DATA.glob("data_*.json")):
-        for d in json.loads(f.read_text()):
-            turns = [{"role": u["speaker"], "content": u["text"].strip()} for u in d["utterances"] if u["text"].strip()]
-            if not turns or turns[0]["role"] != "user":
-                continue
-            text, found = turns[0]["content"].lower(), []
-            for drink in DRINKS:
-                if re.search(rf"\b{drink}s?\b", text):
-                    found.append(drink)
-                    text = re.sub(rf"\b{drink}s?\b", " ", text)
-            if len(found) == 1:
-                out.append((turns, found[0]))
-            if len(out) >= limit:
-                return out
-    return out
-
-
-def make_user(i: int, rng: random.Random, pool) -> dict:
-    dates = rng.sample(DATES, 4)
-    sessions = []
-    for date in dates:
-        turns, drink = pool.pop()
-        turns = [dict(t) for t in turns]
-        turns[0]["content"] = f"Remember that on {date} I ordered a {drink}. " + turns[0]["content"]
-        sessions.append({"date": date, "drink": drink, "turns": turns})
-    first, (old, new) = FIRST[i % len(FIRST)], rng.sample(SURNAMES, 2)
-    work, town = rng.choice(WORK), rng.choice(TOWNS)
-    said = {0: f"My name is {first} {old}.", 1: f"Remember that I work at {work}.",
-            2: f"My name is {first} {new}.", 3: f"Remember that I live in {town}."}
-    for j, s in said.items():  # said at the start of that session's first user turn
-        sessions[j]["turns"][0]["content"] = s + " " + sessions[j]["turns"][0]["content"]
-    a, b = sorted(rng.sample(range(4), 2))
-    never, word = rng.choice(NEVER)
-    k = rng.randrange(4)
-    questions = [
-        {"type": "single", "q": f"What did I order on {sessions[k]['date']}?", "want": [sessions[k]["drink"]],
-         "gold": [ordered(sessions[k])]},
-        {"type": "across", "q": f"What did I order on {sessions[a]['date']} and on {sessions[b]['date']}?",
-         "want": [sessions[a]["drink"], sessions[b]["drink"]], "gold": [ordered(sessions[a]), ordered(sessions[b])]},
-        {"type": "updated", "q": "What is my name?", "want": [new.lower()], "not": [old.lower()], "gold": [new]},
-        {"type": "fact", "q": "Where do I work?", "want": [work.split()[-1]], "gold": [work]},
-        {"type": "fact", "q": "Which town do I live in?", "want": [town.lower()], "gold": [town]},
-        {"type": "never", "q": never, "word": word},
-    ]
-    return {"name": f"u{i}", "sessions": sessions, "questions": questions}
-
-
-def ordered(session) -> str:
-    """The words of the memory that holds a session's order (what recall looks for among the hits)."""
-    return f"on {session['date']} i ordered a {session['drink']}"
-
-
-def history_block(user) -> str:
-    lines = ["Earlier conversations with this user:"]
-    for s in user["sessions"]:
-        lines.append(f"[{s['date']}]")
-        lines += [f"{t['role']}: {t['content']}" for t in s["turns"]]
-    return "\n".join(lines)
-
-
-def ask(engine, messages, max_tokens) -> tuple[str, float, int]:
+def ask(engine, messages, max_tokens, adapter=None) -> tuple[str, float, int]:
     """(reply, seconds to its first token, prompt tokens), greedy."""
     ids = encode_chat(engine.tokenizer, messages)
     first = []
     t0 = time.perf_counter()
     req = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0),
-                        lambda e: first.append(time.perf_counter()) if not first else None)
+                        lambda e: first.append(time.perf_counter()) if not first else None, adapter_id=adapter)
     while engine.step():
         pass
     return req.text.strip(), first[0] - t0, len(ids)
-
-
-def score(question, reply: str) -> bool:
-    r = reply.lower()
-    if question["type"] == "never":
-        return any(a in r for a in ABSTAIN)
-    return all(w in r for w in question["want"]) and not any(w in r for w in question.get("not", ()))
 
 
 def main():
@@ -161,6 +76,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system", default=None, help="a system prompt for every question (default none: the memory "
                     "block is the only system turn, as a plain chat request to `serve` gets)")
+    ap.add_argument("--adapter", help="a LoRA folder (configs/finetune_memory.yaml's) every prompt runs on, as "
+                    "`serve --lora memory=DIR` with \"model\": \"memory\"")
     ap.add_argument("--no-cached-starts", action="store_true", help="prefill every prompt whole, without the "
                     "shared chat starts serve computes once (the memory header, the template's opening)")
     args = ap.parse_args()
@@ -171,11 +88,17 @@ def main():
     model, tok = load_model(args.model)
     engine = Engine(model, tok, max_batch=1, max_seq_len=2048, precision=args.precision)
     count = lambda text: len(tok.encode(text, special=False))  # noqa: E731
+    adapter = None
+    if args.adapter:
+        engine.add_adapter("memory", args.adapter)  # what `serve --lora memory=DIR` does
+        adapter = "memory"
     rng = random.Random(args.seed)
-    pool = dialogs_with_one_drink(args.users * 4 + 50)
+    pool = dialogs_with_one_drink("eval")
+    if len(pool) < 4 * args.users:
+        sys.exit(f"--users {args.users}: the eval split has dialogs for {len(pool) // 4} users")
     rng.shuffle(pool)
-    users = [make_user(i, rng, pool) for i in range(args.users)]
-    ask(engine, [{"role": "user", "content": "Hello"}], 2)  # warm-up
+    users = [make_user(i, rng, pool, split="eval") for i in range(args.users)]
+    ask(engine, [{"role": "user", "content": "Hello"}], 2, adapter)  # warm-up
     if not args.no_cached_starts:  # what `serve --data-dir` does at start (serve/personal.py)
         print("cached chat starts (tokens):", cache_chat_starts(engine))
 
@@ -185,12 +108,7 @@ def main():
         for user in users:
             store.user_add(user["name"])
             uid = store.user_id(user["name"])
-            for s in user["sessions"]:  # the server's write path, one user turn at a time
-                history = [*system]
-                for t in s["turns"]:
-                    if t["role"] == "user":
-                        personalize(store, uid, [*history, t], count, budget=args.budget)
-                    history.append(t)
+            remember_sessions(store, uid, user, count, budget=args.budget)
             for q in user["questions"]:
                 question = [*system, {"role": "user", "content": q["q"]}]
                 hits = [m["text"].lower() for m in relevant(store, uid, q["q"], k=5)]
@@ -198,11 +116,11 @@ def main():
                 t0 = time.perf_counter()
                 messages, _, used = personalize(store, uid, question, count, budget=args.budget, write=False)
                 retrieval_s = time.perf_counter() - t0
-                with_memory, ttft_mem, n_mem = ask(engine, messages, args.max_tokens)
-                bare, ttft_bare, n_bare = ask(engine, question, args.max_tokens)
+                with_memory, ttft_mem, n_mem = ask(engine, messages, args.max_tokens, adapter)
+                bare, ttft_bare, n_bare = ask(engine, question, args.max_tokens, adapter)
                 full = [{"role": "system", "content": "\n\n".join([*(m["content"] for m in system), history_block(user)])},
                         question[-1]]
-                with_history, ttft_full, n_full = ask(engine, full, args.max_tokens)
+                with_history, ttft_full, n_full = ask(engine, full, args.max_tokens, adapter)
                 rows.append({"user": user["name"], "type": q["type"], "q": q["q"], "recalled": recalled,
                              "memory": {"reply": with_memory, "ok": score(q, with_memory), "tokens": n_mem,
                                         "ttft": ttft_mem + retrieval_s, "retrieval": retrieval_s},
@@ -221,7 +139,7 @@ def main():
         return round(sum(r[key]["ok"] for r in rs) / max(1, len(rs)), 3)
 
     med = lambda rs, k, f: statistics.median(r[k][f] for r in rs)  # noqa: E731
-    res = {"benchmark": "memory_recall", "model": Path(args.model).name, "precision": args.precision,
+    res = {"benchmark": "memory_recall", "model": Path(args.model).name, "adapter": args.adapter, "precision": args.precision,
            "users": args.users, "questions": len(rows), "threads": args.threads, "cpu": info["cpu"],
            "recall_at_5": round(sum(r["recalled"] for r in answerable) / len(answerable), 3),
            "accuracy": {"memory": share(answerable, "memory"), "full_history": share(answerable, "full"),

@@ -266,3 +266,38 @@ def test_the_chat_starts_prompts_share_are_computed_once_and_reused(lm, tmp_path
         assert r["choices"][0]["message"]["content"] == tok.decode(reference_greedy(model, ids, 6))
         plain, reused = ask(memory=False)
         assert 1 < reused < len(encode_chat(tok, question)) - 3  # the template's opening only
+
+
+def test_a_memory_adapter_served_with_lora_gets_the_memory_block_and_its_own_cached_starts(lm, tmp_path):
+    """The memory LoRA (configs/finetune_memory.yaml) is served as `serve --lora memory=DIR`: a user's
+    chat naming it as its model runs the adapter on the prompt with the memory block (the reply is
+    the merged model's greedy reply to that prompt), and the chat starts are computed under the
+    adapter's own weights too, so its requests reuse them (never the base model's)."""
+    from tiny_lm import in_process, tiny_adapter
+
+    from pocketlm.infer.engine import Engine
+    from pocketlm.memory import memory_add
+    from pocketlm.serve.app import create_app
+
+    model, tok = lm
+    key = user_add("ana", tmp_path)
+    memory_add("ana", tmp_path, "My locker code is 4312")
+    adapter, merged = tiny_adapter(model, tmp_path / "memory-lora")
+    engine = Engine(model, tok, max_batch=1)
+    question = [{"role": "user", "content": "What is my locker code?"}]
+    with Store(tmp_path) as store:
+        block, _ = memory_block(store, store.user_id("ana"), question[0]["content"],
+                                lambda t: len(tok.encode(t, special=False)))
+    ids = encode_chat(tok, with_block(question, block))
+    with in_process(create_app(engine, "tiny", data_dir=tmp_path, loras={"memory": adapter}), key) as c:
+        identities = {who for who, _ in engine.prefixes.stores}
+        assert identities == {None, engine.adapter_identity("memory")}
+        before = engine.reused_tokens
+        r = c.post("/v1/chat/completions", json={"model": "memory", "max_tokens": 6, "temperature": 0,
+                                                 "messages": question})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+        assert engine.reused_tokens - before > 5
+        want = tok.decode(reference_greedy(merged, ids, 6))
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert want != tok.decode(reference_greedy(model, ids, 6))  # the adapter matters

@@ -248,11 +248,21 @@ def _adapter(model, out, targets, rank, seed):
     return out, apply_adapter(clone(model), out).eval()
 
 
+@pytest.mark.parametrize("route", ["kernel", "matmuls"])
 @pytest.mark.parametrize("rows", [[0, 1, 2], [1, 1], [2, 1], [2, 0, 2, -1]])
-def test_rows_in_any_slot_order_match_their_merged_models_after_a_slot_is_reused(lm, tmp_path, rows):
+def test_rows_in_any_slot_order_match_their_merged_models_after_a_slot_is_reused(lm, tmp_path, rows, route,
+                                                                                monkeypatch):
     """Adapters of different ranks and projections; one unloaded and its slot taken by the next. Each
     row of a prefill over several rows, then of a decode step, has its merged model's logits at fp32:
+    through row_lora.cpp (a step of few tokens) and through the batched matmuls (prefill's path), with
     rows already in slot order (the update is a view of the stacks) and shuffled ones (copied in)."""
+    from pocketlm.infer import adapters
+
+    if route == "kernel" and not adapters.kernel():
+        pytest.skip("row_lora.cpp does not run here (no AVX512F, or POCKETLM_KERNELS=0)")
+    monkeypatch.setattr(adapters, "KERNEL_TOKENS", 16 if route == "kernel" else 0)
+    calls, real = [], adapters.row_lora_
+    monkeypatch.setattr(adapters, "row_lora_", lambda *a: (calls.append(1), real(*a)))
     model, tok = lm
     a, gone, b, c = (_adapter(model, tmp_path / n, t, r, seed) for n, t, r, seed in
                      (("a", "q_proj,v_proj", 2, 1), ("gone", "all", 8, 2), ("b", "all", 4, 3), ("c", "o_proj,up_proj", 8, 4)))
@@ -274,6 +284,7 @@ def test_rows_in_any_slot_order_match_their_merged_models_after_a_slot_is_reused
         plain = model(ids[:1])[0, -1]
     assert (got - want).abs().max() < 1e-3 and (got_next - want_next).abs().max() < 1e-3
     assert all((w - plain).abs().max() > 0.1 for w, r in zip(want, rows) if r >= 0)  # every adapter matters
+    assert bool(calls) == (route == "kernel")
 
 @pytest.mark.parametrize("args,message", [(["--lora", "nodir"], "expected NAME=DIR"),
                                           (["--lora", "a=x", "--lora", "a=y"], "given twice"),

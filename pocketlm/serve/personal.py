@@ -62,7 +62,8 @@ def cache_chat_starts(engine) -> list[int]:
     with no system turn (SmolLM2's has its own default system prompt) and of one whose system turn is a
     memory block, up to where the block's items begin. Memory then costs a request the prefill of its
     own items only, not of the block's fixed header (~40 tokens; at one thread a prompt's prefill grows
-    with its length). Returns the lengths cached."""
+    with its length). Cached for the base model and for each adapter loaded now (serve --lora, e.g. the
+    memory LoRA of configs/finetune_memory.yaml), each under its own weights. Returns the lengths cached."""
     from pocketlm.infer.generate import encode_chat
     from pocketlm.memory.retrieval import block_starts, with_block
 
@@ -74,9 +75,10 @@ def cache_chat_starts(engine) -> list[int]:
     plain = shared(*(encode_chat(engine.tokenizer, m) for m in question))
     first, second, other = (encode_chat(engine.tokenizer, with_block(question[0], b)) for b in block_starts())
     starts = [plain, shared(first, second), shared(first, other)]
-    for ids in starts:
-        if 1 < len(ids) < engine.max_seq_len // 2:  # (a tiny context keeps its room for the conversation)
-            engine.cache_prefix(ids)
+    for adapter in [None, *engine.adapters]:
+        for ids in starts:
+            if 1 < len(ids) < engine.max_seq_len // 2:  # (a tiny context keeps its room for the conversation)
+                engine.cache_prefix(ids, adapter)
     return [len(ids) for ids in starts]
 
 
