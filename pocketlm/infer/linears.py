@@ -52,7 +52,7 @@ class PackedLinear(nn.Module):
 # a quantized matrix through oneDNN instead of aten's int4/int8 weight-only kernels, for 2 bytes a weight
 # more memory. Measured on 2 Zen 5 cores (AVX512-BF16) on a 3072 x 576 matrix: aten's int4 kernel costs
 # ~0.023 ms a row at any count, packed bf16 0.093 ms at 4 rows (1.2x faster), 0.294 at 32 (2.6x), 0.594
-# at 64 (2.4x). Decode steps stay on the quantized weights (see _dense).
+# at 64 (2.4x) (benchmarks/prefill_matmul.py). Decode steps stay on the quantized weights (see _dense).
 DENSE_ROWS = 4
 
 
