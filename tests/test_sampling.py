@@ -6,6 +6,7 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from pocketlm.infer import sampling
 from pocketlm.infer.sampling import (SamplingError, SamplingParams, apply_repetition_penalty, filter_logits,
                                      make_generator, sample_token)
 
@@ -33,6 +34,20 @@ def test_filters_keep_the_same_tokens_as_transformers(setting, value, warper):
         assert torch.equal(kept(ours), kept(ref))
         if setting == "top_k":
             assert kept(ours).sum() == value
+
+
+def test_nucleus_on_a_large_vocabulary_matches_transformers_inside_and_past_the_first_ranking():
+    """filter_logits ranks NUCLEUS_FIRST tokens first and sorts the whole row only when the nucleus is
+    longer: peaked rows end inside that ranking, flat ones past it; both keep transformers' tokens."""
+    g = torch.Generator().manual_seed(1)
+    sizes = []
+    for scale in (0.2, 0.5, 3.0, 6.0):  # flat (nucleus of hundreds of tokens) to peaked (a few)
+        x = torch.randn(4 * sampling.NUCLEUS_FIRST, generator=g) * scale
+        ours = filter_logits(x.clone(), top_p=0.9)
+        ref = TopPLogitsWarper(0.9)(None, x.clone()[None])[0]
+        assert torch.equal(kept(ours), kept(ref)) and torch.equal(ours[kept(ours)], x[kept(ours)])
+        sizes.append(int(kept(ours).sum()))
+    assert min(sizes) < sampling.NUCLEUS_FIRST < max(sizes)  # (both branches ran)
 
 
 def test_repetition_penalty_matches_transformers():

@@ -212,10 +212,7 @@ def chat_replies(vlm: VisionLM, tokenizer: Tokenizer, pixels, question: str = QU
     """Greedy replies through the Engine, the images as input_embeds."""
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}], vlm.tokens_per_image)
     engine = Engine(vlm.lm, tokenizer, max_batch=max_batch)
-    # Greedy as top_k=1 sampling: the engine's batched greedy decode (`r in fast` in Engine._decode)
-    # compares Requests with the dataclass __eq__, which fails on their input_embeds tensors, so every
-    # image request but one in a batch ended with an error after its first token
-    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=1)
+    params = SamplingParams(max_tokens=4, temperature=0)
     replies: list[str] = []
     with torch.no_grad():
         for start in range(0, len(pixels), chunk):
