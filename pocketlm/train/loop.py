@@ -149,6 +149,7 @@ def train(model, tokenizer, cfg: TrainConfig, train_data, val_data, out_dir, *, 
         elapsed = from_main(clock() - t_start, dist.device) if budget else 0.0
         if budget and elapsed >= budget:
             stop_reason = "time budget"
+            state["elapsed"] = elapsed  # (saved below: a resume with the same budget has nothing left, not one more step)
             break
         if step == 1 and budget:  # the first step's time, cold compile included, on rank 0's clock
             state["first_step_s"] = elapsed
