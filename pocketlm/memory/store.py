@@ -343,13 +343,15 @@ class Store:
             db.execute("UPDATE users SET history_days = ? WHERE id = ?", (float(days), user_id))
         self.history_prune(user_id)
 
-    def history_add(self, user_id: int, conversation: str, role: str, content: str) -> bool:
-        """Keep one message if the user's retention is > 0 days; returns whether it was kept."""
+    def history_add(self, user_id: int, conversation: str, role: str, content: str, *more: tuple[str, str]) -> bool:
+        """Keep a message (and any further (role, content) pairs, in the same transaction, so a reader never
+        sees half a turn) if the user's retention is > 0 days; returns whether they were kept."""
         if self.history_days(user_id) <= 0:
             return False
+        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO history(user_id, conversation, role, content, created) VALUES (?, ?, ?, ?, ?)",
-                       (user_id, conversation, role, content, time.time()))
+            db.executemany("INSERT INTO history(user_id, conversation, role, content, created) VALUES (?, ?, ?, ?, ?)",
+                           [(user_id, conversation, r, c, now) for r, c in ((role, content), *more)])
         return True
 
     def history_list(self, user_id: int, conversation: str | None = None) -> list[dict]:

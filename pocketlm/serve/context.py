@@ -4,7 +4,8 @@
                                         # or edit turn.messages (memory adds context, moderation blocks)
     ctx.output_filters.append(make)     # make(turn) -> an OutputFilter (engine contract), one per request
     turn.extra[name] = value            # a field of the reply (the JSON body; the first chunk of a stream)
-    turn.on_done.append(f)              # f(reply text) when the reply is complete (history)
+    turn.on_done.append(f)              # f(reply text) -> None | awaitable when the reply is complete
+                                        # (history: the reply waits for the write)
     turn.processors.append(p)           # a logits processor (engine contract) for this request (response_format)
 """
 

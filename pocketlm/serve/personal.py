@@ -151,9 +151,6 @@ async def _with_memory(ctx, turn) -> None:
     if keep_history:
         conversation = turn.http.headers.get("x-conversation-id") or "default"
 
-        def keep(reply: str):  # called on the event loop: the writes go to a thread
-            def write():
-                store.history_add(uid, conversation, "user", last)
-                store.history_add(uid, conversation, "assistant", reply)
-            asyncio.get_running_loop().run_in_executor(None, write)
+        def keep(reply: str):  # called on the event loop: the write goes to a thread, and the reply waits for it
+            return asyncio.to_thread(store.history_add, uid, conversation, "user", last, ("assistant", reply))
         turn.on_done.append(keep)

@@ -5,6 +5,7 @@ asyncio queue, and a request whose client went away is cancelled, which frees it
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -44,7 +45,7 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
         log.error("generation failed: %s", req.error)
         raise APIError(500, "generation failed (logged on the server)", type="server_error")
     for done in turn.on_done:
-        done(text)
+        await _finished(done(text))
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                "finish_reason": req.finish_reason} if chat else
               {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason})
@@ -94,6 +95,12 @@ def _merged(event: Event, queue: asyncio.Queue) -> Event:
         event = queue.get_nowait()
         text.append(event.text)
     return event if len(text) == 1 else Event(event.request, "".join(text), event.finish_reason)
+
+
+async def _finished(result) -> None:
+    """An on_done hook may hand back an awaitable (a history write): the reply waits for it."""
+    if inspect.isawaitable(result):
+        await result
 
 
 async def _until_done(events, http):
@@ -148,7 +155,7 @@ async def _sse(ctx: ServerContext, turn: Turn, rid, events, chat: bool, include_
             if ev.finish_reason is not None:
                 try:
                     for done in turn.on_done:
-                        done("".join(parts))
+                        await _finished(done("".join(parts)))
                 except APIError as e:  # the reply is refused after all (a schema that could not be followed)
                     yield f"data: {_json(error_body(e.message, e.type, e.param, e.code))}\n\n"
                     break
