@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 CORPUS := pocketlm/data/bundled/tinyshakespeare.txt
 
-.PHONY: install demo vlm test test-slow clean
+.PHONY: install demo vlm speech test test-slow clean
 
 $(BIN)/pocketlm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: install
 # chat-path accuracies (MNIST test, the Fashion-MNIST held-out split). Budgeted in CPU-minutes.
 vlm: install
 	TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-/tmp/pocketlm_ext} $(BIN)/python -m pocketlm.train.vlm_recipe --config configs/vlm.yaml --out runs/vlm
+
+# The speech model (issue 16): spoken digits synthesized with espeak-ng and flite (apt install
+# espeak-ng flite) into runs/spoken_digits, then every stage of configs/speech.yaml into runs/speech
+# and the accuracy on held-out voices.
+speech: install
+	$(BIN)/python -m pocketlm.data.speech --out runs/spoken_digits
+	$(BIN)/python -m pocketlm.train.speech_recipe --config configs/speech.yaml --data runs/spoken_digits --out runs/speech
 
 test: install
 	$(BIN)/python -m pytest -q

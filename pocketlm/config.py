@@ -133,9 +133,9 @@ class ConfigError(PocketLMError):
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 
-def _coerce(section: str, f: dataclasses.Field, value):
+def _coerce(section: str, f: dataclasses.Field, value, cls=None):
     """Parse override strings and check YAML values against the field's annotated type."""
-    kind = typing.get_type_hints(SECTIONS[section])[f.name]
+    kind = typing.get_type_hints(cls or SECTIONS[section])[f.name]
     allowed = typing.get_args(kind) or (kind,)
     if value is None and type(None) in allowed:
         return None
@@ -207,15 +207,17 @@ def apply_overrides(raw: dict[str, dict], overrides: dict | None, keys: dict[str
     return raw
 
 
-def parse_section(section: str, values: dict):
-    """One section's dataclass from a dict of YAML values or override strings, every key validated."""
-    valid = _fields(section)
+def parse_section(section: str, values: dict, cls=None):
+    """One section's dataclass (SECTIONS[section], or `cls`) from a dict of YAML values or override
+    strings, every key validated."""
+    cls = cls or SECTIONS[section]
+    valid = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(valid)
     if unknown:
         raise ConfigError(f"unknown {section} keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
-    typed = {k: _coerce(section, valid[k], v) for k, v in values.items()}
+    typed = {k: _coerce(section, valid[k], v, cls) for k, v in values.items()}
     try:
-        return SECTIONS[section](**typed)
+        return cls(**typed)
     except ConfigError:
         raise
     except ValueError as e:

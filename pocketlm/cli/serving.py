@@ -19,10 +19,10 @@ def _sampling(args) -> dict:
 def _generate(args):
     from pocketlm.infer.generate import generate
 
-    if args.system and not (args.chat or args.documents or args.image):
+    if args.system and not (args.chat or args.documents or args.image or args.audio):
         raise PocketLMError("--system needs --chat (it is a chat message)")
     generate(args.model, args.prompt, chat=args.chat, system=args.system, documents=args.documents, image=args.image,
-             **_sampling(args))
+             audio=args.audio, **_sampling(args))
 
 
 def _chat(args):
@@ -124,6 +124,7 @@ def register(sub):
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ge.add_argument("--system", help="system message (with --chat)")
     ge.add_argument("--image", help="an image file for a vision model (implies --chat: the image, then the prompt)")
+    ge.add_argument("--audio", help="a WAV file for a speech model (implies --chat: the clip, then the prompt)")
     _add_sampling_args(ge)
     ge.set_defaults(func=_generate)
 

@@ -59,8 +59,11 @@ def load_engine(source, *, adapter=None, dtype: str = "auto", max_batch: int = 1
               f"decode: one stream's step op by op ({why})", file=sys.stderr, flush=True)
     from pocketlm.model.vision import vision_tower
     engine.vision = vision_tower(source, model)  # a vision model's encoder and projector, else None
-    if engine.vision is not None:
-        engine.vision.lm = None  # only the tower is kept: the engine holds its own fused copy of the LM
+    from pocketlm.model.speech import speech_tower
+    engine.speech = speech_tower(source, model)  # a speech model's audio encoder and projector, else None
+    for tower in (engine.vision, engine.speech):
+        if tower is not None:
+            tower.lm = None  # only the tower is kept: the engine holds its own fused copy of the LM
     del model  # the engine holds its own fused copy of the weights
     if compile:
         print("compiling the decode step (a minute or more on a small CPU)...", file=sys.stderr, flush=True)
@@ -99,27 +102,32 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, out: TextI
 def generate(model, prompt: str = "", *, chat: bool = False, system: str | None = None, adapter=None,
              dtype: str = "auto", compile: bool = False, threads: int | None = None, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, image=None, documents=None,
+             repetition_penalty: float = 1.0, seed: int | None = None, image=None, audio=None, documents=None,
              out: TextIO | None = None) -> str:
     """Continue `prompt` (or, with chat, answer it as a user message), streaming to `out` (stdout);
     returns the generated text. A plain prompt is the caller's own raw text: markers in it are
     special tokens, as in a training document. `image` (a file) needs a vision model and makes the
-    prompt a chat: the image, then the prompt, as one user message. documents: a folder to answer
+    prompt a chat: the image, then the prompt, as one user message; `audio` (a WAV file) likewise for a
+    speech model. documents: a folder to answer
     from (grounded mode, pocketlm.safety.grounded; implies chat): the reply cites passages as [n],
     listed after it."""
     out = out or sys.stdout
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    if system and not (chat or image is not None or documents is not None):
+    if system and not (chat or image is not None or audio is not None or documents is not None):
         raise InputError("system needs chat (it is a chat message)")
+    if image is not None and audio is not None:
+        raise InputError("give an image or an audio file, not both")
     index = _index(documents)
     engine = load_engine(model, adapter=adapter, dtype=dtype, compile=compile, threads=threads)
     found, embeds = [], None
-    if chat or index is not None or image is not None:
-        user = image_message(prompt) if image is not None else {"role": "user", "content": prompt}
-        pixels = None if image is None else image_pixels(engine, model, [image])
+    if chat or index is not None or image is not None or audio is not None:
+        user = (image_message(prompt) if image is not None else audio_message(prompt) if audio is not None
+                else {"role": "user", "content": prompt})
+        media, tower = ((image_pixels(engine, model, [image]), engine.vision) if image is not None else
+                        (audio_mels(engine, model, [audio]), engine.speech) if audio is not None else (None, None))
         ids, embeds, found = _prompt(engine, ([{"role": "system", "content": system}] if system else []) + [user],
-                                     index, pixels)
+                                     index, media, tower)
     else:
         ids = encode_completion(engine.tokenizer, prompt, special=True)
         out.write(prompt)
@@ -170,6 +178,27 @@ def image_pixels(engine: Engine, model, files: list) -> torch.Tensor:
             raise InputError(f"{file}: cannot read the image ({e.strerror})") from None
         arrays.append(decode_image(data, str(file)))
     return torch.cat([prepare_images(a[None], vision.vision_cfg) for a in arrays])
+
+
+def audio_message(text: str) -> dict:
+    from pocketlm.model.speech import AUDIO_PLACEHOLDER
+
+    return {"role": "user", "content": f"{AUDIO_PLACEHOLDER}\n{text}"}
+
+
+def audio_mels(engine: Engine, model, files: list) -> torch.Tensor:
+    """The WAV files as the engine's speech tower takes them, (N, n_mels, frames)."""
+    from pocketlm.data.speech import read_wav_file
+    from pocketlm.model.speech import prepare_clips
+
+    speech = getattr(engine, "speech", None)
+    if speech is None:
+        raise InputError(f"{model}: no speech encoder; --audio needs a speech model (a folder with speech.safetensors)")
+    waves = [read_wav_file(file) for file in files]
+    try:
+        return prepare_clips(waves, speech.speech_cfg)
+    except InputError as e:
+        raise InputError(f"{files[0]}: {e}") from None
 
 
 HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /quit leaves"
@@ -246,15 +275,15 @@ def _fit_history(engine: Engine, system, history: list[dict], max_tokens: int, i
     return None, None, []
 
 
-def _prompt(engine: Engine, messages: list[dict], index=None, pixels=None):
+def _prompt(engine: Engine, messages: list[dict], index=None, pixels=None, tower=None):
     """(ids, input_embeds or None, passages) of a chat: grounded in `index`'s passages if given, with the
-    image `pixels` spliced at its placeholder if given."""
+    image `pixels` (or a speech tower's clips) spliced at its placeholder if given."""
     found = []
     if index is not None:
         from pocketlm.safety.grounded import grounded_messages
         messages, found = grounded_messages(messages, index)
     if pixels is not None:
-        return (*engine.vision.engine_prompt(engine.tokenizer, messages, pixels), found)
+        return (*(tower or engine.vision).engine_prompt(engine.tokenizer, messages, pixels), found)
     return encode_chat(engine.tokenizer, messages), None, found
 
 

@@ -222,23 +222,39 @@ class VisionLM(nn.Module):
                              f"for {n} image(s)")
         return ids, (self.image_embeds(pixels).reshape(holes, -1) if n else None)
 
-    # ---- saving ------------------------------------------------------------------------
-    def vision_state(self) -> dict[str, torch.Tensor]:
-        sd = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        sd.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+    # ---- the media-tower interface (train/vlm.py, the engine, speech.py's SpeechLM offers the same) ----
+    placeholder = IMAGE_PLACEHOLDER
+    weights_file, config_key = VISION_WEIGHTS, "vision"
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.tokens_per_image
+
+    def embeds(self, pixels) -> torch.Tensor:
+        return self.image_embeds(pixels)
 
     def save(self, path, tokenizer) -> Path:
         """The LM's checkpoint directory with the vision tower and projector beside it (safetensors)."""
-        from pocketlm.model.checkpoint import WEIGHTS, model_state
+        return save_tower(self, path, tokenizer, self.vision_cfg.to_dict())
 
-        def weights(tmp, lm):
-            save_file(model_state(lm), str(tmp / WEIGHTS), metadata={"format": "pt"})
-            save_file(self.vision_state(), str(tmp / VISION_WEIGHTS), metadata={"format": "pt"})
 
-        from pocketlm.model.checkpoint import save_checkpoint
-        return save_checkpoint(path, self.lm, tokenizer, extra_config={"vision": self.vision_cfg.to_dict()},
-                               save_weights=weights)
+def tower_state(tower) -> dict[str, torch.Tensor]:
+    """A tower's encoder and projector weights, named as _with_tower reads them back."""
+    sd = {f"encoder.{k}": v for k, v in tower.encoder.state_dict().items()}
+    sd.update({f"projector.{k}": v for k, v in tower.projector.state_dict().items()})
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_tower(tower, path, tokenizer, config: dict) -> Path:
+    """tower.lm's checkpoint directory, with tower_state(tower) in tower.weights_file and `config`
+    under tower.config_key in config.json (a vision or a speech tower)."""
+    from pocketlm.model.checkpoint import WEIGHTS, model_state, save_checkpoint
+
+    def weights(tmp, lm):
+        save_file(model_state(lm), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(tower_state(tower), str(tmp / tower.weights_file), metadata={"format": "pt"})
+
+    return save_checkpoint(path, tower.lm, tokenizer, extra_config={tower.config_key: config}, save_weights=weights)
 
 
 def load_vision_model(path, device="cpu"):
@@ -246,17 +262,22 @@ def load_vision_model(path, device="cpu"):
     from pocketlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(Path(path))
-    raw = _vision_section(path)
+    raw = _tower_section(path, VisionLM)
     if raw is None:
         raise VisionError(f"{path}: a text-only model (no 'vision' section in config.json or no {VISION_WEIGHTS})")
     lm, tok = load_checkpoint(path, device=device)
-    return _with_tower(path, lm, raw, device).eval(), tok
+    return _with_tower(path, lm, VisionLM, VisionConfig.from_dict(raw), device).eval(), tok
 
 
 def vision_tower(source, lm, device="cpu") -> "VisionLM | None":
     """The encoder and projector saved beside the checkpoint `source` was loaded from, around `lm`,
     or None for a text-only model (a .gguf file, a Hugging Face folder, a plain checkpoint). What the
     engine and the server use to turn images into input_embeds."""
+    return load_tower(source, lm, VisionLM, VisionConfig, device)
+
+
+def load_tower(source, lm, kind, config_cls, device="cpu"):
+    """A `kind` tower (VisionLM, SpeechLM) around lm from beside the checkpoint `source`, or None."""
     from pocketlm.model.checkpoint import resolve_checkpoint
 
     if not Path(source).is_dir():
@@ -265,36 +286,38 @@ def vision_tower(source, lm, device="cpu") -> "VisionLM | None":
         path = resolve_checkpoint(Path(source))
     except PocketLMError:
         return None
-    raw = _vision_section(path)
-    return None if raw is None else _with_tower(path, lm, raw, device).eval()
+    raw = _tower_section(path, kind)
+    return None if raw is None else _with_tower(path, lm, kind, config_cls.from_dict(raw), device).eval()
 
 
-def _vision_section(path: Path) -> dict | None:
+def _tower_section(path: Path, kind) -> dict | None:
     config = path / "config.json"
-    if not config.exists() or not (path / VISION_WEIGHTS).exists():
+    if not config.exists() or not (path / kind.weights_file).exists():
         return None
-    return json.loads(config.read_text()).get("vision")
+    return json.loads(config.read_text()).get(kind.config_key)
 
 
-def _with_tower(path: Path, lm, raw: dict, device) -> VisionLM:
-    model = VisionLM(lm, VisionConfig.from_dict(raw)).to(device)
+def _with_tower(path: Path, lm, kind, cfg, device):
+    model = kind(lm, cfg).to(device)
+    file = path / kind.weights_file
     try:
-        sd = load_file(str(path / VISION_WEIGHTS), device=str(device))
+        sd = load_file(str(file), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise VisionError(f"{path / VISION_WEIGHTS}: cannot read safetensors weights ({e})") from e
+        raise VisionError(f"{file}: cannot read safetensors weights ({e})") from e
     for name, module in (("encoder", model.encoder), ("projector", model.projector)):
         part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
         try:
             module.load_state_dict(part)
         except RuntimeError as e:
-            raise VisionError(f"{path / VISION_WEIGHTS}: {name} weights do not match the config ({e})") from e
+            raise VisionError(f"{file}: {name} weights do not match the config ({e})") from e
     return model
 
 
 # ---- prompts and pixels ----------------------------------------------------------------------
-def encode_prompt(tokenizer, messages: list[dict], tokens_per_image: int, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat with `<image>` placeholders in its contents, each replaced by
-    tokens_per_image ids of -1. The rendered text is cut at the placeholders and each piece is
+def encode_prompt(tokenizer, messages: list[dict], tokens_per_image: int, add_generation_prompt: bool = True,
+                  placeholder: str = IMAGE_PLACEHOLDER) -> list[int]:
+    """Token ids of a chat with `placeholder`s (`<image>`, or speech's `<audio>`) in its contents, each
+    replaced by tokens_per_image ids of -1. The rendered text is cut at the placeholders and each piece is
     tokenized on its own, so no token straddles an image."""
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -303,7 +326,7 @@ def encode_prompt(tokenizer, messages: list[dict], tokens_per_image: int, add_ge
             raise InputError(f"messages[{i}].content: special-token markers are not allowed beside images")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt)
     ids: list[int] = []
-    for n, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    for n, piece in enumerate(text.split(placeholder)):
         if n:
             ids += [-1] * tokens_per_image
         ids += tokenizer.encode(piece) if piece else []

@@ -56,7 +56,8 @@ class Turn:
     on_done: list[Callable] = field(default_factory=list)  # f(reply text) once the reply is complete
     processors: list = field(default_factory=list)  # the request's logits processors (structured.py)
     images: list = field(default_factory=list)  # decoded image parts, uint8 arrays in order (media.py)
-    input_embeds: Any = None          # (image positions, n_embd) for the engine, when images were sent
+    audio: list = field(default_factory=list)   # decoded audio parts, float waveforms in order (media.py)
+    input_embeds: Any = None          # (image or audio positions, n_embd) for the engine, when media were sent
 
 
 @dataclass

@@ -62,7 +62,7 @@ def _where(err) -> list[str]:
 
 
 _BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none",
-             "TextPart", "ImagePart"}  # the content-part union's branches (schemas.Message)
+             "TextPart", "ImagePart", "AudioPart"}  # the content-part union's branches (schemas.Message)
 
 
 def _http_error(request, e: StarletteHTTPException):

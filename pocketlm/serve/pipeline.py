@@ -86,6 +86,8 @@ def prompt_ids(ctx: ServerContext, turn: Turn) -> list[int]:
     tok = ctx.engine.tokenizer
     if turn.images:  # a chat with image parts (media.py)
         ids, turn.input_embeds = media.image_prompt(ctx, turn)
+    elif turn.audio:  # ... with audio parts
+        ids, turn.input_embeds = media.audio_prompt(ctx, turn)
     elif turn.messages is not None:
         try:
             ids = encode_chat(tok, turn.messages)

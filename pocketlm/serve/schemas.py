@@ -65,20 +65,32 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-IMAGE_PLACEHOLDER = "<image>"  # pocketlm.model.vision's (not imported: it needs torch)
+class InputAudio(_Body):
+    data: Text                       # base64 (serve/media.py)
+    format: Text                     # OpenAI's "wav" | "mp3"; wav is what this server reads (a 400 names any other)
+
+
+class AudioPart(_Body):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+IMAGE_PLACEHOLDER = "<image>"  # pocketlm.model.vision's and pocketlm.model.speech's (not imported: they need torch)
+AUDIO_PLACEHOLDER = "<audio>"
+PLACEHOLDERS = {"image_url": IMAGE_PLACEHOLDER, "input_audio": AUDIO_PLACEHOLDER}
 
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart | ImagePart]
+    content: Text | list[TextPart | ImagePart | AudioPart]
     name: Text | None = None
 
     def text(self) -> str:
-        """The content as the template renders it: an image part is its placeholder on a line of its own,
-        as the recipes train it (train/vlm.py) and `generate --image` writes it (media.py)."""
+        """The content as the template renders it: an image or audio part is its placeholder on a line of
+        its own, as the recipes train it (train/vlm.py, train/speech_recipe.py) and `generate --image` writes it."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text if p.type == "text" else IMAGE_PLACEHOLDER + "\n" for p in self.content)
+        return "".join(p.text if p.type == "text" else PLACEHOLDERS[p.type] + "\n" for p in self.content)
 
 
 class StreamOptions(_Body):

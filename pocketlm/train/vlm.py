@@ -76,8 +76,9 @@ class ChatRows:
     answers: list[list[int]]
 
     @classmethod
-    def build(cls, tokenizer: Tokenizer, user: str, replies, tokens_per_image: int) -> "ChatRows":
-        prompt = encode_prompt(tokenizer, [{"role": "user", "content": user}], tokens_per_image)
+    def build(cls, tokenizer: Tokenizer, user: str, replies, tokens_per_image: int,
+              placeholder: str = IMAGE_PLACEHOLDER) -> "ChatRows":
+        prompt = encode_prompt(tokenizer, [{"role": "user", "content": user}], tokens_per_image, placeholder=placeholder)
         end = tokenizer.eos_id
         return cls(prompt, [tokenizer.encode(r, special=False) + [end] for r in replies])
 
@@ -209,14 +210,15 @@ def train_chat(vlm: VisionLM, tasks, *, steps: int, train_lm: bool, cpu_minutes:
 
 def chat_replies(vlm: VisionLM, tokenizer: Tokenizer, pixels, question: str = QUESTION, *, max_batch: int = 32,
                  chunk: int = 256) -> list[str]:
-    """Greedy replies through the Engine, the images as input_embeds."""
-    prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}], vlm.tokens_per_image)
+    """Greedy replies through the Engine, the images (or a speech tower's clips) as input_embeds."""
+    prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}], vlm.tokens_per_item,
+                           placeholder=vlm.placeholder)
     engine = Engine(vlm.lm, tokenizer, max_batch=max_batch)
     params = SamplingParams(max_tokens=4, temperature=0)
     replies: list[str] = []
     with torch.no_grad():
         for start in range(0, len(pixels), chunk):
-            embeds = vlm.image_embeds(pixels[start:start + chunk])
+            embeds = vlm.embeds(pixels[start:start + chunk])
             reqs = [engine.submit(prompt, params, input_embeds=e) for e in embeds]
             while engine.step():
                 pass
