@@ -23,7 +23,7 @@ from pocketlm.data.speech import AudioDataError, decode_audio_part, load_spoken_
 from pocketlm.errors import InputError, PocketLMError
 from pocketlm.infer.generate import generate, load_engine
 from pocketlm.model import save_checkpoint
-from pocketlm.model.speech import SpeechConfig, log_mel, mel_filterbank, prepare_clips, speech_tower
+from pocketlm.model.speech import SpeechConfig, load_speech_model, log_mel, mel_filterbank, prepare_clips, speech_tower
 from pocketlm.serve.app import create_app
 from pocketlm.train import speech_recipe
 from pocketlm.train.vlm import tiny_text_model
@@ -139,6 +139,14 @@ def test_the_recipe_learns_the_words_of_unheard_voices(model_dir):
     # the saved folder loads back as a model with its speech tower
     engine = load_engine(out, dtype="fp32")
     assert engine.speech is not None and engine.vision is None
+    slm, _ = load_speech_model(out)
+    assert slm.speech_cfg == SpeechConfig(**CFG)
+    (out / "config.json").rename(out / "config.bak")
+    try:
+        with pytest.raises(PocketLMError):
+            load_speech_model(out)
+    finally:
+        (out / "config.bak").rename(out / "config.json")
 
 
 def ask(clip_b64: str, fmt: str = "wav", text: str = "Which digit is spoken?") -> list[dict]:

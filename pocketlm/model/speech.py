@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pocketlm.errors import InputError, PocketLMError
 from pocketlm.model.gpt import GPT
-from pocketlm.model.vision import EncoderBlock, encode_prompt, load_tower, save_tower
+from pocketlm.model.vision import EncoderBlock, encode_prompt, load_tower, load_tower_model, save_tower
 
 AUDIO_PLACEHOLDER = "<audio>"
 SPEECH_WEIGHTS = "speech.safetensors"
@@ -222,3 +222,8 @@ def speech_tower(source, lm, device="cpu") -> "SpeechLM | None":
     """The audio encoder and projector saved beside the checkpoint `source` was loaded from, around
     `lm`, or None for a model without one."""
     return load_tower(source, lm, SpeechLM, SpeechConfig, device)
+
+
+def load_speech_model(path, device="cpu"):
+    """(SpeechLM, tokenizer) from a directory SpeechLM.save wrote."""
+    return load_tower_model(path, SpeechLM, SpeechConfig, device)

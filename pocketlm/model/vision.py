@@ -259,14 +259,19 @@ def save_tower(tower, path, tokenizer, config: dict) -> Path:
 
 def load_vision_model(path, device="cpu"):
     """(VisionLM, tokenizer) from a directory VisionLM.save wrote (a run's checkpoint or the folder)."""
+    return load_tower_model(path, VisionLM, VisionConfig, device)
+
+
+def load_tower_model(path, kind, config_cls, device="cpu"):
+    """(a `kind` model around its LM, tokenizer) from a directory its save() wrote."""
     from pocketlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(Path(path))
-    raw = _tower_section(path, VisionLM)
+    raw = _tower_section(path, kind)
     if raw is None:
-        raise VisionError(f"{path}: a text-only model (no 'vision' section in config.json or no {VISION_WEIGHTS})")
+        raise VisionError(f"{path}: a text-only model (no {kind.config_key!r} section in config.json or no {kind.weights_file})")
     lm, tok = load_checkpoint(path, device=device)
-    return _with_tower(path, lm, VisionLM, VisionConfig.from_dict(raw), device).eval(), tok
+    return _with_tower(path, lm, kind, config_cls.from_dict(raw), device).eval(), tok
 
 
 def vision_tower(source, lm, device="cpu") -> "VisionLM | None":
