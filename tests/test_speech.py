@@ -7,6 +7,7 @@ test needs neither espeak-ng nor recordings; the real spoken digits run in bench
 import base64
 import csv
 import io
+import shutil
 import subprocess
 import sys
 import wave
@@ -19,7 +20,7 @@ import pytest
 import torch
 from tiny_lm import in_process, running_server
 
-from pocketlm.data.speech import AudioDataError, decode_audio_part, load_spoken_digits, read_wav
+from pocketlm.data.speech import AudioDataError, build_spoken_digits, decode_audio_part, load_spoken_digits, read_wav
 from pocketlm.errors import InputError, PocketLMError
 from pocketlm.infer.generate import generate, load_engine
 from pocketlm.model import save_checkpoint
@@ -235,3 +236,25 @@ def test_generate_with_audio(model_dir, tmp_path):
     file.write_bytes(b"not audio")
     with pytest.raises(PocketLMError, match="seven.wav"):
         generate(path, "Which digit is spoken?", audio=file, dtype="fp32", out=io.StringIO())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("flite") is None,
+                    reason="the spoken digits need espeak-ng and flite: apt-get install espeak-ng flite")
+def test_spoken_digits_are_synthesized_and_split_by_voice(tmp_path):
+    manifest = build_spoken_digits(tmp_path / "digits", accents=1, log=lambda s: None)
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    split_of: dict[str, set] = {}
+    for r in rows:
+        split_of.setdefault(r["voice"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of.values())  # a voice is never in two splits
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    assert all(len({r["label"] for r in group}) == 10 for group in by_split.values())
+    assert {r["engine"] for r in by_split["test"]} == {"espeak-ng", "flite"}
+    data = load_spoken_digits(tmp_path / "digits")
+    waves = data["test"][0]
+    assert len(waves) == len(by_split["test"]) and all(0.1 < len(w) / 16000 < 1.5 for w in waves)
+    # the words fit the recipe's clip length once trimmed
+    assert prepare_clips(waves[:50], SpeechConfig()).shape[0] == 50
+    assert build_spoken_digits(tmp_path / "digits") == manifest  # a built set is kept, not rebuilt
