@@ -69,14 +69,14 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def run_analyze(csv_path, out_dir, model, tok, labels, **kw) -> dict:
-    """analyze() exactly as the CLI calls it, on an engine over the weights loaded once for the whole run."""
-    real = label_module._engine
-    label_module._engine = lambda _m, _a, dtype, batch_size, _t: Engine(model, tok, max_batch=batch_size, precision=dtype)
+    """analyze() exactly as the CLI calls it, over the weights loaded once for the whole run."""
+    real = label_module._load
+    label_module._load = lambda _m, _a, _t: (model, tok)
     try:
         s = analyze(csv_path, model=str(kw.pop("gguf")), text="instruction", labels=labels, gold="intent",
                     out=out_dir / f"{kw.get('batch_size')}_{kw.get('reuse_prefix')}.csv", progress=False, **kw)
     finally:
-        label_module._engine = real
+        label_module._load = real
     with open(s["out"], newline="", encoding="utf-8") as f:
         preds = [r["label"] for r in csv.DictReader(f)]
     return {"rows": s["rows"], "seconds": s["seconds"], "rows_per_s": s["rows"] / s["seconds"],
