@@ -6,7 +6,8 @@
 Rows: a seeded sample of Bitext's customer-support requests (../shared/data/bitext_customer_support),
 each labelled with one of its 27 intents, greedy. Timed, in one run, on the same rows:
 - pocketlm: `analyze()` as the CLI runs it (the shared instruction computed once, rows dealt into
-  batches by prompt length, the rows of a batch prefilled packed end to end with no padding, labels
+  batches by prompt length, the rows of a batch prefilled packed end to end with no padding (each
+  row attending to its own keys only), labels
   through the Choice trie, forced tokens fed as one extend);
 - naive: `analyze()` one row at a time with no prefix reuse (the loop one would write first);
 - llama.cpp (llama-cpp-python): the same prompt token ids and the same GGUF, constrained by a GBNF
@@ -151,7 +152,7 @@ def main():
     ap.add_argument("--data", type=Path, default=BITEXT)
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--naive-rows", type=int, default=40, help="rows for the (slow) naive loop")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)  # (see BENCHMARKS.md, branch analyze)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8", "int4"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--streams", type=int, default=8)
