@@ -6,7 +6,8 @@
 Rows: a seeded sample of Bitext's customer-support requests (../shared/data/bitext_customer_support),
 each labelled with one of its 27 intents, greedy. Timed, in one run, on the same rows:
 - pocketlm: `analyze()` as the CLI runs it (the shared instruction computed once, rows dealt into
-  batches by prompt length, the rows of a batch prefilled packed end to end with no padding, labels
+  batches by prompt length, the rows of a batch prefilled packed end to end with no padding (each
+  row attending to its own keys only), labels
   through the Choice trie, forced tokens fed as one extend);
 - naive: `analyze()` one row at a time with no prefix reuse (the loop one would write first);
 - llama.cpp (llama-cpp-python): the same prompt token ids and the same GGUF, constrained by a GBNF
@@ -69,14 +70,14 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def run_analyze(csv_path, out_dir, model, tok, labels, **kw) -> dict:
-    """analyze() exactly as the CLI calls it, on an engine over the weights loaded once for the whole run."""
-    real = label_module._engine
-    label_module._engine = lambda _m, _a, dtype, batch_size, _t: Engine(model, tok, max_batch=batch_size, precision=dtype)
+    """analyze() exactly as the CLI calls it, over the weights loaded once for the whole run."""
+    real = label_module._load
+    label_module._load = lambda _m, _a, _t: (model, tok)
     try:
         s = analyze(csv_path, model=str(kw.pop("gguf")), text="instruction", labels=labels, gold="intent",
                     out=out_dir / f"{kw.get('batch_size')}_{kw.get('reuse_prefix')}.csv", progress=False, **kw)
     finally:
-        label_module._engine = real
+        label_module._load = real
     with open(s["out"], newline="", encoding="utf-8") as f:
         preds = [r["label"] for r in csv.DictReader(f)]
     return {"rows": s["rows"], "seconds": s["seconds"], "rows_per_s": s["rows"] / s["seconds"],
@@ -151,7 +152,7 @@ def main():
     ap.add_argument("--data", type=Path, default=BITEXT)
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--naive-rows", type=int, default=40, help="rows for the (slow) naive loop")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)  # (see BENCHMARKS.md, branch analyze)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8", "int4"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--streams", type=int, default=8)

@@ -243,6 +243,23 @@ def test_shared_prefix_reuse_gives_the_same_answers(model_dir, tmp_path):
     assert [float(r["confidence"]) for r in a] == pytest.approx([float(r["confidence"]) for r in b], abs=1e-4)
 
 
+def test_the_kv_cache_is_sized_to_the_longest_row_and_its_reply(model_dir, tmp_path, monkeypatch):
+    """The engine's slots hold the longest prompt plus max_tokens (not 2048 positions each); the
+    answers are those of an engine with the default context."""
+    from pocketlm.analyze import label as label_module
+
+    made, real = [], label_module.Engine
+    monkeypatch.setattr(label_module, "Engine", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    src = tickets(tmp_path / "t.csv", 6)
+    kw = dict(model=model_dir, text="message", labels=LABELS, batch_size=4, max_tokens=9, progress=False)
+    longest = analyze(src, dry_run=True, **kw)["max_prompt_tokens"]
+    analyze(src, out=tmp_path / "a.csv", **kw)
+    assert [e.max_seq_len for e in made] == [longest + 9] * 2
+    monkeypatch.setattr(label_module, "Engine", lambda *a, **kw: real(*a, **{**kw, "max_seq_len": None}))
+    analyze(src, out=tmp_path / "b.csv", **kw)
+    assert read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
+
+
 def test_a_fine_tuned_models_task_file_gives_prompt_labels_and_gold_words(model_dir, tmp_path):
     """`finetune` writes task.json beside what it trains (raw label -> the word the model says, its
     system message and instruction); analyze reads it as `pocketlm eval` does: the same prompt, the

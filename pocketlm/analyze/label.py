@@ -30,6 +30,7 @@ from pocketlm.infer.sampling import SamplingParams
 
 PREFIX_SAMPLE = 64  # rows whose common start is the shared prefix (a row that differs just prefills in full)
 WINDOW = 16  # batches whose rows are sorted by prompt length together (see _batches)
+MAX_CONTEXT = 2048  # positions a row may use at most (prompt and reply), the engine's default
 SCHEMA_INSTRUCTION = "Extract these fields from the text and answer with JSON only, matching this schema: {schema}"
 
 
@@ -74,8 +75,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     out = Path(out) if out else _default_out(table.path)
     journal_path = Path(journal) if journal else out.with_name(out.name + ".journal")
 
-    engine = _engine(model, adapter, dtype, batch_size, threads)
-    tok = engine.tokenizer
+    weights, tok = _load(model, adapter, threads)
 
     def messages(row):
         user = f"{instruction}\n\n{template(row)}"
@@ -83,6 +83,13 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
 
     def encode(row):
         return tok.encode_chat(messages(row))  # contents as text: a row cannot forge a turn
+
+    # the KV cache is batch_size slots of this many positions, all allocated up front: the longest
+    # prompt and its reply, not the default 2048 (64 slots of SmolLM2 at 2048 would hold 6 GB). The
+    # summary's prompt is longer than any row's: with one, the engine keeps the default.
+    context = None if summary or not table.rows else \
+        min(max(len(encode(r)) for r in table.rows) + params.max_tokens, MAX_CONTEXT)
+    engine = Engine(weights, tok, max_batch=batch_size, precision=dtype, max_seq_len=context)
 
     if dry_run:
         return _dry_run(engine, table, messages, encode, params, labels, schema_dict)
@@ -238,7 +245,8 @@ def _output_names(columns: list[str], keys: list[str]) -> dict[str, str]:
     return names
 
 
-def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
+def _load(model, adapter, threads):
+    """(weights, tokenizer): the model with its adapter merged in, if any."""
     import torch
 
     from pocketlm.model.lora import load_model_with_adapter
@@ -248,7 +256,11 @@ def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
     m, tok = load_model_with_adapter(model, adapter)
     if tok is None:
         raise InputError(f"{model}: has no tokenizer.json beside the weights")
-    return Engine(m, tok, max_batch=batch_size, precision=dtype)
+    return m, tok
+
+
+def _engine(model, adapter, dtype, batch_size, threads) -> Engine:
+    return Engine(*_load(model, adapter, threads), max_batch=batch_size, precision=dtype)
 
 
 def _batches(table, encode, batch_size, done):

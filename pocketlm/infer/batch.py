@@ -51,6 +51,9 @@ class StepBatch:
     rows: torch.Tensor
     layer_index: list[torch.Tensor]
     last: torch.Tensor | None = None
+    # None: attention is SDPA over what write returns, with `mask`. A step whose tokens are not laid out
+    # one row per slot (together.PackedStep) sets a method attend(q, k, v, gqa) -> (B, heads, T, head_dim).
+    attend = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new keys/values (B, H, T, D) at each row's positions; return the keys

@@ -2,12 +2,11 @@
 in one forward instead of one each, two ways:
 
 - packed: rows that start with the same cached prefix (prefixes.py), as `analyze` submits them, are
-  laid end to end in ONE row of the forward, with no padding at all. Their queries attend to the
-  prefix's keys (read from the prefix's own store, where they were computed once) and to their own
-  row's keys (gathered from the slots); a mask keeps each row to itself. On a CPU a padded token
-  costs what a real one does, so a batch of prompts of mixed lengths computes only its real tokens.
-  The extra attention (every query scores the pack's other rows before the mask drops them) is
-  bounded by PACK_TOKENS and PACK_KEYS.
+  laid end to end in ONE row of the forward for the linears, with no padding at all (on a CPU a padded
+  token costs what a real one does, so a batch of prompts of mixed lengths computes only its real
+  tokens). Attention alone goes row by row: the queries are dealt back to their slots, padded to the
+  longest row's new tokens, and each slot's queries attend to that slot's own keys (the copied prefix
+  and the row's past, read in place), so no query scores another row's keys.
 - padded: rows of neighbouring slots, each padded on the right to the longest (any other rows).
 
 The engine (Engine._feed_short) sends what packs here, the rest to the padded path.
@@ -16,6 +15,7 @@ The engine (Engine._feed_short) sends what packs here, the rest to the padded pa
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pocketlm.infer.batch import StepBatch
 
@@ -24,55 +24,62 @@ from pocketlm.infer.batch import StepBatch
 # A longer prompt is compute-bound on its own and goes alone.
 SHORT_PROMPT = 64
 PAD_SLACK = 1.25  # padded / real tokens a padded forward may compute (see padding_groups)
-# New tokens a pack may hold, and keys (own past + new tokens) besides the prefix: every query of the
-# pack scores all of its keys, so these bound the attention the mask throws away (a few % of a SmolLM2
-# forward), while the pack's matmuls stay large (on 2 loaded cores 256 ran faster than 64, 128 and
-# 512). Extends (2-3 forced tokens a row over ~20 of their own) pack by the first bound, not the second.
-PACK_TOKENS = 256
-PACK_KEYS = 4 * PACK_TOKENS
+# New tokens a pack may hold. Attention is per row, so a larger pack costs no extra attention, and
+# fewer forwards mean fewer passes over the weights and fewer small ops: on 128 Bitext rows (a seeded
+# sample apart from the benchmark's) 1024 ran as fast as 256 on one thread and faster on two loaded
+# ones. What bounds it is the size of one forward's activations.
+PACK_TOKENS = 1024
 
 
 class PackedStep(StepBatch):
     """One forward over rows laid end to end in one row (see the module docstring). The new tokens'
-    keys/values go to their own slots and positions; attention reads the prefix from its store, then
-    the pack's own positions gathered from the slots, in pack order."""
+    keys/values go to their own slots and positions; attention runs over the slots first:stop the
+    rows hold (a slot between them that is not in the pack gets throwaway queries)."""
 
-    def __init__(self, cache, prefix, slots: list[int], lengths: list[int], counts: list[int], adapter: int,
-                 device):
-        P = prefix.lengths[0]
-        new_slot, new_pos, key_slot, key_pos, q_row, k_row = [], [], [], [], [], []
-        for i, (s, length, n) in enumerate(zip(slots, lengths, counts)):
+    def __init__(self, cache, slots: list[int], lengths: list[int], counts: list[int], adapter: int, device):
+        first, stop, width = min(slots), max(slots) + 1, max(counts)
+        new_slot, new_pos, dealt = [], [], []  # dealt: each packed token's place in the (slots, width) grid
+        for s, length, n in zip(slots, lengths, counts):
             new_slot += [s] * n
             new_pos += range(length, length + n)
-            key_slot += [s] * (length + n - P)
-            key_pos += range(P, length + n)
-            q_row += [i] * n
-            k_row += [i] * (length + n - P)
+            dealt += range((s - first) * width, (s - first) * width + n)
         t = lambda x: torch.tensor(x, device=device)  # noqa: E731
-        q_pos, k_pos = t(new_pos), t(key_pos)
-        own = (t(q_row)[:, None] == t(k_row)[None, :]) & (k_pos[None, :] <= q_pos[:, None])
-        mask = torch.cat([torch.ones(len(q_row), P, dtype=torch.bool, device=device), own], 1)[None, None]
+        q_pos, self.dealt = t(new_pos), t(dealt)
+        end = max(length + n for length, n in zip(lengths, counts))
+        # a grid cell no token fills sits at position 0: it attends to key 0 alone (never to nothing,
+        # which would be 0/0), and its output is dropped
+        grid = torch.zeros((stop - first) * width, dtype=torch.long, device=device)
+        grid[self.dealt] = q_pos
+        keys = torch.arange(end, device=device)
+        mask = (keys <= grid[:, None]).view(stop - first, 1, width, end)
         last = torch.tensor(counts, device=device).cumsum(0) - 1
         # one row: GPT.forward's head then picks x[arange(1), last], each packed row's last token
-        super().__init__(input_ids=None, input_embeds=None, positions=q_pos[None], mask=mask,
-                         end=int(q_pos.max()) + 1, adapter_ids=None if adapter < 0 else t([adapter]),
-                         last_only=True, k=cache.k, v=cache.v, rows=None, layer_index=None, last=last)
-        self.prefix_k, self.prefix_v = prefix.k[:, :1, :, :P], prefix.v[:, :1, :, :P]
-        self.new_slot, self.new_pos, self.key_slot, self.key_pos = t(new_slot), q_pos, t(key_slot), k_pos
+        super().__init__(input_ids=None, input_embeds=None, positions=q_pos[None], mask=mask, end=end,
+                         adapter_ids=None if adapter < 0 else t([adapter]), last_only=True, k=cache.k,
+                         v=cache.v, rows=None, layer_index=None, last=last)
+        self.first, self.stop, self.width = first, stop, width
+        self.new_slot, self.new_pos = t(new_slot), q_pos
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer, self.new_slot, :, self.new_pos] = k[0].transpose(0, 1)  # (tokens, heads, head_dim)
         self.v[layer, self.new_slot, :, self.new_pos] = v[0].transpose(0, 1)
-        # gathered straight into (heads, keys, head_dim): the cat below then copies contiguous blocks
-        keys = self.k[layer].transpose(0, 1)[:, self.key_slot, self.key_pos][None]
-        values = self.v[layer].transpose(0, 1)[:, self.key_slot, self.key_pos][None]
-        return torch.cat([self.prefix_k[layer], keys], 2), torch.cat([self.prefix_v[layer], values], 2)
+        rows = slice(self.first, self.stop)
+        return self.k[layer, rows, :, :self.end], self.v[layer, rows, :, :self.end]  # views: nothing copied
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q (1, heads, tokens, head_dim) in pack order; k, v (slots, kv heads, end, head_dim) from write."""
+        heads, dim = q.shape[1], q.shape[3]
+        grid = q.new_zeros(heads, (self.stop - self.first) * self.width, dim)
+        grid[:, self.dealt] = q[0]
+        grid = grid.view(heads, self.stop - self.first, self.width, dim).transpose(0, 1)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=self.mask, enable_gqa=gqa)
+        return y.transpose(0, 1).reshape(heads, -1, dim)[:, self.dealt][None]
 
 
 def packs(engine, reqs) -> tuple[list[list], list]:
     """(packs, the rest): rows whose slot holds a cached prefix and then only their own few tokens,
-    grouped by prefix and adapter, up to PACK_TOKENS new tokens and PACK_KEYS keys a pack."""
-    groups: dict = {}  # (prefix, adapter) -> [[pack, new tokens, keys]]
+    grouped by prefix and adapter, up to PACK_TOKENS new tokens a pack."""
+    groups: dict = {}  # (prefix, adapter) -> [[pack, new tokens]]
     rest = []
     for r in sorted(reqs, key=lambda r: r.slot):
         n, new = r._prefix_len, len(engine._todo(r))
@@ -81,23 +88,21 @@ def packs(engine, reqs) -> tuple[list[list], list]:
             rest.append(r)
             continue
         key = (engine.adapter_identity(r.adapter), tuple(r.prompt_ids[:n]), engine._adapter_index(r))
-        chunks = groups.setdefault(key, [[[], 0, 0]])
-        if chunks[-1][1] + new > PACK_TOKENS or chunks[-1][2] + own > PACK_KEYS:
-            chunks.append([[], 0, 0])
+        chunks = groups.setdefault(key, [[[], 0]])
+        if chunks[-1][1] + new > PACK_TOKENS:
+            chunks.append([[], 0])
         chunks[-1][0].append(r)
         chunks[-1][1] += new
-        chunks[-1][2] += own
-    return [pack for chunks in groups.values() for pack, _, _ in chunks], rest
+    return [pack for chunks in groups.values() for pack, _ in chunks], rest
 
 
 def feed_packed(engine, reqs):
     """One forward over a pack (all of one prefix and adapter); each row then chooses its next token."""
-    cache, n = engine.cache, reqs[0]._prefix_len
-    prefix = engine.prefixes.stores[engine.adapter_identity(reqs[0].adapter), tuple(reqs[0].prompt_ids[:n])]
+    cache = engine.cache
     todo = [engine._todo(r) for r in reqs]
     slots = [r.slot for r in reqs]
     lengths = [cache.lengths[s] for s in slots]
-    batch = PackedStep(cache, prefix, slots, lengths, [len(t) for t in todo], engine._adapter_index(reqs[0]),
+    batch = PackedStep(cache, slots, lengths, [len(t) for t in todo], engine._adapter_index(reqs[0]),
                        engine.device)
     ids = torch.tensor([[t for ts in todo for t in ts]], device=engine.device)
     for r in reqs:
