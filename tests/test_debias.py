@@ -92,3 +92,22 @@ def test_debias_through_the_cli(setup, capsys):
     assert any(r.metric_name == "stereotype preferred, % (all)" for r in card.data.eval_results)
     assert main(["debias", "--model", str(ckpt), "--out", str(run), "--lists", "gender,caste"]) == 2
     assert "--lists: expected some of gender,religion,race" in capsys.readouterr().err
+
+
+def test_a_tuning_run_reuses_the_before_figures_of_an_earlier_one(setup, capsys):
+    _, ckpt, root = setup
+    common = ["--model", str(ckpt), "--corpus", str(root / "books"), "--max-steps", "1", "--seq-len", "32",
+              "--batch-size", "4", "--bias-data", str(root / "crows.csv"), "--probe", "pairs", "--sst2",
+              str(root / "sst2.tsv"), "--dtype", "fp32"]
+    assert main(["debias", "--out", str(root / "a"), *common]) == 0
+    capsys.readouterr()
+    assert main(["debias", "--out", str(root / "b"), *common, "--lr", "1e-2", "--before", str(root / "a" / "before")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3  # bias, lm and sst2: nothing measured twice
+    a, b = (json.loads((root / r / "debias.json").read_text()) for r in ("a", "b"))
+    assert b["before"] == a["before"]
+    # figures measured another way are refused, naming what differs
+    assert main(["debias", "--out", str(root / "c"), *common, "--sst2-limit", "4", "--before", str(root / "a" / "before")]) == 2
+    assert "limit None (now 4)" in capsys.readouterr().err
+    assert main(["debias", "--out", str(root / "c"), *common, "--before", str(root / "nothing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
