@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pocketlm.cli import main
+from pocketlm.errors import InputError
 from pocketlm.model import GPT, ModelConfig, save_checkpoint
 from pocketlm.safety.cda import LISTS, swap, swap_table
 from pocketlm.tokenizer import Tokenizer
@@ -58,6 +59,24 @@ def test_the_corpus_holds_each_passage_and_its_counterfactual(setup):
     first, counter = tok.decode(rows[0][0]), tok.decode(rows[1][0])
     assert "king" in first and "queen" in counter and rows[0][1] == rows[0][0]  # every token scored
     assert "License" not in heldout and "START OF" not in heldout and heldout.strip()
+
+
+def test_focus_keeps_only_passages_that_name_an_occupation(setup):
+    tok, _, root = setup
+    (root / "mixed").mkdir()
+    plain = "\n\n".join(f"The king said to his son that the woman was kind. She told him so. {i}" for i in range(40))
+    (root / "mixed" / "a.txt").write_text(plain)
+    (root / "mixed" / "b.txt").write_text(BOOK)  # only BOOK's paragraphs name one (a doctor)
+    rows, _, stats = cda_corpus(root / "mixed", tok, seq_len=32, max_pieces=1000, focus="occupations")
+    assert rows and all("doctor" in tok.decode(ids) for ids, _ in rows[0::2])
+    everything, _, all_stats = cda_corpus(root / "mixed", tok, seq_len=32, max_pieces=1000)
+    assert all_stats["pieces"] > stats["pieces"]
+    (root / "none").mkdir()
+    (root / "none" / "a.txt").write_text(plain)
+    with pytest.raises(InputError, match="and an occupation"):
+        cda_corpus(root / "none", tok, seq_len=32, max_pieces=10, focus="occupations")
+    with pytest.raises(InputError, match="--focus"):
+        cda_corpus(root / "none", tok, seq_len=32, max_pieces=10, focus="jobs")
 
 
 def test_debias_through_the_cli(setup, capsys):

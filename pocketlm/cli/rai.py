@@ -30,7 +30,7 @@ def _debias(args):
                bias_data=args.bias_data,
                probe=args.probe, bias_limit=args.bias_limit, bias_split=args.bias_split, sst2=args.sst2, sst2_limit=args.sst2_limit,
                evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume,
-               budget_clock=args.budget_clock, before=args.before)
+               budget_clock=args.budget_clock, before=args.before, focus=args.focus)
     shown = {k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}
     for side in ("before", "after"):
         shown.get(side, {}).pop("pair_scores", None)  # in RUN/debias.json
@@ -61,6 +61,8 @@ def register(sub):
     d.add_argument("--out", required=True, help="run directory (RUN/adapter, RUN/debias.json)")
     d.add_argument("--corpus", help="text files or a folder of them (default: ../shared/data/gutenberg_books)")
     d.add_argument("--lists", default="gender,religion,race", help="which swap lists (pocketlm/safety/cda.py)")
+    d.add_argument("--focus", choices=("occupations",), help="train only on passages that name an occupation "
+                   "(cda.OCCUPATIONS), where the occupation-pronoun association lives")
     d.add_argument("--max-minutes", type=float, default=30.0, help="training time budget in minutes (default: 30)")
     d.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu",
                    help="what --max-minutes counts: this process's CPU time (default) or wall time")

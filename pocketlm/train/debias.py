@@ -30,7 +30,7 @@ from pocketlm.errors import InputError
 from pocketlm.model import load_model
 from pocketlm.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_adapter_weights, save_adapter
 from pocketlm.eval.tasks import native_dtype
-from pocketlm.safety.cda import LISTS, swap, swap_table
+from pocketlm.safety.cda import LISTS, OCCUPATIONS, swap, swap_table
 from pocketlm.train.finetune import publish_adapter
 from pocketlm.train.loop import train
 
@@ -38,6 +38,7 @@ SST2_SPEC = {"system": "You classify the sentiment of movie reviews.", "instruct
              "labels": {"0": "negative", "1": "positive"}}  # configs/finetune_sst2.yaml's prompt
 _PG_START = re.compile(r"^\*\*\* ?START OF.*$", re.M)
 _PG_END = re.compile(r"^\*\*\* ?END OF.*$", re.M)
+_WORDS = re.compile(r"[A-Za-z]+")
 
 
 def shared_data(name: str) -> Path | None:
@@ -53,8 +54,11 @@ def _body(text: str) -> str:
 
 
 def cda_corpus(corpus, tokenizer, seq_len: int, max_pieces: int, lists=tuple(LISTS), heldout_chars: int = 100_000,
-               seed: int = 0) -> tuple[list[tuple[list[int], list[int]]], str, dict]:
-    """(training rows: (ids, labels) of each piece and of its counterfactual, the held-out text, stats)."""
+               seed: int = 0, focus: str | None = None) -> tuple[list[tuple[list[int], list[int]]], str, dict]:
+    """(training rows: (ids, labels) of each piece and of its counterfactual, the held-out text, stats).
+    focus="occupations": only passages that name an occupation (cda.OCCUPATIONS) besides a swapped word."""
+    if focus not in (None, "occupations"):
+        raise InputError(f"--focus: expected occupations, got {focus!r}")
     docs = read_documents(expand_inputs([corpus]))
     table, her = swap_table(lists), "gender" in lists
     pieces, heldout, chars = [], [], 4 * seq_len  # ~4 characters a token in English prose
@@ -75,14 +79,15 @@ def cda_corpus(corpus, tokenizer, seq_len: int, max_pieces: int, lists=tuple(LIS
         if used >= max_pieces:
             break
         counter, n = swap(piece, table, her)
-        if n == 0:
+        if n == 0 or focus and not OCCUPATIONS.intersection(w.lower() for w in _WORDS.findall(piece)):
             continue
         used, swapped_words = used + 1, swapped_words + n
         for text in (piece, counter):
             ids = tokenizer.encode(text)[:seq_len + 1]
             rows.append((ids, list(ids)))
     if not rows:
-        raise InputError(f"{corpus}: no passage with a word of the {'/'.join(lists)} lists to swap")
+        raise InputError(f"{corpus}: no passage with a word of the {'/'.join(lists)} lists to swap"
+                         + (" and an occupation" if focus else ""))
     stats = {"documents": len(docs), "pieces": used, "rows": len(rows), "swapped_words": swapped_words,
              "tokens": sum(len(ids) for ids, _ in rows), "heldout_chars": sum(map(len, heldout))}
     return rows, "\n\n".join(h for h in heldout if h.strip()), stats
@@ -185,7 +190,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
            max_pieces: int = 20_000, heldout_chars: int = 100_000, bias_data=None, probe: str = "winobias", bias_limit: int | None = None,
            bias_split: str = "test",
            sst2=None, sst2_limit: int | None = None, evaluate: bool = True, dtype: str = "bf16", resume: bool = False,
-           seed: int = 0, budget_clock: str = "cpu", before=None) -> dict:
+           seed: int = 0, budget_clock: str = "cpu", before=None, focus: str | None = None) -> dict:
     """Train a CDA LoRA for `model` into RUN `out`; returns (and writes to RUN/debias.json) the report.
     Defaults: the shared Gutenberg books, WinoBias and SST-2 dev (where ../shared/data has them).
     budget_clock: what max_minutes counts ("cpu": this process's CPU time, the issue's "30 CPU-minutes"; or "wall").
@@ -202,7 +207,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
     if bad or not lists:
         raise InputError(f"--lists: expected some of {','.join(LISTS)}, got {','.join(lists) or 'nothing'}")
     base, tokenizer = load_model(model)
-    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), heldout_chars, seed)
+    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), heldout_chars, seed, focus)
     out.mkdir(parents=True, exist_ok=True)
     heldout = out / "heldout.txt"
     heldout.write_text(heldout_text, encoding="utf-8")
@@ -214,7 +219,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
         sst2 = sst2 or (shared_data("sst2") / "dev.tsv" if shared_data("sst2") else None)
     kw = dict(bias_data=bias_data, probe=probe, bias_limit=bias_limit, bias_split=bias_split, heldout=heldout, sst2=sst2,
               sst2_limit=sst2_limit, dtype=native_dtype(dtype))
-    report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "data": stats}
+    report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "focus": focus, "data": stats}
     cpu0 = time.process_time()
     if evaluate:
         report["before"] = measure(model, None, out / "before", **kw, reuse=Path(before) if before else None)
@@ -234,6 +239,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
                    out, resume=resume, save_weights=lambda p, m: save_adapter(m, p, base_model=str(model)),
                    load_weights=lambda p, m: load_adapter_weights(m, p),
                    run_config={"verb": "debias", "base_model": str(model), "corpus": str(corpus), "lists": list(lists),
+                               "focus": focus,
                                "train": dataclasses.asdict(cfg), "lora_rank": lora_rank, "lora_alpha": lora_alpha})
     adapter = publish_adapter(out, names=(ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     report["training"] = {**{k: result.get(k) for k in ("step", "tokens", "elapsed_s", "stop_reason", "val_loss")},
