@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pocketlm.cli import main
+from pocketlm.errors import InputError
 from pocketlm.model import GPT, ModelConfig, save_checkpoint
 from pocketlm.safety.cda import LISTS, swap, swap_table
 from pocketlm.tokenizer import Tokenizer
@@ -60,6 +61,24 @@ def test_the_corpus_holds_each_passage_and_its_counterfactual(setup):
     assert "License" not in heldout and "START OF" not in heldout and heldout.strip()
 
 
+def test_focus_keeps_only_passages_that_name_an_occupation(setup):
+    tok, _, root = setup
+    (root / "mixed").mkdir()
+    plain = "\n\n".join(f"The king said to his son that the woman was kind. She told him so. {i}" for i in range(40))
+    (root / "mixed" / "a.txt").write_text(plain)
+    (root / "mixed" / "b.txt").write_text(BOOK)  # only BOOK's paragraphs name one (a doctor)
+    rows, _, stats = cda_corpus(root / "mixed", tok, seq_len=32, max_pieces=1000, focus="occupations")
+    assert rows and all("doctor" in tok.decode(ids) for ids, _ in rows[0::2])
+    everything, _, all_stats = cda_corpus(root / "mixed", tok, seq_len=32, max_pieces=1000)
+    assert all_stats["pieces"] > stats["pieces"]
+    (root / "none").mkdir()
+    (root / "none" / "a.txt").write_text(plain)
+    with pytest.raises(InputError, match="and an occupation"):
+        cda_corpus(root / "none", tok, seq_len=32, max_pieces=10, focus="occupations")
+    with pytest.raises(InputError, match="--focus"):
+        cda_corpus(root / "none", tok, seq_len=32, max_pieces=10, focus="jobs")
+
+
 def test_debias_through_the_cli(setup, capsys):
     _, ckpt, root = setup
     run = root / "run"
@@ -92,3 +111,22 @@ def test_debias_through_the_cli(setup, capsys):
     assert any(r.metric_name == "stereotype preferred, % (all)" for r in card.data.eval_results)
     assert main(["debias", "--model", str(ckpt), "--out", str(run), "--lists", "gender,caste"]) == 2
     assert "--lists: expected some of gender,religion,race" in capsys.readouterr().err
+
+
+def test_a_tuning_run_reuses_the_before_figures_of_an_earlier_one(setup, capsys):
+    _, ckpt, root = setup
+    common = ["--model", str(ckpt), "--corpus", str(root / "books"), "--max-steps", "1", "--seq-len", "32",
+              "--batch-size", "4", "--bias-data", str(root / "crows.csv"), "--probe", "pairs", "--sst2",
+              str(root / "sst2.tsv"), "--dtype", "fp32"]
+    assert main(["debias", "--out", str(root / "a"), *common]) == 0
+    capsys.readouterr()
+    assert main(["debias", "--out", str(root / "b"), *common, "--lr", "1e-2", "--before", str(root / "a" / "before")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3  # bias, lm and sst2: nothing measured twice
+    a, b = (json.loads((root / r / "debias.json").read_text()) for r in ("a", "b"))
+    assert b["before"] == a["before"]
+    # figures measured another way are refused, naming what differs
+    assert main(["debias", "--out", str(root / "c"), *common, "--sst2-limit", "4", "--before", str(root / "a" / "before")]) == 2
+    assert "limit None (now 4)" in capsys.readouterr().err
+    assert main(["debias", "--out", str(root / "c"), *common, "--before", str(root / "nothing")]) == 2
+    assert "not a folder" in capsys.readouterr().err

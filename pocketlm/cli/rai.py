@@ -30,7 +30,7 @@ def _debias(args):
                bias_data=args.bias_data,
                probe=args.probe, bias_limit=args.bias_limit, bias_split=args.bias_split, sst2=args.sst2, sst2_limit=args.sst2_limit,
                evaluate=not args.no_eval, dtype=args.dtype, resume=args.resume,
-               budget_clock=args.budget_clock)
+               budget_clock=args.budget_clock, before=args.before, focus=args.focus)
     shown = {k: r[k] for k in ("before", "after", "change", "training", "cpu_minutes") if k in r}
     for side in ("before", "after"):
         shown.get(side, {}).pop("pair_scores", None)  # in RUN/debias.json
@@ -61,6 +61,8 @@ def register(sub):
     d.add_argument("--out", required=True, help="run directory (RUN/adapter, RUN/debias.json)")
     d.add_argument("--corpus", help="text files or a folder of them (default: ../shared/data/gutenberg_books)")
     d.add_argument("--lists", default="gender,religion,race", help="which swap lists (pocketlm/safety/cda.py)")
+    d.add_argument("--focus", choices=("occupations",), help="train only on passages that name an occupation "
+                   "(cda.OCCUPATIONS), where the occupation-pronoun association lives")
     d.add_argument("--max-minutes", type=float, default=30.0, help="training time budget in minutes (default: 30)")
     d.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu",
                    help="what --max-minutes counts: this process's CPU time (default) or wall time")
@@ -80,6 +82,8 @@ def register(sub):
     d.add_argument("--sst2", help="SST-2 file for the accuracy cost (default: ../shared/data/sst2/dev.tsv)")
     d.add_argument("--sst2-limit", type=int, help="score only the first N sentences")
     d.add_argument("--no-eval", action="store_true", help="train only, no before/after figures")
+    d.add_argument("--before", help="an earlier run's RUN/before folder: reuse its figures (same model, data, limits "
+                   "and dtype) instead of measuring the base model again")
     d.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.set_defaults(func=_debias)

@@ -42,6 +42,18 @@ RACE = [
     ("negro", "caucasian"), ("negroes", "caucasians"),
 ]
 LISTS = {"gender": GENDER, "religion": RELIGION, "race": RACE}
+# occupations whose holders books tend to give one gender: passages naming one are where CDA can break the
+# occupation-pronoun association (`debias --focus occupations` trains on those passages only)
+OCCUPATIONS = frozenset("""doctor doctors physician physicians surgeon surgeons nurse nurses lawyer lawyers judge judges
+attorney clerk clerks secretary secretaries teacher teachers professor professors schoolmaster schoolmistress governess
+cook cooks baker bakers farmer farmers carpenter carpenters servant servants housekeeper housekeepers maid maids
+manager managers sheriff guard guards driver drivers coachman tailor tailors dressmaker seamstress milliner cashier
+librarian writer writers author authors editor editors banker bankers merchant merchants soldier soldiers sailor
+sailors captain officer officers labourer labourers laborer mechanic mechanics attendant assistant accountant
+designer hairdresser barber dancer singer painter artist artists engineer engineers chemist scientist minister
+preacher shopkeeper grocer butcher blacksmith smith miner weaver washerwoman laundress cleaner porter messenger
+postman mayor president governor senator chief boss employer master mistress student students pupil pupils
+scholar poet novelist musician player officer clergyman""".split())
 
 # after "her", these mean it is an object ("gave her the book" keeps "him": the next word is "the")
 _FUNCTION = frozenset("""a an the and or but if of to in on at by for with from into onto upon as than that this

@@ -30,7 +30,7 @@ from pocketlm.errors import InputError
 from pocketlm.model import load_model
 from pocketlm.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_adapter_weights, save_adapter
 from pocketlm.eval.tasks import native_dtype
-from pocketlm.safety.cda import LISTS, swap, swap_table
+from pocketlm.safety.cda import LISTS, OCCUPATIONS, swap, swap_table
 from pocketlm.train.finetune import publish_adapter
 from pocketlm.train.loop import train
 
@@ -38,6 +38,7 @@ SST2_SPEC = {"system": "You classify the sentiment of movie reviews.", "instruct
              "labels": {"0": "negative", "1": "positive"}}  # configs/finetune_sst2.yaml's prompt
 _PG_START = re.compile(r"^\*\*\* ?START OF.*$", re.M)
 _PG_END = re.compile(r"^\*\*\* ?END OF.*$", re.M)
+_WORDS = re.compile(r"[A-Za-z]+")
 
 
 def shared_data(name: str) -> Path | None:
@@ -53,8 +54,11 @@ def _body(text: str) -> str:
 
 
 def cda_corpus(corpus, tokenizer, seq_len: int, max_pieces: int, lists=tuple(LISTS), heldout_chars: int = 100_000,
-               seed: int = 0) -> tuple[list[tuple[list[int], list[int]]], str, dict]:
-    """(training rows: (ids, labels) of each piece and of its counterfactual, the held-out text, stats)."""
+               seed: int = 0, focus: str | None = None) -> tuple[list[tuple[list[int], list[int]]], str, dict]:
+    """(training rows: (ids, labels) of each piece and of its counterfactual, the held-out text, stats).
+    focus="occupations": only passages that name an occupation (cda.OCCUPATIONS) besides a swapped word."""
+    if focus not in (None, "occupations"):
+        raise InputError(f"--focus: expected occupations, got {focus!r}")
     docs = read_documents(expand_inputs([corpus]))
     table, her = swap_table(lists), "gender" in lists
     pieces, heldout, chars = [], [], 4 * seq_len  # ~4 characters a token in English prose
@@ -75,25 +79,46 @@ def cda_corpus(corpus, tokenizer, seq_len: int, max_pieces: int, lists=tuple(LIS
         if used >= max_pieces:
             break
         counter, n = swap(piece, table, her)
-        if n == 0:
+        if n == 0 or focus and not OCCUPATIONS.intersection(w.lower() for w in _WORDS.findall(piece)):
             continue
         used, swapped_words = used + 1, swapped_words + n
         for text in (piece, counter):
             ids = tokenizer.encode(text)[:seq_len + 1]
             rows.append((ids, list(ids)))
     if not rows:
-        raise InputError(f"{corpus}: no passage with a word of the {'/'.join(lists)} lists to swap")
+        raise InputError(f"{corpus}: no passage with a word of the {'/'.join(lists)} lists to swap"
+                         + (" and an occupation" if focus else ""))
     stats = {"documents": len(docs), "pieces": used, "rows": len(rows), "swapped_words": swapped_words,
              "tokens": sum(len(ids) for ids, _ in rows), "heldout_chars": sum(map(len, heldout))}
     return rows, "\n\n".join(h for h in heldout if h.strip()), stats
 
 
+def _same_run(saved: dict, want: dict, heldout: Path | None) -> list[str]:
+    """What differs between a saved `pocketlm eval` result and the one about to be computed."""
+    bad = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in want.items() if saved.get(k) != v]
+    if saved.get("task") == "lm" and heldout is not None:  # the held-out text lives in each run's own folder
+        try:
+            same = Path(saved["data"]).read_bytes() == heldout.read_bytes()
+        except OSError:
+            same = False
+        if not same:
+            bad.append(f"held-out text {saved.get('data')} (not the same as {heldout})")
+    return bad
+
+
 def measure(model, adapter, out_dir: Path, *, bias_data, probe, bias_limit, heldout, sst2, sst2_limit, dtype,
-            bias_split: str = "test") -> dict:
-    """The three figures of a model (and adapter), each `pocketlm eval` result also saved in out_dir."""
+            bias_split: str = "test", reuse: Path | None = None) -> dict:
+    """The three figures of a model (and adapter), each `pocketlm eval` result also saved in out_dir.
+    reuse: a folder of such results (an earlier run's RUN/before) to take instead of computing them
+    again; each must have been measured with the same model, data, limit and dtype."""
     from pocketlm.eval import evaluate
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    want = {"bias": {"task": "bias", "model": str(model), "adapter": None, "data": str(bias_data), "limit": bias_limit,
+                     "dtype": dtype, "probe": probe, **({"split": bias_split} if probe == "winobias" else {})},
+            "lm": {"task": "lm", "model": str(model), "adapter": None, "dtype": dtype},
+            "sst2": {"task": "classification", "model": str(model), "adapter": None, "data": str(sst2),
+                     "limit": sst2_limit, "dtype": dtype}}
     runs = {"bias": lambda: evaluate(model, "bias", bias_data, adapter=adapter, probe=probe, limit=bias_limit,
                                      dtype=dtype, split=bias_split),
             "lm": lambda: evaluate(model, "lm", heldout, adapter=adapter, dtype=dtype),
@@ -102,7 +127,16 @@ def measure(model, adapter, out_dir: Path, *, bias_data, probe, bias_limit, held
     given = {"bias": bias_data, "lm": heldout, "sst2": sst2}
     results = {}
     for name, run in runs.items():
-        if given[name] is not None:
+        if given[name] is None:
+            continue
+        saved = reuse / f"{name}.json" if reuse is not None else None
+        if saved is not None and saved.exists():
+            results[name] = json.loads(saved.read_text())
+            bad = _same_run(results[name], want[name], heldout)
+            if bad:
+                raise InputError(f"--before {saved}: not measured like this run: {'; '.join(bad)}")
+            print(f"{name}: reusing {saved}", flush=True)
+        else:
             results[name] = run()
             (out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2))
     return {**summary(results), **({"pair_scores": results["bias"]["pair_scores"]} if "bias" in results else {})}
@@ -156,20 +190,24 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
            max_pieces: int = 20_000, heldout_chars: int = 100_000, bias_data=None, probe: str = "winobias", bias_limit: int | None = None,
            bias_split: str = "test",
            sst2=None, sst2_limit: int | None = None, evaluate: bool = True, dtype: str = "bf16", resume: bool = False,
-           seed: int = 0, budget_clock: str = "cpu") -> dict:
+           seed: int = 0, budget_clock: str = "cpu", before=None, focus: str | None = None) -> dict:
     """Train a CDA LoRA for `model` into RUN `out`; returns (and writes to RUN/debias.json) the report.
     Defaults: the shared Gutenberg books, WinoBias and SST-2 dev (where ../shared/data has them).
     budget_clock: what max_minutes counts ("cpu": this process's CPU time, the issue's "30 CPU-minutes"; or "wall").
-    bias_split: the WinoBias files to measure on; tune a recipe on "dev" and report it on "test"."""
+    bias_split: the WinoBias files to measure on; tune a recipe on "dev" and report it on "test".
+    before: an earlier run's RUN/before folder whose figures stand for this run's "before" (tuning runs
+    of one model share them); each must match this run's model, data, limits and dtype."""
     out = Path(out)
     corpus = corpus or shared_data("gutenberg_books")
     if corpus is None:
         raise InputError("debias: no --corpus given and no ../shared/data/gutenberg_books found")
+    if before is not None and not Path(before).is_dir():
+        raise InputError(f"--before {before}: not a folder (expected an earlier debias run's RUN/before)")
     bad = [x for x in lists if x not in LISTS]
     if bad or not lists:
         raise InputError(f"--lists: expected some of {','.join(LISTS)}, got {','.join(lists) or 'nothing'}")
     base, tokenizer = load_model(model)
-    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), heldout_chars, seed)
+    rows, heldout_text, stats = cda_corpus(corpus, tokenizer, seq_len, max_pieces, tuple(lists), heldout_chars, seed, focus)
     out.mkdir(parents=True, exist_ok=True)
     heldout = out / "heldout.txt"
     heldout.write_text(heldout_text, encoding="utf-8")
@@ -181,10 +219,10 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
         sst2 = sst2 or (shared_data("sst2") / "dev.tsv" if shared_data("sst2") else None)
     kw = dict(bias_data=bias_data, probe=probe, bias_limit=bias_limit, bias_split=bias_split, heldout=heldout, sst2=sst2,
               sst2_limit=sst2_limit, dtype=native_dtype(dtype))
-    report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "data": stats}
+    report = {"model": str(model), "corpus": str(corpus), "lists": list(lists), "focus": focus, "data": stats}
     cpu0 = time.process_time()
     if evaluate:
-        report["before"] = measure(model, None, out / "before", **kw)
+        report["before"] = measure(model, None, out / "before", **kw, reuse=Path(before) if before else None)
         print("before:", json.dumps({k: v for k, v in report["before"].items() if k != "pair_scores"}), flush=True)
 
     torch.manual_seed(seed)
@@ -193,6 +231,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
                       weight_decay=0.0, min_lr_ratio=0.0, max_steps=max_steps, max_minutes=max_minutes, budget_clock=budget_clock,
                       eval_every=max(1, min(max_steps, 200)), eval_batches=4, log_every=10, dtype=dtype, seed=seed)
     n_val = max(batch_size, len(rows) // 50)
+    n_val += n_val % 2  # rows come in (piece, counterfactual) twos: an odd cut would split one across val and train
     val, rows = rows[:n_val], rows[n_val:]  # pieces come shuffled; a piece and its counterfactual stay together
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     t0 = time.process_time()
@@ -200,6 +239,7 @@ def debias(model, out, corpus=None, *, lists=tuple(LISTS), max_minutes: float = 
                    out, resume=resume, save_weights=lambda p, m: save_adapter(m, p, base_model=str(model)),
                    load_weights=lambda p, m: load_adapter_weights(m, p),
                    run_config={"verb": "debias", "base_model": str(model), "corpus": str(corpus), "lists": list(lists),
+                               "focus": focus,
                                "train": dataclasses.asdict(cfg), "lora_rank": lora_rank, "lora_alpha": lora_alpha})
     adapter = publish_adapter(out, names=(ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     report["training"] = {**{k: result.get(k) for k in ("step", "tokens", "elapsed_s", "stop_reason", "val_loss")},
