@@ -258,3 +258,9 @@ def test_spoken_digits_are_synthesized_and_split_by_voice(tmp_path):
     # the words fit the recipe's clip length once trimmed
     assert prepare_clips(waves[:50], SpeechConfig()).shape[0] == 50
     assert build_spoken_digits(tmp_path / "digits") == manifest  # a built set is kept, not rebuilt
+
+
+def test_python_dash_m_pocketlm_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "generate", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "--audio" in r.stdout
