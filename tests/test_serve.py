@@ -58,7 +58,10 @@ def test_chat_completion_streaming_with_usage(client, lm):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat_reference(lm, HELLO, 12)
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it really streamed
+    # it really streamed: a role chunk, content, the finish and the usage each in their own event (how many
+    # content chunks depends on timing: tokens that queued while the loop was busy share one)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == 12
+    assert any(c.choices and c.choices[0].delta.content for c in chunks[1:-2])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
@@ -220,3 +223,21 @@ def test_input_check_hooks_can_refuse_or_add_context(lm):
         used = c.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
     with_memory = [{"role": "system", "content": "The user's name is Kate."}, {"role": "user", "content": "Hi"}]
     assert used == len(encode_chat(tok, with_memory))
+
+
+def test_tokens_decoded_during_the_stream_interval_share_a_chunk(lm):
+    """After each chunk a stream waits stream_interval for more tokens: with a long one, the tiny model's
+    reply after its first token arrives as one chunk, and the text is the whole greedy reply."""
+    import json
+
+    from pocketlm.serve.context import Limits
+
+    model, tok = lm
+    app = create_app(Engine(model, tok, max_batch=1, max_seq_len=96), "tiny", limits=Limits(stream_interval=1.0))
+    with in_process(app) as c:
+        body = {"model": "tiny", "messages": HELLO, "max_tokens": 12, "temperature": 0, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    content = [e["choices"][0]["delta"]["content"] for e in events if e["choices"][0]["delta"].get("content")]
+    assert "".join(content) == chat_reference(lm, HELLO, 12)
+    assert len(content) <= 2  # the first token at once, the other eleven together

@@ -85,6 +85,7 @@ LIMIT_FLAGS = {
     "body_timeout": (float, "seconds a client has to send its request body (408 beyond)"),
     "keep_alive_timeout": (float, "seconds an idle kept-alive connection stays open"),
     "max_connections": (int, "open connections and requests at once (503 beyond)"),
+    "stream_interval": (float, "seconds a streamed reply waits after a chunk so the next carries several tokens (0: one each)"),
 }
 
 

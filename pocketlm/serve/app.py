@@ -85,7 +85,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, l
     moderation_routes.install(app, moderation_backend or get_backend("rules"), moderation)
     grounding.install(ctx, documents)  # after input moderation: a refused request is not indexed
     if ctx.memory_store is not None:
-        personal.install(app, ctx)
+        personal.install(app, ctx)  # (caches the chat openings, memory's among them)
+    else:  # the template's opening, prefilled once rather than per request (the engine is not started yet)
+        engine.between_steps(lambda: personal.cache_chat_starts(engine, memory=False)).result()
     if embeddings.available(embedding_model):  # /v1/embeddings (None: the default model if installed)
         app.state.embedder = embeddings.Embedder(embedding_model)
         app.include_router(embeddings.router)

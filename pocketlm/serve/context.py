@@ -39,6 +39,7 @@ class Limits:
     keep_alive_timeout: float = 5.0        # an idle kept-alive connection is closed after this
     max_connections: int = 512             # open connections + requests; beyond this uvicorn answers 503
     max_images: int = 8                    # image parts in one chat request (serve/media.py)
+    stream_interval: float = 0.02          # seconds a stream waits after a chunk for more tokens to join the next
 
 
 @dataclass

@@ -57,24 +57,28 @@ def install(app, ctx) -> None:
     ctx.engine.between_steps(lambda: cache_chat_starts(ctx.engine)).result()  # (now: the engine is not started)
 
 
-def cache_chat_starts(engine) -> list[int]:
+def cache_chat_starts(engine, memory: bool = True) -> list[int]:
     """Compute once (Engine.cache_prefix) the tokens chat prompts share: the template's opening of a chat
-    with no system turn (SmolLM2's has its own default system prompt) and of one whose system turn is a
-    memory block, up to where the block's items begin. Memory then costs a request the prefill of its
-    own items only, not of the block's fixed header (~40 tokens; at one thread a prompt's prefill grows
-    with its length). Cached for the base model and for each adapter loaded now (serve --lora, e.g. the
-    memory LoRA of configs/finetune_memory.yaml), each under its own weights. Returns the lengths cached."""
+    with no system turn (SmolLM2's has its own default system prompt: ~27 of a short question's ~37
+    tokens; every server caches it, as llama-server's slots keep their last prompt) and, with `memory`,
+    of one whose system turn is a memory block, up to where the block's items begin. Memory then costs
+    a request the prefill of its own items only, not of the block's fixed header (~40 tokens; at one
+    thread a prompt's prefill grows with its length). Cached for the base model and for each adapter
+    loaded now (serve --lora, e.g. the memory LoRA of configs/finetune_memory.yaml), each under its own
+    weights. Returns the lengths cached."""
     from pocketlm.infer.generate import encode_chat
-    from pocketlm.memory.retrieval import block_starts, with_block
 
     def shared(a: list[int], b: list[int]) -> list[int]:
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return a[:max(0, n - 1)]  # less one: the last shared token might merge with what follows
 
     question = [[{"role": "user", "content": q}] for q in ("Hello there.", "What time is it?")]
-    plain = shared(*(encode_chat(engine.tokenizer, m) for m in question))
-    first, second, other = (encode_chat(engine.tokenizer, with_block(question[0], b)) for b in block_starts())
-    starts = [plain, shared(first, second), shared(first, other)]
+    starts = [shared(*(encode_chat(engine.tokenizer, m) for m in question))]
+    if memory:
+        from pocketlm.memory.retrieval import block_starts, with_block
+
+        first, second, other = (encode_chat(engine.tokenizer, with_block(question[0], b)) for b in block_starts())
+        starts += [shared(first, second), shared(first, other)]
     for adapter in [None, *engine.adapters]:
         for ids in starts:
             if 1 < len(ids) < engine.max_seq_len // 2:  # (a tiny context keeps its room for the conversation)

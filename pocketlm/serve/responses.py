@@ -5,6 +5,7 @@ asyncio queue, and a request whose client went away is cancelled, which frees it
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import time
@@ -56,8 +57,7 @@ async def respond(ctx: ServerContext, turn: Turn, params, filters: list):
 async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=None, input_embeds=None):
     """Yields None once submitted, then the request's events as they come out of the engine thread;
     cancels the request when abandoned."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    events = _Handoff(asyncio.get_running_loop())
     extras = {"output_filters": filters} if filters else {}  # engines before the output-filter hook take none
     if processors:
         extras["processors"] = processors
@@ -66,7 +66,7 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=
     if input_embeds is not None:  # the images' embeddings (media.py)
         extras["input_embeds"] = input_embeds
     try:
-        req = ctx.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), **extras)
+        req = ctx.engine.submit(ids, params, events.put, **extras)
     except ContextLengthError as e:
         raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
     except InputError as e:  # the adapter was unloaded after the request was checked
@@ -76,25 +76,44 @@ async def _run(ctx: ServerContext, ids, params, filters, processors=(), adapter=
     try:
         yield None
         while True:
-            event = _merged(await queue.get(), queue)
+            event = await events.get()
             if event.finish_reason is not None:
                 ctx.metrics.generation_done(req)
             yield event
             if event.finish_reason is not None:
                 return
+            # let the next tokens gather for a moment: one chunk then carries several, and the client and
+            # this loop parse, encode and send a third as many (their CPU is the engine's on a small machine)
+            await asyncio.sleep(ctx.limits.stream_interval)
     finally:
         if not req.finished:
             ctx.engine.cancel(req)
 
 
-def _merged(event: Event, queue: asyncio.Queue) -> Event:
-    """The event and any that queued behind it while the loop was busy, as one: one chunk then carries
-    several tokens' text (clients join deltas), so a loaded server writes fewer chunks, not later ones."""
-    text = [event.text]
-    while event.finish_reason is None and not queue.empty():
-        event = queue.get_nowait()
-        text.append(event.text)
-    return event if len(text) == 1 else Event(event.request, "".join(text), event.finish_reason)
+class _Handoff:
+    """One request's events from the engine thread to the event loop. get() returns every event that
+    has arrived as one (clients join deltas), so a loaded server writes fewer chunks, not later ones;
+    the engine thread wakes the loop only for the first event of a batch, not for every token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.events, self.arrived = loop, collections.deque(), asyncio.Event()
+
+    def put(self, event: Event) -> None:  # (the engine thread; the loop is the only one taking)
+        self.events.append(event)
+        if len(self.events) == 1:  # the loop took all before this one: it may be waiting
+            self.loop.call_soon_threadsafe(self.arrived.set)
+
+    async def get(self) -> Event:
+        while not self.events:
+            self.arrived.clear()
+            if not self.events:  # (checked after clearing: an event put meanwhile set it again)
+                await self.arrived.wait()
+        event = self.events.popleft()
+        text = [event.text]
+        while event.finish_reason is None and self.events:
+            event = self.events.popleft()
+            text.append(event.text)
+        return event if len(text) == 1 else Event(event.request, "".join(text), event.finish_reason)
 
 
 async def _finished(result) -> None:
