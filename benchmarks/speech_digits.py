@@ -63,8 +63,8 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="the first N clips of the split (0: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores", flush=True)
+    info = machine_info(1)
+    print(f"machine: {info['cpu']} ({', '.join(info['flags'])}), {info['cores']} cores, 1 thread", flush=True)
     with open(Path(args.data) / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
     rows = rows[:args.limit] if args.limit else rows
