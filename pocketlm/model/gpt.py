@@ -173,7 +173,7 @@ class Attention(nn.Module):
         if y is None:  # no mask: training or a full prefill from position 0, the fused causal kernel
             # a plain bool: under symbolic lengths `T > 1` is a SymBool, and SDPA given one breaks the graph
             causal = mask is None and bool(T > 1)
-            if batch is not None and batch.attend is not None:  # a step that lays its rows out its own way
+            if getattr(batch, "attend", None) is not None:  # a step that lays its rows out its own way (together.py)
                 y = batch.attend(q, k, v, gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
