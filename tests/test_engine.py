@@ -3,6 +3,7 @@ nothing about what each request gets, stop strings/tokens and max tokens end rep
 never splits a character, and a request that does not fit waits instead of being dropped."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -182,6 +183,38 @@ def test_background_thread_serves_concurrent_streams(lm):
     assert len(results) == 5
     for ids, text in results.values():
         assert text == tok.decode(reference_greedy(model, ids, 20))
+
+
+def test_a_lone_stream_steps_on_solo_threads_and_a_batch_on_all(lm):
+    model, tok = lm
+    full = torch.get_num_threads()
+    if full < 2:
+        pytest.skip("needs 2 or more torch threads")
+    engine = Engine(model, tok, max_batch=3)
+    engine.solo_threads = 1
+    seen, step = [], engine.step
+
+    def counting_step():
+        seen.append((engine.running, torch.get_num_threads()))
+        return step()
+
+    engine.step = counting_step
+    engine.start()
+    try:
+        ids = tok.encode(PROMPTS[0])
+        assert "".join(e.text for e in engine.stream(ids, greedy(8))) == tok.decode(reference_greedy(model, ids, 8))
+        engine.stop()  # two requests queued together, so they share steps
+        pair = [engine.submit(tok.encode(PROMPTS[i]), greedy(8)) for i in (1, 2)]
+        engine.start()
+        deadline = time.monotonic() + 120
+        while any(r.finish_reason is None for r in pair) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert all(r.finish_reason == "length" for r in pair)
+    assert {n for running, n in seen if running == 1 and n} <= {1, full} and (1, 1) in seen
+    assert any(running == 2 and n == full for running, n in seen)
+    assert torch.get_num_threads() == full  # the caller's thread keeps its setting
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

@@ -27,6 +27,10 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._commands: deque = deque()  # (fn, Future): run on the engine's thread between steps
+        # threads for a step of one row when the server thread runs it (None: torch's setting for every step).
+        # A lone stream's step is short and has ~150 parallel regions; when its threads take every core, the
+        # event loop and the clients preempt one of them and each region waits for it (serve/server.py)
+        self.solo_threads: int | None = None
 
     def between_steps(self, fn) -> Future:
         """Run fn() on the engine's thread between two steps (now, when no thread runs), so it may change
@@ -126,6 +130,9 @@ class Runner:
             self._thread = None
 
     def _loop(self):
+        import torch
+
+        full, now = torch.get_num_threads(), None
         while True:
             with self._cv:
                 while (not self._stopping and not self.waiting and not self._commands
@@ -137,6 +144,11 @@ class Runner:
                 self._commands.clear()
             for fn, fut in commands:
                 self._run_command(fn, fut)
+            if self.solo_threads:
+                want = self.solo_threads if self.running == 1 and not self.waiting else full
+                if want != now:  # (per thread: this sets the engine thread's OpenMP team size only)
+                    torch.set_num_threads(want)
+                    now = want
             self.step()
         with self._cv:  # nobody will run these now
             for _, fut in self._commands:

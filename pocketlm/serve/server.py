@@ -78,6 +78,14 @@ def serve(model, *, adapter=None, dtype: str = "auto", host: str = "127.0.0.1", 
         raise PocketLMError("--lora needs an engine without --compile (adapters run per request, unmerged)")
     engine = load_engine(model, adapter=adapter, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
                          compile=compile, threads=threads)
+    import os
+
+    import torch
+
+    threads_now = torch.get_num_threads()
+    # the engine takes every core: leave one to HTTP while a single stream decodes (POCKETLM_SOLO_THREADS=0: off)
+    if threads_now > 1 and threads_now >= (os.cpu_count() or 1) and os.environ.get("POCKETLM_SOLO_THREADS") != "0":
+        engine.solo_threads = threads_now - 1
     name = model_name or Path(model).name
     print(f"pocketlm serve: {name}, {engine.max_batch} slots x {engine.max_seq_len} positions "
           f"(KV cache {engine.kv_cache_bytes / 2**20:.1f} MiB), http://{host}:{port}/"
