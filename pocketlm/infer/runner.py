@@ -117,7 +117,10 @@ class Runner:
     def start(self):
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="pocketlm-engine", daemon=True)
+            import torch
+
+            self._thread = threading.Thread(target=self._loop, args=(torch.get_num_threads(),),
+                                            name="pocketlm-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -129,10 +132,17 @@ class Runner:
             self._thread.join()
             self._thread = None
 
-    def _loop(self):
+    def _loop(self, full: int):
         import torch
 
-        full, now = torch.get_num_threads(), None
+        try:
+            self._serve_steps(full, torch)
+        finally:  # torch's setting is the process's: give the caller back its own
+            if torch.get_num_threads() != full:
+                torch.set_num_threads(full)
+
+    def _serve_steps(self, full: int, torch):
+        now = None
         while True:
             with self._cv:
                 while (not self._stopping and not self.waiting and not self._commands
@@ -146,7 +156,7 @@ class Runner:
                 self._run_command(fn, fut)
             if self.solo_threads:
                 want = self.solo_threads if self.running == 1 and not self.waiting else full
-                if want != now:  # (per thread: this sets the engine thread's OpenMP team size only)
+                if want != now:  # (torch's count is the process's; _loop restores the caller's at the end)
                     torch.set_num_threads(want)
                     now = want
             self.step()
