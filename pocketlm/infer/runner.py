@@ -10,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import torch
+
 
 @dataclass
 class Event:
@@ -117,8 +119,6 @@ class Runner:
     def start(self):
         if self._thread is None:
             self._stopping = False
-            import torch
-
             self._thread = threading.Thread(target=self._loop, args=(torch.get_num_threads(),),
                                             name="pocketlm-engine", daemon=True)
             self._thread.start()
@@ -133,15 +133,13 @@ class Runner:
             self._thread = None
 
     def _loop(self, full: int):
-        import torch
-
         try:
-            self._serve_steps(full, torch)
+            self._serve_steps(full)
         finally:  # torch's setting is the process's: give the caller back its own
             if torch.get_num_threads() != full:
                 torch.set_num_threads(full)
 
-    def _serve_steps(self, full: int, torch):
+    def _serve_steps(self, full: int):
         now = None
         while True:
             with self._cv:

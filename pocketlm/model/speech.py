@@ -117,14 +117,19 @@ def prepare_clips(waves, cfg: SpeechConfig) -> torch.Tensor:
     to 0.5, then zero-padded to max_seconds."""
     batch = torch.zeros(len(waves), cfg.samples)
     for i, w in enumerate(waves):
-        w = trim_silence(torch.as_tensor(w, dtype=torch.float32).flatten())
-        if len(w) and w.abs().max() > 0:
-            w = w * (0.5 / w.abs().max())  # the same level for a whisper and a shout
+        w = clean_clip(w)
         if len(w) > cfg.samples:
             raise InputError(f"audio clip {i}: {len(w) / cfg.sample_rate:.2f} s of sound after trimming silence; "
                              f"this model takes at most {cfg.max_seconds} s")
         batch[i, :len(w)] = w
     return log_mel(batch, cfg)
+
+
+def clean_clip(w) -> torch.Tensor:
+    """A waveform trimmed of leading and trailing silence, its peak scaled to 0.5 (the same level for a
+    whisper and a shout)."""
+    w = trim_silence(torch.as_tensor(w, dtype=torch.float32).flatten())
+    return w * (0.5 / w.abs().max()) if len(w) and w.abs().max() > 0 else w
 
 
 def trim_silence(w: torch.Tensor, floor: float = 0.02) -> torch.Tensor:

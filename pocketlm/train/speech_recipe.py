@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pocketlm.config import ConfigError, apply_overrides, parse_overrides, parse_section, read_sections
 from pocketlm.data import speech as speech_data
 from pocketlm.errors import PocketLMError
-from pocketlm.model.speech import AUDIO_PLACEHOLDER, SpeechConfig, SpeechLM, log_mel, trim_silence
+from pocketlm.model.speech import AUDIO_PLACEHOLDER, SpeechConfig, SpeechLM, clean_clip, log_mel, prepare_clips
 from pocketlm.train.vlm import (ChatRows, ImageTask, Schedule, _run, chat_accuracy, probe_accuracy, tiny_text_model,
                                 train_chat)
 
@@ -66,15 +66,6 @@ def load_recipe(path, overrides: dict | None = None) -> tuple[SpeechConfig, Spee
     return parse_section("speech", raw["speech"], SpeechConfig), parse_section("recipe", raw["recipe"], SpeechRecipe)
 
 
-def clean_clips(waves) -> list[torch.Tensor]:
-    """Each clip trimmed of silence and scaled to a 0.5 peak, as prepare_clips does before padding."""
-    out = []
-    for w in waves:
-        w = trim_silence(torch.as_tensor(w, dtype=torch.float32))
-        out.append(w * (0.5 / w.abs().max()) if len(w) and w.abs().max() > 0 else w)
-    return out
-
-
 def augmented_mels(clips, idx, cfg: SpeechConfig, recipe: SpeechRecipe, g: torch.Generator) -> torch.Tensor:
     """Log-mel of clips[idx], each sped up or slowed, placed at a random offset, with noise added."""
     batch = torch.zeros(len(idx), cfg.samples)
@@ -95,14 +86,8 @@ def augmented_mels(clips, idx, cfg: SpeechConfig, recipe: SpeechRecipe, g: torch
 
 
 def padded_mels(clips, cfg: SpeechConfig, chunk: int = 512) -> torch.Tensor:
-    out = []
-    for start in range(0, len(clips), chunk):
-        batch = torch.zeros(len(clips[start:start + chunk]), cfg.samples)
-        for row, w in enumerate(clips[start:start + chunk]):
-            w = w[:cfg.samples]
-            batch[row, :len(w)] = w
-        out.append(log_mel(batch, cfg))
-    return torch.cat(out)
+    """prepare_clips in chunks (the log-mel of thousands of clips at once would not fit)."""
+    return torch.cat([prepare_clips(clips[i:i + chunk], cfg) for i in range(0, len(clips), chunk)])
 
 
 def train_encoder(slm: SpeechLM, clips, labels, recipe: SpeechRecipe, log=print) -> nn.Linear:
@@ -128,7 +113,7 @@ def run_recipe(out, data_dir, cfg: SpeechConfig, recipe: SpeechRecipe, log=print
     torch.manual_seed(recipe.seed)
     c0 = time.process_time()
     splits = speech_data.load_spoken_digits(data_dir)
-    clips = {k: clean_clips(w) for k, (w, _) in splits.items()}
+    clips = {k: [clean_clip(x) for x in w] for k, (w, _) in splits.items()}
     labels = {k: torch.as_tensor(y) for k, (_, y) in splits.items()}
     mels = {k: padded_mels(clips[k], cfg) for k in ("train", "val", "test")}
     texts = [*TASK.captions, *TASK.answers, TASK.question, CAPTION]
