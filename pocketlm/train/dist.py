@@ -5,6 +5,7 @@ nodes), and the few collectives the loop needs to keep ranks in step."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -163,5 +164,9 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """Destroy the process groups, then collect the garbage that still holds them (FSDP2's meshes sit in
+    reference cycles): left to interpreter shutdown, a gloo group's worker threads can die after Python
+    and abort the rank (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
