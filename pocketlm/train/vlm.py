@@ -155,15 +155,19 @@ def _run(params, schedule: Schedule, lr: float, weight_decay: float, loss_at, lo
 def train_encoder(vlm: VisionLM, sets, *, steps: int, cpu_minutes: float = 0.0, batch_size: int = 64,
                   lr: float = 2e-3, shift: int = 2, seed: int = 0, log=print) -> list[nn.Linear]:
     """Stage 0: the encoder and one linear head per (pixels, labels) set on its mean-pooled patches,
-    cross-entropy on the labels; the sets take turns, one batch a step. Returns the heads."""
+    cross-entropy on the labels. Every step encodes one batch of each set together: the stem's
+    BatchNorm then normalizes with the mixture's statistics in training as in evaluation (sets
+    taking turns, one a step, left the running statistics a blend no batch had: probes fell from
+    97.8% to 85.3% on MNIST). Returns the heads."""
     heads = [nn.Linear(vlm.vision_cfg.width, int(labels.max()) + 1) for _, labels in sets]
     params = [*vlm.encoder.parameters(), *(p for h in heads for p in h.parameters())]
     g = torch.Generator().manual_seed(seed)
 
     def loss_at(step):
-        (pixels, labels), head = sets[step % len(sets)], heads[step % len(sets)]
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        return F.cross_entropy(head(vlm.encode(shift_augment(pixels[idx], shift, g)).mean(1)), labels[idx])
+        picks = [torch.randint(0, len(pixels), (batch_size,), generator=g) for pixels, _ in sets]
+        pooled = vlm.encode(shift_augment(torch.cat([p[i] for (p, _), i in zip(sets, picks)]), shift, g)).mean(1)
+        return sum(F.cross_entropy(head(part), labels[i])
+                   for head, part, (_, labels), i in zip(heads, pooled.split(batch_size), sets, picks))
 
     vlm.encoder.train()
     _run(params, Schedule(steps, cpu_minutes), lr, 0.05, loss_at, log, "stage 0", 100)
@@ -209,12 +213,12 @@ def train_chat(vlm: VisionLM, tasks, *, steps: int, train_lm: bool, cpu_minutes:
 
 
 def chat_replies(vlm: VisionLM, tokenizer: Tokenizer, pixels, question: str = QUESTION, *, max_batch: int = 32,
-                 chunk: int = 256) -> list[str]:
+                 chunk: int = 256, max_tokens: int = 4) -> list[str]:
     """Greedy replies through the Engine, the images (or a speech tower's clips) as input_embeds."""
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}], vlm.tokens_per_item,
                            placeholder=vlm.placeholder)
     engine = Engine(vlm.lm, tokenizer, max_batch=max_batch)
-    params = SamplingParams(max_tokens=4, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
     replies: list[str] = []
     with torch.no_grad():
         for start in range(0, len(pixels), chunk):
@@ -229,6 +233,8 @@ def chat_replies(vlm: VisionLM, tokenizer: Tokenizer, pixels, question: str = QU
 def chat_accuracy(vlm: VisionLM, tokenizer: Tokenizer, pixels, labels, task: ImageTask = TASKS["mnist"],
                   **kw) -> tuple[float, list[str]]:
     """(share of greedy replies that name the label, the replies)."""
+    # room for the longest answer and a stop (a fixed 4 tokens cut "ankle boot" to "ankle b")
+    kw.setdefault("max_tokens", max(len(tokenizer.encode(a)) for a in task.answers) + 1)
     replies = chat_replies(vlm, tokenizer, pixels, task.question, **kw)
     right = [task.right(reply, int(label)) for reply, label in zip(replies, labels.tolist())]
     return sum(right) / max(1, len(right)), replies
