@@ -1,9 +1,10 @@
 // pocketlm web chat: keeps the conversation, streams replies from /v1/chat/completions (SSE),
 // and lets the reader stop a reply. Plain browser JavaScript modules, no build step: api.js holds the
-// key, images.js the images of a message, memory.js the Memory panel, the temporary-chat switch and the memory notes under replies.
+// key, images.js the images of a message, audio.js its audio clips, memory.js the Memory panel, the temporary-chat switch and the memory notes under replies.
 "use strict";
 
 import { headers, initKey } from "./api.js";
+import { hasClips, initAudio, showClips, takeClips, withClips } from "./audio.js";
 import { content as userContent, hasImages, initImages, showImages, takeImages } from "./images.js";
 import { initMemory, noteUpdates, temporary, whoami } from "./memory.js";
 
@@ -85,9 +86,11 @@ async function* sse(response) {
 
 async function send(text) {
   if (!model) await loadModel();
-  const images = takeImages();
-  history.push({ role: "user", content: userContent(text, images) });
-  showImages(addMessage("user", text).bubble, images);
+  const images = takeImages(), clips = takeClips();
+  history.push({ role: "user", content: withClips(userContent(text, images), clips) });
+  const bubble = addMessage("user", text).bubble;
+  showImages(bubble, images);
+  showClips(bubble, clips);
   const reply = addMessage("assistant", "");
   reply.wrap.classList.add("streaming");
   controller = new AbortController();
@@ -155,7 +158,7 @@ function resize() {
 els.composer.addEventListener("submit", (e) => {
   e.preventDefault();
   const text = els.input.value.trim();
-  if ((!text && !hasImages()) || controller) return;
+  if ((!text && !hasImages() && !hasClips()) || controller) return;
   els.input.value = "";
   resize();
   send(text);
@@ -188,6 +191,7 @@ for (const key of SAVED) {
 initKey(() => { loadModel(); whoami(); });
 initMemory();
 initImages();
+initAudio();
 els.temperatureValue.textContent = Number(els.temperature.value).toFixed(2);
 loadModel();
 whoami();

@@ -48,16 +48,21 @@ function render() {
     const img = document.createElement("img");
     img.src = url;
     img.alt = "image to send";
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "remove";
-    remove.title = "remove this image";
-    remove.textContent = "×";
-    remove.addEventListener("click", () => { pending.splice(i, 1); render(); });
-    item.append(img, remove);
+    item.append(img, removeButton("remove this image", () => { pending.splice(i, 1); render(); }));
     return item;
   }));
   tray.hidden = pending.length === 0;
+}
+
+// The × on a waiting attachment (an image here, a clip in audio.js).
+export function removeButton(title, onClick) {
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "remove";
+  remove.title = title;
+  remove.textContent = "×";
+  remove.addEventListener("click", onClick);
+  return remove;
 }
 
 export function hasImages() {
