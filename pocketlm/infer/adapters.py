@@ -77,7 +77,8 @@ class RowLoRA(nn.Module):
         if plan is None:  # no row of this step runs an adapter that touches this projection
             return y
         x2, y2 = x.reshape(-1, self.n_in), y.view(-1, self.n_out)
-        if x2.size(0) <= KERNEL_TOKENS and x2.dtype == y.dtype and kernel():
+        # (x fp32 or bf16 and y either: the bf16 copy's qkv and gate/up take the norm's fp32 output)
+        if x2.size(0) <= KERNEL_TOKENS and {x2.dtype, y.dtype} <= {torch.float32, torch.bfloat16} and kernel():
             A, Bt, rows, cols = self._kernel_stacks()
             row_lora_(x2.contiguous(), y2, plan.token_slots, A, Bt, rows, cols)
             return y
