@@ -49,7 +49,8 @@ class RowLoRA(nn.Module):
     SmolLM2's whole decode step at one thread: 15.5 ms over the plain step against 25 ms with the
     matmuls (load ~23); bf16 copies of the stacks (half the bytes) were tried and were no faster
     (0.752 of the plain step's speed against 0.770 for fp32, same process, load ~17). Longer steps
-    (prefill) keep the matmuls, whose kernels win at many tokens."""
+    (prefill) keep the matmuls, whose kernels win at many tokens. The engine's C++ decode step (cstep.py)
+    runs the same loop inside its step on these stacks, so its rows match this module's."""
     takes_batch = True
 
     def __init__(self, base: nn.Module, parts: dict[str, int], n_in: int):

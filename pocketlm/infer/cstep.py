@@ -14,8 +14,8 @@ roundings (decode_step.cpp lists them), so its logits agree with the eager step'
 It runs where the hand-written kernels do (AVX512-BF16, POCKETLM_KERNELS not 0, the build works) for
 bf16, int8 and int4 copies of llama-arch models with a bf16 KV store, for a decode step (one token
 per row, any number of rows), with or without per-row LoRA adapters (adapters.py's stacks, applied
-after each projection by row_lora.h's loop, as the per-op model's row_lora.cpp does); any other step (a prefill, an extend) goes to the
-model itself. POCKETLM_CSTEP=0 turns it off alone.
+after each projection by row_lora.h's loop, the per-op model's row_lora.cpp arithmetic); any other
+step (a prefill, an extend) goes to the model itself. POCKETLM_CSTEP=0 turns it off alone.
 
     forward = decoder(engine_model, kv_store)      # the model itself where the C++ step cannot run
     logits = forward(ids, batch=store.step(0, 1, ids))
