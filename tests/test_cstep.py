@@ -231,3 +231,70 @@ def test_smollm2_int4_logits_and_tokens():
         # logits up to ~20, where bf16 steps are 0.125: one step on average, a few at most
         check_steps(steps, 1.0, clear_share=0)
         assert torch.stack([(g - w).abs().mean() for w, g in steps]).mean() < 0.125
+
+
+def random_adapter(cfg, targets, rank, seed):
+    """(module, A, B, scaling) updates of every layer's `targets`, as adapters.read_adapter gives them."""
+    g = torch.Generator().manual_seed(seed)
+    hd = cfg.head_dim
+    shapes = {"q_proj": (cfg.n_embd, cfg.n_head * hd), "k_proj": (cfg.n_embd, cfg.n_kv_head * hd),
+              "v_proj": (cfg.n_embd, cfg.n_kv_head * hd), "o_proj": (cfg.n_head * hd, cfg.n_embd),
+              "gate_proj": (cfg.n_embd, cfg.intermediate_size), "up_proj": (cfg.n_embd, cfg.intermediate_size),
+              "down_proj": (cfg.intermediate_size, cfg.n_embd)}
+    out = []
+    for i in range(cfg.n_layer):
+        for name in targets:
+            n_in, n_out = shapes[name]
+            where = "attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            a = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+            out.append((f"layers.{i}.{where}.{name}", a, torch.randn(n_out, rank, generator=g), 0.5))
+    return out
+
+
+QV = ("q_proj", "v_proj")
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", cstep.PRECISIONS)
+@pytest.mark.parametrize("targets", [QV, ALL], ids=["qv", "all"])
+def test_rows_on_different_adapters_match_the_per_op_model_through_hot_loads(precision, targets):
+    """Three rows in one batch (adapter a, adapter b, none), decoded by the C++ step and by the per-op
+    model (RowLoRA) on two KV stores: each row's logits agree at every step, while b is unloaded and c
+    (a higher rank: the store reallocates its stacks) takes its slot, and then a is unloaded."""
+    from pocketlm.infer.adapters import Slots
+
+    model = small_llama()
+    cfg = model.cfg
+    m = inference_copy(model, precision)
+    eager_store, c_store = (KVStore(cfg, 3, 64, dtype=torch.bfloat16) for _ in range(2))
+    forward = cstep.decoder(m, c_store)
+    assert isinstance(forward, cstep.CStep), cstep.why_not(m, c_store)
+    slots = Slots(m)
+    a, b = slots.add("a", random_adapter(cfg, targets, 8, 1)), slots.add("b", random_adapter(cfg, targets, 8, 2))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1)).expand(3, 7)
+    rows = [a, b, -1]
+    with torch.inference_mode():
+        logits = m(prompt, batch=eager_store.step(0, 3, prompt, adapter_ids=rows))
+        forward(prompt, batch=c_store.step(0, 3, prompt, adapter_ids=rows))
+        # one prompt on all three rows: the adapters move the logits far more than the tolerance
+        assert (logits[0, -1] - logits[2, -1]).abs().max() > 10 * TOLERANCE
+        assert (logits[1, -1] - logits[2, -1]).abs().max() > 10 * TOLERANCE
+        steps = {r: [] for r in range(3)}
+        for step in range(12):
+            if step == 4:  # b out, c in at b's slot with rank 16: every stack of c's projections reallocates
+                slots.remove("b")
+                rows[1] = slots.add("c", random_adapter(cfg, targets, 16, 3))
+                assert rows[1] == b
+            if step == 8:
+                slots.remove("a")
+                rows[0] = -1
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = m(token, batch=eager_store.step(0, 3, token, adapter_ids=rows))
+            batch = c_store.step(0, 3, token, adapter_ids=rows)
+            assert forward.runs(token, batch, {})  # (the C++ step, not its fallback)
+            got = forward(token, batch=batch)
+            for r in range(3):
+                steps[r].append((logits[r, -1], got[r, -1]))
+    for r in range(3):  # (bf16: identical until the contexts reach the length where attention's roundings part)
+        check_steps(steps[r], TOLERANCE)

@@ -22,10 +22,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "decode_attention.h"
 #include "decode_matvec.h"
+#include "row_lora.h"
 
 namespace {
 
@@ -85,7 +87,9 @@ class DecodeStep : public torch::CustomClassHolder {
   // the KV store's rows for these M sequences, (n_layer, M, n_kv_head, max_len, head_dim) bf16;
   // positions (M,) int64: row r writes its position positions[r] and attends over 0..positions[r].
   // Every weight matrix is read once per call for all M rows (decode_matvec.h's matmul).
-  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, at::Tensor positions) {
+  // slots: (M,) int64, each row's adapter slot (-1: none) in the stacks set_lora gave, or empty (no
+  // adapters): each projection's per-row low-rank update is added right after its matrix.
+  at::Tensor run(at::Tensor x, at::Tensor k, at::Tensor v, at::Tensor positions, at::Tensor slots) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == D_, "DecodeStep.run: x (rows, n_embd) fp32");
     const int64_t M = x.size(0);
     TORCH_CHECK(M >= 1 && positions.is_contiguous() && positions.scalar_type() == at::kLong && positions.numel() == M,
@@ -95,6 +99,24 @@ class DecodeStep : public torch::CustomClassHolder {
                   c->stride(4) == 1 && c->scalar_type() == at::kBFloat16, "DecodeStep.run: k/v (n_layer, rows, kv heads, len, head_dim) bf16");
     TORCH_CHECK(v.strides() == k.strides(), "DecodeStep.run: k and v laid out alike");
     const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* rs = nullptr;
+    if (slots.numel()) {
+      TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.numel() == M, "DecodeStep.run: slots (rows,) int64");
+      TORCH_CHECK(!lora_.empty(), "DecodeStep.run: slots given but set_lora was never called");
+      rs = slots.data_ptr<int64_t>();
+    }
+    // y (M, N) += each row's update of layer l's matrix j from its input x (M, K): bf16 (attention
+    // output, SiLU * up), or for qkv and gate/up the norm's fp32 output (the per-op model hands its
+    // adapters the unrounded norm; only the base matrix reads it rounded to bf16)
+    auto adapt = [&](int64_t l, int j, const auto* in, bf16* y) {
+      if (!rs || !lora_[l * 4 + j].A) return;
+      const Lora& a = lora_[l * 4 + j];
+      using In = std::conditional_t<std::is_same_v<std::decay_t<decltype(*in)>, float>, float, at::BFloat16>;
+      row_lora_apply<In, at::BFloat16>(reinterpret_cast<const In*>(in), reinterpret_cast<at::BFloat16*>(y), rs, a.A, a.Bt,
+                                       a.ranks, a.widths, a.rows, a.cols, M, a.n_in, a.n_out, a.R, a.S);
+    };
+    std::vector<float> n32(rs ? M * D_ : 0);  // the norm's fp32 output, for the adapters
+    float* n32p = rs ? n32.data() : nullptr;
     for (int64_t r = 0; r < M; ++r)
       TORCH_CHECK(0 <= pos[r] && pos[r] < k.size(3) && pos[r] < positions_, "DecodeStep.run: position ", pos[r], " out of range");
     float* h = x.data_ptr<float>();
@@ -106,8 +128,9 @@ class DecodeStep : public torch::CustomClassHolder {
     const int64_t sl = k.stride(0), sr = k.stride(1), sh = k.stride(2), sp = k.stride(3);
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& ly = layers_[l];
-      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.attn_norm, D_, eps_, a.data() + r * D_, nullptr);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.attn_norm, D_, eps_, a.data() + r * D_, rs ? n32p + r * D_ : nullptr);
       matmul(ly.m[0], a.data(), M, b.data(), xs);
+      adapt(l, 0, n32p, b.data());
       for (int64_t r = 0; r < M; ++r) {
         bf16 *q = b.data() + r * qkv, *kn = q + H_ * Dh_, *vn = kn + KVH_ * Dh_;
         const int64_t p = pos[r];
@@ -120,11 +143,14 @@ class DecodeStep : public torch::CustomClassHolder {
       }
       attend(b.data(), qkv, kc + l * sl, vc + l * sl, sr, sh, sp, pos, M, att.data());
       matmul(ly.m[1], att.data(), M, a.data(), xs);
+      adapt(l, 1, att.data(), a.data());
       for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
-      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.mlp_norm, D_, eps_, a.data() + r * D_, nullptr);
+      for (int64_t r = 0; r < M; ++r) rms_norm(h + r * D_, ly.mlp_norm, D_, eps_, a.data() + r * D_, rs ? n32p + r * D_ : nullptr);
       matmul(ly.m[2], a.data(), M, b.data(), xs);
+      adapt(l, 2, n32p, b.data());
       for (int64_t r = 0; r < M; ++r) swiglu(b.data() + r * 2 * I_, b.data() + r * 2 * I_ + I_, mid.data() + r * I_);
       matmul(ly.m[3], mid.data(), M, a.data(), xs);
+      adapt(l, 3, mid.data(), a.data());
       for (int64_t i = 0; i < M * D_; ++i) h[i] += bf(a[i]);
     }
     std::vector<float> out(D_);
@@ -135,7 +161,47 @@ class DecodeStep : public torch::CustomClassHolder {
     return x;
   }
 
+  // The adapter store's stacks (adapters.py, RowLoRA), per layer and matrix (qkv, o, up, down): ints
+  // [parts, then each part's row in A and column in y], tensors [A (slots, R, in) fp32, then each
+  // part's Bt (slots, r, width) fp32] (none where parts is 0). Pointers into the store's own tensors:
+  // a hot load writes them in place and is seen by the next run; cstep.py calls this again whenever
+  // the store reallocates a stack.
+  void set_lora(std::vector<at::Tensor> tensors, std::vector<int64_t> ints) {
+    std::vector<Lora> lora(L_ * 4);
+    const int64_t shapes[4][2] = {{(H_ + 2 * KVH_) * Dh_, D_}, {D_, H_ * Dh_}, {2 * I_, D_}, {D_, I_}};
+    size_t ti = 0, ii = 0;
+    for (int64_t m = 0; m < L_ * 4; ++m) {
+      TORCH_CHECK(ii < ints.size(), "DecodeStep.set_lora: ints end early");
+      const int64_t parts = ints[ii++];
+      if (!parts) continue;
+      Lora& a = lora[m];
+      a.n_out = shapes[m % 4][0], a.n_in = shapes[m % 4][1];
+      TORCH_CHECK(ti + 1 + parts <= tensors.size() && ii + 2 * parts <= ints.size(), "DecodeStep.set_lora: tensors or ints end early");
+      const at::Tensor& A = tensors[ti++];
+      TORCH_CHECK(A.dim() == 3 && A.scalar_type() == at::kFloat && A.is_contiguous() && A.size(2) == a.n_in,
+                  "DecodeStep.set_lora: A of matrix ", m, " (slots, R, ", a.n_in, ") fp32");
+      a.A = A.data_ptr<float>(), a.S = A.size(0), a.R = A.size(1);
+      for (int64_t p = 0; p < parts; ++p) {
+        const at::Tensor& b = tensors[ti++];
+        const int64_t row = ints[ii++], col = ints[ii++];
+        TORCH_CHECK(b.dim() == 3 && b.scalar_type() == at::kFloat && b.is_contiguous() && b.size(0) == a.S &&
+                    row >= 0 && row + b.size(1) <= a.R && col >= 0 && col + b.size(2) <= a.n_out,
+                    "DecodeStep.set_lora: Bt ", p, " of matrix ", m, " (slots, r, width) fp32 inside A's rows and y's columns");
+        a.Bt.push_back(b.data_ptr<float>());
+        a.ranks.push_back(b.size(1)), a.widths.push_back(b.size(2)), a.rows.push_back(row), a.cols.push_back(col);
+      }
+    }
+    TORCH_CHECK(ti == tensors.size() && ii == ints.size(), "DecodeStep.set_lora: more tensors or ints than the parts name");
+    lora_ = std::move(lora), lora_held_ = std::move(tensors);
+  }
+
  private:
+  struct Lora {
+    const float* A = nullptr;  // nullptr: no adapter touches this matrix
+    std::vector<const float*> Bt;
+    std::vector<int64_t> ranks, widths, rows, cols;
+    int64_t n_in = 0, n_out = 0, R = 0, S = 0;
+  };
   struct Layer {
     const float* attn_norm;
     const float* mlp_norm;
@@ -202,6 +268,8 @@ class DecodeStep : public torch::CustomClassHolder {
 
   std::vector<at::Tensor> held_;  // keeps every pointer below alive
   std::vector<Layer> layers_;
+  std::vector<at::Tensor> lora_held_;  // keeps the adapter stacks alive while lora_ points into them
+  std::vector<Lora> lora_;
   const float *norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
   int64_t L_ = 0, H_ = 0, KVH_ = 0, Dh_ = 0, D_ = 0, I_ = 0, positions_ = 0;
   double eps_;
@@ -276,7 +344,8 @@ at::Tensor q4_pack(const at::Tensor& q) {
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.class_<DecodeStep>("DecodeStep")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
-      .def("run", &DecodeStep::run);
+      .def("run", &DecodeStep::run)
+      .def("set_lora", &DecodeStep::set_lora);
   m.def("step_matvec(Tensor x, Tensor w, Tensor s, Tensor z, int fmt, int N) -> Tensor", &step_matvec);
   m.def("int4pack_codes(Tensor packed, int N, int K) -> Tensor", &int4pack_codes);
   m.def("q4_pack(Tensor codes) -> Tensor", &q4_pack);

@@ -49,7 +49,8 @@ class RowLoRA(nn.Module):
     SmolLM2's whole decode step at one thread: 15.5 ms over the plain step against 25 ms with the
     matmuls (load ~23); bf16 copies of the stacks (half the bytes) were tried and were no faster
     (0.752 of the plain step's speed against 0.770 for fp32, same process, load ~17). Longer steps
-    (prefill) keep the matmuls, whose kernels win at many tokens."""
+    (prefill) keep the matmuls, whose kernels win at many tokens. The engine's C++ decode step (cstep.py)
+    runs the same loop inside its step on these stacks, so its rows match this module's."""
     takes_batch = True
 
     def __init__(self, base: nn.Module, parts: dict[str, int], n_in: int):
@@ -77,7 +78,8 @@ class RowLoRA(nn.Module):
         if plan is None:  # no row of this step runs an adapter that touches this projection
             return y
         x2, y2 = x.reshape(-1, self.n_in), y.view(-1, self.n_out)
-        if x2.size(0) <= KERNEL_TOKENS and x2.dtype == y.dtype and kernel():
+        # (x fp32 or bf16 and y either: the bf16 copy's qkv and gate/up take the norm's fp32 output)
+        if x2.size(0) <= KERNEL_TOKENS and {x2.dtype, y.dtype} <= {torch.float32, torch.bfloat16} and kernel():
             A, Bt, rows, cols = self._kernel_stacks()
             row_lora_(x2.contiguous(), y2, plan.token_slots, A, Bt, rows, cols)
             return y

@@ -13,8 +13,9 @@ roundings (decode_step.cpp lists them), so its logits agree with the eager step'
 
 It runs where the hand-written kernels do (AVX512-BF16, POCKETLM_KERNELS not 0, the build works) for
 bf16, int8 and int4 copies of llama-arch models with a bf16 KV store, for a decode step (one token
-per row, any number of rows) without adapters; any other step (a prefill, an extend) goes to the
-model itself. POCKETLM_CSTEP=0 turns it off alone.
+per row, any number of rows), with or without per-row LoRA adapters (adapters.py's stacks, applied
+after each projection by row_lora.h's loop, the per-op model's row_lora.cpp arithmetic); any other
+step (a prefill, an extend) goes to the model itself. POCKETLM_CSTEP=0 turns it off alone.
 
     forward = decoder(engine_model, kv_store)      # the model itself where the C++ step cannot run
     logits = forward(ids, batch=store.step(0, 1, ids))
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from pocketlm import native
 from pocketlm.infer import gemv
+from pocketlm.infer.adapters import RowLoRA
 from pocketlm.infer.linears import GemvLinear, Int4Linear, Int8Linear
 from pocketlm.model.gpt import RMSNorm
 
@@ -73,9 +75,11 @@ def _built() -> bool:
         return False
 
 
-def _block_linears(b) -> dict[str, nn.Module]:
-    """One block's matrices in the order decode_step.cpp takes them."""
-    return {"qkv": b.attn.qkv, "o_proj": b.attn.o_proj, "up": b.mlp.up, "down_proj": b.mlp.down_proj}
+def _block_linears(b, wrapped: bool = False) -> dict[str, nn.Module]:
+    """One block's matrices in the order decode_step.cpp takes them: the base linears under any adapter
+    wrapper (RowLoRA), or with `wrapped` the modules as they sit (RowLoRA where adapters were added)."""
+    ms = {"qkv": b.attn.qkv, "o_proj": b.attn.o_proj, "up": b.mlp.up, "down_proj": b.mlp.down_proj}
+    return ms if wrapped else {k: m.base if isinstance(m, RowLoRA) else m for k, m in ms.items()}
 
 
 def _linears(model):
@@ -156,10 +160,33 @@ class CStep:
             tensors += [model.norm.weight.detach().float().contiguous(), cos.float().contiguous(), sin.float().contiguous()]
         sizes = [cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd, cfg.intermediate_size]
         self.step = torch.classes.pocketlm.DecodeStep(tensors, sizes + formats, float(model.norm.eps))
+        self._lora_key = None  # which adapter stacks the step was last given (_sync_lora)
 
     def runs(self, ids, batch, kwargs) -> bool:
-        return (batch is not None and not kwargs and batch.adapter_ids is None and batch.input_embeds is None
-                and ids is not None and ids.dim() == 2 and ids.size(1) == 1 and batch.k.size(1) == ids.size(0))
+        return (batch is not None and not kwargs and batch.input_embeds is None
+                and ids is not None and ids.dim() == 2 and ids.size(1) == 1 and batch.k.size(1) == ids.size(0)
+                and (batch.adapter_ids is None or batch.adapter_ids.numel() == ids.size(0)))
+
+    def _sync_lora(self) -> None:
+        """Give the step the adapter store's current stacks. Loading or unloading an adapter writes its
+        slot in place (the step's pointers see it); only a reallocation (a higher rank, more slots) or
+        a projection's first or last adapter changes what it must be given, and that changes the key."""
+        mods = [m for b in self.model.layers for m in _block_linears(b, wrapped=True).values()]
+        key = tuple((id(m.A), bool(m.filled)) if isinstance(m, RowLoRA) else None for m in mods)
+        if key == self._lora_key:
+            return
+        tensors, ints = [], []
+        for m in mods:
+            if not isinstance(m, RowLoRA) or m.A is None or not m.filled:
+                ints.append(0)
+                continue
+            A, Bt, rows, cols = m._kernel_stacks()
+            ints.append(len(Bt))
+            tensors += [A, *Bt]
+            for row, col in zip(rows, cols):
+                ints += [row, col]
+        self.step.set_lora(tensors, ints)
+        self._lora_key = key
 
     def __call__(self, ids=None, batch=None, **kwargs):
         if not self.runs(ids, batch, kwargs):
@@ -167,7 +194,11 @@ class CStep:
         n = ids.size(0)
         x = self.model.embed_tokens(ids).reshape(n, -1)
         # (one token per row, each at its own position: a free row's 0, a row waiting for an extend its next)
-        self.step.run(x, batch.k, batch.v, batch.positions.reshape(n))
+        slots = torch.Tensor()
+        if batch.adapter_ids is not None:
+            self._sync_lora()
+            slots = batch.adapter_ids.reshape(n).to(torch.long).contiguous()
+        self.step.run(x, batch.k, batch.v, batch.positions.reshape(n), slots)
         return self.model.lm_head(x.view(n, 1, -1))
 
 
