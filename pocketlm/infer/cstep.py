@@ -160,7 +160,7 @@ class CStep:
             tensors += [model.norm.weight.detach().float().contiguous(), cos.float().contiguous(), sin.float().contiguous()]
         sizes = [cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd, cfg.intermediate_size]
         self.step = torch.classes.pocketlm.DecodeStep(tensors, sizes + formats, float(model.norm.eps))
-        self._lora_key = None  # which adapter stacks the step was last given (_sync_lora)
+        self._lora_stacks = None  # the adapter stacks the step was last given (_sync_lora)
 
     def runs(self, ids, batch, kwargs) -> bool:
         return (batch is not None and not kwargs and batch.input_embeds is None
@@ -170,23 +170,25 @@ class CStep:
     def _sync_lora(self) -> None:
         """Give the step the adapter store's current stacks. Loading or unloading an adapter writes its
         slot in place (the step's pointers see it); only a reallocation (a higher rank, more slots) or
-        a projection's first or last adapter changes what it must be given, and that changes the key."""
+        a projection's first or last adapter changes what it must be given: each RowLoRA then makes a
+        new _kernel_stacks tuple, or has none, so the tuples' identities tell (the step keeps them)."""
         mods = [m for b in self.model.layers for m in _block_linears(b, wrapped=True).values()]
-        key = tuple((id(m.A), bool(m.filled)) if isinstance(m, RowLoRA) else None for m in mods)
-        if key == self._lora_key:
+        stacks = [m._kernel_stacks() if isinstance(m, RowLoRA) and m.A is not None and m.filled else None
+                  for m in mods]
+        if self._lora_stacks is not None and all(a is b for a, b in zip(stacks, self._lora_stacks)):
             return
         tensors, ints = [], []
-        for m in mods:
-            if not isinstance(m, RowLoRA) or m.A is None or not m.filled:
+        for st in stacks:
+            if st is None:
                 ints.append(0)
                 continue
-            A, Bt, rows, cols = m._kernel_stacks()
+            A, Bt, rows, cols = st
             ints.append(len(Bt))
             tensors += [A, *Bt]
             for row, col in zip(rows, cols):
                 ints += [row, col]
         self.step.set_lora(tensors, ints)
-        self._lora_key = key
+        self._lora_stacks = stacks
 
     def __call__(self, ids=None, batch=None, **kwargs):
         if not self.runs(ids, batch, kwargs):
