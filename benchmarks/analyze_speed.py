@@ -19,6 +19,8 @@ Then constrained against free decoding at 8 streams: 8 requests of 48 new tokens
 processors) and under a JSON schema (one long string field); time per token is the run's time minus
 the same run's prefill-only time (max_tokens=1), over the tokens decoded after the first; the
 fastest of --reps interleaved reps counts.
+pocketlm, the naive loop and llama.cpp's two cache settings run interleaved (A B C D A B C D ...), --reps
+times after a warm-up; each side's median rows/s counts and its min-max spread is printed.
 Load times are not counted. The last line is JSON.
 """
 
@@ -29,6 +31,7 @@ import csv
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -83,6 +86,14 @@ def run_analyze(csv_path, out_dir, model, tok, labels, **kw) -> dict:
     return {"rows": s["rows"], "seconds": s["seconds"], "rows_per_s": s["rows"] / s["seconds"],
             "valid": sum(p in labels for p in preds) / len(preds), "accuracy": s["metrics"]["accuracy"],
             "prompt_tokens_reused": s["prompt_tokens_reused"]}
+
+
+def summarize(reps: list[dict]) -> dict:
+    """The median rep (by rows/s) with the min-max spread; valid is the worst rep's share."""
+    speeds = sorted(r["rows_per_s"] for r in reps)
+    mid = sorted(reps, key=lambda r: r["rows_per_s"])[len(reps) // 2]
+    return {**mid, "rows_per_s": statistics.median(speeds), "spread": [round(speeds[0], 3), round(speeds[-1], 3)],
+            "reps": len(reps), "valid": min(r["valid"] for r in reps)}
 
 
 def gbnf(labels: list[str]) -> str:
@@ -157,7 +168,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-llama", action="store_true")
     args = ap.parse_args()
@@ -176,26 +187,39 @@ def main():
         data = write_csv(d / "rows.csv", rows)
         naive_data = write_csv(d / "naive.csv", rows[:args.naive_rows])
         common = {"gguf": args.gguf, "dtype": args.dtype}
-        result["pocketlm"] = run_analyze(data, d, model, tok, labels, batch_size=args.batch_size, **common)
-        print("pocketlm analyze:", json.dumps(result["pocketlm"]))
-        result["naive"] = run_analyze(naive_data, d, model, tok, labels, batch_size=1, reuse_prefix=False, **common)
-        print("naive per-row loop:", json.dumps(result["naive"]))
+        sides = {"pocketlm": lambda: run_analyze(data, d, model, tok, labels, batch_size=args.batch_size, **common),
+                 "naive": lambda: run_analyze(naive_data, d, model, tok, labels, batch_size=1, reuse_prefix=False,
+                                              **common)}
         if not args.skip_llama:
             spec_instruction = f"Classify the text. Answer with one of: {', '.join(labels)}."  # analyze's default
             prompts = [tok.encode_chat([{"role": "user", "content": f"{spec_instruction}\n\n{r['instruction']}"}])
                        for r in rows]
-            runs = [run_llama(args.gguf, prompts, rows, labels, args.threads, ram) for ram in (False, True)]
-            for r in runs:
-                print("llama.cpp:", json.dumps(r))
-            result["llama_cpp"] = max(runs, key=lambda r: r["rows_per_s"])
+            for name, ram in (("llama_cpp", False), ("llama_cpp_ram_cache", True)):
+                sides[name] = lambda ram=ram: run_llama(args.gguf, prompts, rows, labels, args.threads, ram)
+        # warm-up (allocator, thread pool, first-touch of the weights): a few rows of each pocketlm side
+        warm = write_csv(d / "warm.csv", rows[:8])
+        run_analyze(warm, d, model, tok, labels, batch_size=args.batch_size, **common)
+        run_analyze(write_csv(d / "warm1.csv", rows[:2]), d, model, tok, labels, batch_size=1, reuse_prefix=False,
+                    **common)
+        runs = {name: [] for name in sides}
+        for rep in range(args.reps):  # interleaved A B C A B C: a busy spell slows every side alike
+            for name, run in sides.items():
+                runs[name].append(run())
+                print(f"rep {rep + 1} {name}: {runs[name][-1]['rows_per_s']:.3f} rows/s", flush=True)
+        for name, reps in runs.items():
+            result[name] = summarize(reps)
+            print(f"{name}:", json.dumps(result[name]))
+        if not args.skip_llama:  # its better cache setting is its best
+            best = max(("llama_cpp", "llama_cpp_ram_cache"), key=lambda n: result[n]["rows_per_s"])
+            result["llama_cpp_best"] = best
     result["streams"] = constrained_vs_free(model, tok, rows, args.streams, args.new_tokens, args.reps)
     print(f"{args.streams} streams:", json.dumps(result["streams"]))
 
     pl = result["pocketlm"]["rows_per_s"]
     result["vs_naive"] = round(pl / result["naive"]["rows_per_s"], 2)
     print(f"pocketlm {pl:.2f} rows/s = {result['vs_naive']}x the naive loop (target >= 10x)")
-    if "llama_cpp" in result:
-        result["vs_llama_cpp"] = round(pl / result["llama_cpp"]["rows_per_s"], 2)
+    if "llama_cpp_best" in result:
+        result["vs_llama_cpp"] = round(pl / result[result["llama_cpp_best"]]["rows_per_s"], 2)
         print(f"pocketlm = {result['vs_llama_cpp']}x llama.cpp's best (target >= 1.5x)")
     s = result["streams"]
     print(f"constrained decoding: {s['constrained']['ms_per_token']} ms/token against {s['free']['ms_per_token']} free "

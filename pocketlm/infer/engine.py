@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from pocketlm import native
 from pocketlm.errors import InputError, PocketLMError
 from pocketlm.infer import adapters as row_adapters
 from pocketlm.infer import cstep
@@ -87,6 +88,7 @@ class Engine(Runner):
         if max_batch < 1:
             raise InputError(f"max_batch: expected at least 1, got {max_batch}")
         super().__init__()
+        native.keep_freed_memory()  # activations reused, not re-faulted, forward after forward
         # the engine runs its own copy of the weights, fused and laid out for `precision` (see fused.py)
         self.model = inference_copy(model, precision, compiled=compile)
         self.precision, self.tokenizer, self.compiled = precision, tokenizer, compile
