@@ -24,10 +24,9 @@ def test_a_stale_torch_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypa
 
 
 FAULTS_SCRIPT = """
-import resource, sys, torch
-from pocketlm.infer.engine import Engine  # the engine applies the setting when it starts
+import resource, torch
 from pocketlm import native
-native.keep_freed_memory()
+native.keep_freed_memory()  # what Engine() calls when it starts
 torch.set_num_threads(1)
 x, w = torch.randn(1024, 576), torch.randn(576, 3072)
 def forward():  # activations of 6-12 MB, of changing sizes, as a pack's forward makes them
