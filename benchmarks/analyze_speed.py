@@ -14,7 +14,8 @@ each labelled with one of its 27 intents, greedy. Timed, in one run, on the same
   grammar of the label alternatives (the way llama.cpp constrains), at its best settings: the prompt
   cache on. Both of its caches are timed, and the faster counts: the in-context prefix match (a call
   reuses the positions its prompt shares with the previous call's) and LlamaRAMCache on top of it.
-Every reply is checked to be one of the labels (valid share); zero-shot accuracy is printed too.
+Every reply is checked to be one of the labels (valid share); accuracy is printed too. `--shots N` puts N
+other rows (one intent after another) as examples into the shared instruction, for all sides alike.
 Then constrained against free decoding at 8 streams: 8 requests of 48 new tokens, free (greedy, no
 processors) and under a JSON schema (one long string field); time per token is the run's time minus
 the same run's prefill-only time (max_tokens=1), over the tokens decoded after the first; the
@@ -57,11 +58,28 @@ BITEXT = SHARED / "bitext_customer_support/Bitext_Sample_Customer_Support_Traini
 SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
 
 
-def sample_rows(path: Path, n: int, seed: int) -> tuple[list[dict], list[str]]:
+def sample_rows(path: Path, n: int, seed: int, shots: int = 0) -> tuple[list[dict], list[str], list[dict]]:
+    """(n timed rows, the labels, `shots` few-shot examples): the examples are other rows, one intent after
+    another, so an example is never a timed row."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [{"instruction": r["instruction"], "intent": r["intent"]} for r in csv.DictReader(f)]
     labels = sorted({r["intent"] for r in rows})
-    return random.Random(seed).sample(rows, min(n, len(rows))), labels
+    timed = random.Random(seed).sample(rows, min(n, len(rows)))
+    chosen = {id(r) for r in timed}
+    rest = [r for r in rows if id(r) not in chosen]
+    examples, taken = [], set()
+    for i in range(shots):
+        k = next(k for k, r in enumerate(rest) if r["intent"] == labels[i % len(labels)] and k not in taken)
+        taken.add(k)
+        examples.append(rest[k])
+    return timed, labels, examples
+
+
+def instruction_for(labels: list[str], examples: list[dict]) -> str:
+    """analyze's default instruction, then the few-shot examples (part of the shared prefix)."""
+    head = f"Classify the text. Answer with one of: {', '.join(labels)}."
+    shots = "".join(f"\n\nText: {e['instruction']}\nAnswer: {e['intent']}" for e in examples)
+    return head + (f"\nExamples:{shots}\n\nNow the text to classify:" if examples else "")
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -78,6 +96,7 @@ def run_analyze(csv_path, out_dir, model, tok, labels, **kw) -> dict:
     label_module._load = lambda _m, _a, _t: (model, tok)
     try:
         s = analyze(csv_path, model=str(kw.pop("gguf")), text="instruction", labels=labels, gold="intent",
+                    instruction=kw.pop("instruction"),
                     out=out_dir / f"{kw.get('batch_size')}_{kw.get('reuse_prefix')}.csv", progress=False, **kw)
     finally:
         label_module._load = real
@@ -171,6 +190,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--shots", type=int, default=0, help="few-shot examples in the shared instruction (other rows)")
     args = ap.parse_args()
     if args.gguf is None or not args.gguf.is_file():
         sys.exit(f"no GGUF at {args.gguf}: pass --gguf")
@@ -178,21 +198,21 @@ def main():
     info = {**machine_info(args.threads), "load_average": round(os.getloadavg()[0], 2)}
     print("machine:", json.dumps(info))
 
-    rows, labels = sample_rows(args.data, args.rows, args.seed)
+    rows, labels, examples = sample_rows(args.data, args.rows, args.seed, args.shots)
+    instruction = instruction_for(labels, examples)
     model, tok = load_model(args.gguf)
     model.eval()
-    result = {"machine": info, "rows": len(rows), "labels": len(labels), "dtype": args.dtype}
+    result = {"machine": info, "rows": len(rows), "labels": len(labels), "dtype": args.dtype, "shots": args.shots}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         data = write_csv(d / "rows.csv", rows)
         naive_data = write_csv(d / "naive.csv", rows[:args.naive_rows])
-        common = {"gguf": args.gguf, "dtype": args.dtype}
+        common = {"gguf": args.gguf, "dtype": args.dtype, "instruction": instruction}
         sides = {"pocketlm": lambda: run_analyze(data, d, model, tok, labels, batch_size=args.batch_size, **common),
                  "naive": lambda: run_analyze(naive_data, d, model, tok, labels, batch_size=1, reuse_prefix=False,
                                               **common)}
         if not args.skip_llama:
-            spec_instruction = f"Classify the text. Answer with one of: {', '.join(labels)}."  # analyze's default
-            prompts = [tok.encode_chat([{"role": "user", "content": f"{spec_instruction}\n\n{r['instruction']}"}])
+            prompts = [tok.encode_chat([{"role": "user", "content": f"{instruction}\n\n{r['instruction']}"}])
                        for r in rows]
             for name, ram in (("llama_cpp", False), ("llama_cpp_ram_cache", True)):
                 sides[name] = lambda ram=ram: run_llama(args.gguf, prompts, rows, labels, args.threads, ram)
