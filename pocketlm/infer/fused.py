@@ -196,6 +196,8 @@ def weight_bytes_per_token(model: GPT) -> int:
     table, of which it reads a row per token; a tied head reads its own copy)."""
     total = 0
     for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        if name.endswith((".scale16", ".min16")):  # int4: the C++ step reads these, aten scales_zeros: one or the other
+            continue
         if not name.startswith(("embed_tokens", "embed_positions", "lm_head.rows")):  # only REFINED rows read
             total += t.numel() * t.element_size()
     for m in model.modules():  # oneDNN-packed weights are plain attributes
