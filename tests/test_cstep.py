@@ -36,9 +36,28 @@ def small_llama(qkv_bias=False) -> GPT:
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(5)
+                if name.startswith("layers."):
+                    p.copy_(q4_grid(p))
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def q4_grid(w: torch.Tensor) -> torch.Tensor:
+    """w moved onto a Q4_1 grid (w = m + d q per group of 32, both ends used) whose d and m are exact
+    in bf16 as well as fp16, and so is aten's zero m + 8 d: d has 3 significant bits, m = j d with
+    -16 < j < 0. The eager int4 step (aten: bf16 scales and zeros) and the C++ one (fp16 scales and
+    mins) then hold the same weights, and differ only by their outputs' rounding."""
+    N, K = w.shape
+    g = w.view(N, K // 32, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    e = torch.floor(torch.log2(d))
+    d = torch.round(d / 2**e * 4) / 4 * 2**e
+    m = torch.round(lo / d).clamp(-15, -1) * d
+    q = torch.round((g - m) / d).clamp(0, 15)
+    q[..., 0], q[..., 1] = 0, 15
+    return (m + d * q).view(N, K)
 
 
 def decode_both(model, precision, steps=8, prompt=None):

@@ -131,3 +131,52 @@ def test_a_long_prefill_through_the_bf16_copy_matches_the_quantized_kernels(prec
             assert (logits - want).abs().max() < tolerance * spread, (on, (logits - want).abs().max(), spread)
         # the same quantized weights either way: the two paths differ by bf16 rounding, not by quantization
         assert (got["1"] - got["0"]).abs().max() < 0.05 * spread
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int4_keeps_q4_blocks_fp16_scales_exactly(qtype):
+    """The fp16 scales and mins the C++ step reads give back a Q4 file's weights bit for bit (aten's
+    bf16 scales_zeros cannot: 3 mantissa bits short of the file's fp16 d and m)."""
+    from pocketlm.infer import cstep
+
+    w = file_weights(W, qtype)
+    lin = Int4Linear(w, None)
+    q = cstep._codes(lin, direct=False).float().view(64, 4, 32)  # (through aten's kernel: no C++ needed)
+    assert lin.scale16.dtype == lin.min16.dtype == torch.float16
+    back = (q * lin.scale16.float()[..., None] + lin.min16.float()[..., None]).view(64, 128)
+    assert torch.equal(back, w)
+    sz = lin.scales_zeros.float()  # (groups, N, 2): aten's bf16 form of the same values
+    assert torch.allclose(sz[..., 0].t(), lin.scale16.float(), rtol=2**-8)
+
+
+def test_int4_c_step_matches_fp32_of_the_file_weights():
+    """One matrix through the C++ step's q4 loop against fp32 of the file's Q4_1 weights: within the
+    bf16 rounding of the output (and of x, which both sides share)."""
+    from pocketlm.infer import cstep
+
+    if not cstep._built():
+        pytest.skip("the C++ step is not built here")
+    g = torch.Generator().manual_seed(1)
+    w = file_weights(torch.randn(256, 192, generator=g) * 0.05 + 0.02, "Q4_1")  # K % 128 == 64: the tail path too
+    lin = Int4Linear(w, None)
+    for _ in range(4):
+        x = torch.randn(192, generator=g).bfloat16()
+        want = x.float() @ w.t()
+        got = cstep.matvec(x, lin).float()
+        assert ((got - want).abs() <= want.abs() * 2**-8 + 1e-5).all(), ((got - want).abs() / want.abs()).max()
+
+
+def test_int4_head_refines_from_the_fp32_token_table():
+    """A tied int4 head's fast scores are int8 rows; its best candidates are recomputed from the fp32
+    token table itself (a Q8_0 file's own values), not the int8 rows."""
+    model, _ = tiny_lm()
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        pytest.skip("an untied head keeps int8 rows")
+    copy = inference_copy(model, "int4")
+    assert copy.lm_head.rows is copy.embed_tokens.weight and copy.lm_head.rows.dtype == torch.float32
+    x = torch.randn(1, 1, model.cfg.n_embd)
+    got = copy.lm_head(x)[0, 0]
+    want = x[0, 0] @ model.embed_tokens.weight.float().t()
+    top = got.topk(4).indices
+    assert torch.allclose(got[top], want[top], rtol=1e-5, atol=1e-5)
+    assert got.argmax() == want.argmax()

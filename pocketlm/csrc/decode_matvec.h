@@ -4,12 +4,13 @@
 // Weight formats per matrix (N outputs, K inputs; bf16 activations, fp32 sums):
 //   0 bf16   w (N, K) bf16
 //   1 int8   w (N, K) int8 times a bf16 scale per row
-//   2 q4     4-bit codes in groups of 32 inputs: w = (q - 8) * s + z (GGUF Q4_1's block, the layout
-//            Int4Linear holds): codes (N, K/2) uint8 (Q4_LAYOUT), s and z (N, K/32) bf16.
-//            y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g): the second term's sums of x are made
+//   2 q4     4-bit codes in groups of 32 inputs: w = q * s + z (GGUF Q4_1's block: d and m, the layout
+//            Int4Linear holds): codes (N, K/2) uint8 (Q4_LAYOUT), s and z (N, K/32) fp16, the file's
+//            own d and m exactly (bf16 ones, aten's, lost 3 mantissa bits per group; same bytes).
+//            y = sum_g s_g * (x_g . q_g) + z_g * sum(x_g): the second term's sums of x are made
 //            once per step, so a group costs one vdpbf16ps and one FMA. Codes widen to bf16 as
-//            128 + q (a byte beside 0x43: one unpack per 32, no table), and s_g * 136 * sum(x_g) is
-//            taken off with the zeros' term (fp32 sums of terms ~136x larger: error ~1e-5 relative,
+//            128 + q (a byte beside 0x43: one unpack per 32, no table), and s_g * 128 * sum(x_g) is
+//            taken off with the mins' term (fp32 sums of terms ~128x larger: error ~1e-5 relative,
 //            far below the output's bf16 rounding).
 // Q4_LAYOUT: per row, blocks of 64 bytes hold four groups a..d: the bytes of 16-byte lane L (0..3) are
 //            [a[8L..8L+8), b[8L..8L+8)] in the low nibbles and [c[..], d[..]] in the high ones (what
@@ -38,13 +39,13 @@ inline __m512 load_bf16_rounded(__m512 v) {  // v rounded to bf16 (nearest even)
 struct Matrix {
   int64_t fmt = 0, N = 0, K = 0;
   const void* w = nullptr;
-  const bf16* s = nullptr;  // int8: per row; q4: per group
-  const bf16* z = nullptr;  // q4: per group
+  const bf16* s = nullptr;  // int8: per row, bf16; q4: per group, fp16 (the same 16 bits wide)
+  const bf16* z = nullptr;  // q4: per group, fp16
   const bf16* bias = nullptr;
 };
 
-inline __m512 load_bf16_masked(const bf16* p, __mmask16 k) {  // up to 16 bf16 -> fp32, zeros past k
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+inline __m512 load_fp16_masked(const bf16* p, __mmask16 k) {  // up to 16 fp16 -> fp32, zeros past k
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 
 // Per-format sums of four weight rows n..n+3 against R activation rows (x + r * K; q4: their group
@@ -60,13 +61,11 @@ void four(const Matrix& m, const bf16* x, const float* xs, int64_t n, bool prefe
   if (m.fmt == 2) {
     const uint8_t* q = static_cast<const uint8_t*>(m.w) + n * (K / 2);
     const int64_t G = K / 32;
-    const __m512i table = _mm512_set_epi16(  // bf16 of q - 8 for q = 31..0 (the top 16 unused)
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
-        0x3f80, 0, (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0,
-        (short)0xc0e0, (short)0xc100);
+    const __m512i table = _mm512_set_epi16(  // bf16 of q for q = 31..0 (the top 16 unused)
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
+        0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m512i low4 = _mm512_set1_epi8(0x0f), exp128 = _mm512_set1_epi8(0x43);
-    const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
     const int64_t G4 = G / 4;
     if (prefetch)  // the scales and zeros of the rows the codes below fetch
       for (const bf16* t : {m.s, m.z}) _mm_prefetch((const char*)(t + (n + Q4_AHEAD) * G), _MM_HINT_T0);
@@ -79,10 +78,10 @@ void four(const Matrix& m, const bf16* x, const float* xs, int64_t n, bool prefe
         // a code byte next to 0x43 is the bf16 of 128 + q: 4 unpacks widen 128 codes (see Q4_LAYOUT)
         const __m512i w[4] = {_mm512_unpacklo_epi8(lo, exp128), _mm512_unpackhi_epi8(lo, exp128),
                               _mm512_unpacklo_epi8(hi, exp128), _mm512_unpackhi_epi8(hi, exp128)};
-        const bf16* sp = m.s + (n + i) * G + 4 * c;
-        const __m512i s01 = _mm512_set1_epi32(*(const int32_t*)sp), s23 = _mm512_set1_epi32(*(const int32_t*)(sp + 2));
-        const __m512 sc[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(s01, 16)), _mm512_castsi512_ps(_mm512_and_si512(s01, high)),
-                              _mm512_castsi512_ps(_mm512_slli_epi32(s23, 16)), _mm512_castsi512_ps(_mm512_and_si512(s23, high))};
+        // the four groups' fp16 scales (8 bytes) to fp32, each broadcast
+        const __m512 s4 = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i*)(m.s + (n + i) * G + 4 * c))));
+        const __m512 sc[4] = {_mm512_permutexvar_ps(_mm512_set1_epi32(0), s4), _mm512_permutexvar_ps(_mm512_set1_epi32(1), s4),
+                              _mm512_permutexvar_ps(_mm512_set1_epi32(2), s4), _mm512_permutexvar_ps(_mm512_set1_epi32(3), s4)};
         for (int r = 0; r < R; ++r)
           for (int j = 0; j < 4; ++j) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + c * 128 + j * 32);
@@ -90,15 +89,14 @@ void four(const Matrix& m, const bf16* x, const float* xs, int64_t n, bool prefe
           }
       }
     }
-    for (int64_t c = 2 * G4; c < G / 2; ++c) {  // a last pair of groups (32 bytes), codes to q - 8 by table
+    for (int64_t c = 2 * G4; c < G / 2; ++c) {  // a last pair of groups (32 bytes), codes to q by table
       for (int i = 0; i < 4; ++i) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(q + i * (K / 2) + c * 32));
         const __m512i a = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low)), table);
         const __m512i b = _mm512_permutexvar_epi16(
             _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low)), table);
-        const __m512i sab = _mm512_set1_epi32(*(const int32_t*)(m.s + (n + i) * G + 2 * c));
-        const __m512 sa = _mm512_castsi512_ps(_mm512_slli_epi32(sab, 16));
-        const __m512 sb = _mm512_castsi512_ps(_mm512_and_si512(sab, high));
+        const __m512 s2 = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_cvtsi32_si128(*(const int32_t*)(m.s + (n + i) * G + 2 * c))));
+        const __m512 sa = _mm512_permutexvar_ps(_mm512_set1_epi32(0), s2), sb = _mm512_permutexvar_ps(_mm512_set1_epi32(1), s2);
         for (int r = 0; r < R; ++r) {
           const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + r * K + c * 64);
           const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + r * K + c * 64 + 32);
@@ -107,16 +105,16 @@ void four(const Matrix& m, const bf16* x, const float* xs, int64_t n, bool prefe
         }
       }
     }
-    for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group) - 136 s . (those sums) over the unpacked groups
+    for (int i = 0; i < 4; ++i) {  // + z . (sums of x per group) - 128 s . (those sums) over the unpacked groups
       const bf16 *z = m.z + (n + i) * G, *sg = m.s + (n + i) * G;
       for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 k = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
         const __mmask16 k4 = 4 * G4 - g >= 16 ? 0xffff : 4 * G4 <= g ? 0 : (__mmask16)((1u << (4 * G4 - g)) - 1);
-        const __m512 zv = load_bf16_masked(z + g, k), sv = load_bf16_masked(sg + g, k4);
+        const __m512 zv = load_fp16_masked(z + g, k), sv = load_fp16_masked(sg + g, k4);
         for (int r = 0; r < R; ++r) {
           const __m512 xsv = _mm512_maskz_loadu_ps(k, xs + r * G + g);
           acc[i][r] = _mm512_fmadd_ps(zv, xsv, acc[i][r]);
-          acc[i][r] = _mm512_fmadd_ps(sv, _mm512_mul_ps(xsv, _mm512_set1_ps(-136.0f)), acc[i][r]);
+          acc[i][r] = _mm512_fmadd_ps(sv, _mm512_mul_ps(xsv, _mm512_set1_ps(-128.0f)), acc[i][r]);
         }
       }
     }

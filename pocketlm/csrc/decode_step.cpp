@@ -221,13 +221,13 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(fmt >= 0 && fmt <= 2 && w.is_contiguous() && w.scalar_type() == want &&
                 w.numel() == (fmt == 2 ? N * K / 2 : N * K), "DecodeStep: weights of a ", N, " x ", K, " matrix, format ", fmt);
     m.w = w.data_ptr();
-    auto bf16s = [&](const at::Tensor& s, int64_t n) -> const bf16* {
-      TORCH_CHECK(s.defined() && s.is_contiguous() && s.scalar_type() == at::kBFloat16 && s.numel() == n, "DecodeStep: scales");
+    auto halves = [&](const at::Tensor& s, int64_t n, at::ScalarType dtype) -> const bf16* {
+      TORCH_CHECK(s.defined() && s.is_contiguous() && s.scalar_type() == dtype && s.numel() == n, "DecodeStep: scales");
       return static_cast<const bf16*>(s.data_ptr());
     };
-    if (fmt == 1) m.s = bf16s(t[1], N);
-    if (fmt == 2) m.s = bf16s(t[1], N * K / 32), m.z = bf16s(t[2], N * K / 32);
-    if (t[3].numel()) m.bias = bf16s(t[3], N);  // (an empty tensor: no bias)
+    if (fmt == 1) m.s = halves(t[1], N, at::kBFloat16);
+    if (fmt == 2) m.s = halves(t[1], N * K / 32, at::kHalf), m.z = halves(t[2], N * K / 32, at::kHalf);  // (fp16)
+    if (t[3].numel()) m.bias = halves(t[3], N, at::kBFloat16);  // (an empty tensor: no bias)
     return m;
   }
 
@@ -284,6 +284,10 @@ at::Tensor step_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t K = x.size(0);
   TORCH_CHECK(N % 4 == 0 && K % (fmt == 2 ? 64 : 32) == 0 && w.is_contiguous() && w.numel() == (fmt == 2 ? N * K / 2 : N * K),
               "step_matvec: weights of ", N, " x ", K);
+  const int64_t ns = fmt == 1 ? N : N * K / 32;  // int8: a bf16 scale a row; q4: fp16 scale and min a group
+  TORCH_CHECK(fmt == 0 || (s.is_contiguous() && s.numel() == ns && s.scalar_type() == (fmt == 1 ? at::kBFloat16 : at::kHalf) &&
+                           (fmt == 1 || (z.is_contiguous() && z.numel() == ns && z.scalar_type() == at::kHalf))),
+              "step_matvec: scales (int8: bf16 a row; q4: fp16 scales and mins a group)");
   Matrix m{fmt, N, K, w.data_ptr()};
   if (fmt >= 1) m.s = static_cast<const bf16*>(s.data_ptr());
   if (fmt == 2) m.z = static_cast<const bf16*>(z.data_ptr());

@@ -126,9 +126,9 @@ def _codes(m: Int4Linear, direct: bool = True) -> torch.Tensor:
 
 
 def _q4(m: Int4Linear) -> list[torch.Tensor]:
-    """Int4Linear's codes (decode_step.cpp's Q4_LAYOUT), scales and zeros."""
-    s, z = m.scales_zeros[..., 0].t().contiguous(), m.scales_zeros[..., 1].t().contiguous()
-    return [torch.ops.pocketlm.q4_pack(_codes(m)), s, z, _bias(m)]
+    """Int4Linear's codes (decode_step.cpp's Q4_LAYOUT), fp16 scales and mins (w = q * s + min: a Q4
+    block's own d and m, not aten's bf16 scales_zeros)."""
+    return [torch.ops.pocketlm.q4_pack(_codes(m)), m.scale16.contiguous(), m.min16.contiguous(), _bias(m)]
 
 
 def _matrix(m: nn.Module) -> tuple[int, list[torch.Tensor]]:

