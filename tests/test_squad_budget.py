@@ -1,4 +1,4 @@
-"""benchmarks/squad.py's cut step budget (shared by benchmarks/grounded.py): the warmup shrinks with it."""
+"""benchmarks/squad.py's cut step budget (shared by benchmarks/grounded.py), and grounded.py's targets."""
 
 import sys
 from pathlib import Path
@@ -16,3 +16,15 @@ def test_a_cut_budget_scales_the_warmup_with_it():
         assert cut["train.max_steps"] == 10 and cut["train.warmup_steps"] == 1
         assert budget_overrides(config, 60)["train.warmup_steps"] == 5
         assert budget_overrides(config, 2)["train.warmup_steps"] == 1  # never zero
+
+
+def test_grounded_targets_are_not_met_by_a_model_that_never_answers():
+    from grounded import targets
+
+    silent = {"abstention_unanswerable": 100.0, "answers_supported": None}  # abstains on every question
+    assert targets(silent, 9.6) == {"abstention_unanswerable>=80": True, "answers_supported==100": False,
+                                    "f1_gap<=2": False}
+    good = {"abstention_unanswerable": 85.0, "answers_supported": 100.0}
+    assert all(targets(good, 1.5).values())
+    assert not targets(good, None)["f1_gap<=2"]  # no peer run: no comparison, not a pass
+    assert not targets({**good, "answers_supported": 97.0}, 1.5)["answers_supported==100"]
