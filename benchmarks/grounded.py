@@ -37,6 +37,14 @@ def build(out: Path, squad) -> dict[str, Path]:
     return {name: write_jsonl(r, out / f"{name}.jsonl") for name, r in rows.items()}
 
 
+def targets(after: dict, f1_gap: float | None) -> dict:
+    """The issue's three targets. A model that never answers has no supported answers to show, so
+    that target is missed, not met (the first 4-step run abstained on every question and "met" it)."""
+    return {"abstention_unanswerable>=80": (after["abstention_unanswerable"] or 0) >= 80,
+            "answers_supported==100": after["answers_supported"] == 100.0,
+            "f1_gap<=2": f1_gap is not None and f1_gap <= 2}
+
+
 def main():
     ap = arguments("grounded")
     ap.add_argument("--ungrounded", default=str(REPO / "runs" / "squad"), help="benchmarks/squad.py's run, the peer")
@@ -64,10 +72,7 @@ def main():
         out["f1_gap_points"] = round(out["ungrounded_has_ans_f1"] - out["after"]["answerable_f1"], 1)
     else:
         print(f"no ungrounded run at {args.ungrounded} (benchmarks/squad.py writes one): no F1 comparison")
-    a = out["after"]
-    out["targets"] = {"abstention_unanswerable>=80": (a["abstention_unanswerable"] or 0) >= 80,
-                      "answers_supported==100": a["answers_supported"] in (100.0, None),
-                      "f1_gap<=2": out.get("f1_gap_points", 99) <= 2}
+    out["targets"] = targets(out["after"], out.get("f1_gap_points"))
     print(json.dumps(out))
 
 

@@ -77,12 +77,23 @@ def timed(fn, threads: int):
                     "core_minutes": round((cpu_seconds() - c0) / threads / 60, 1)}
 
 
+def budget_overrides(config: Path, max_steps: int) -> dict:
+    """The recipe with its step budget cut to max_steps: warmup shrinks by the same factor (at least
+    one step), else a budget at or under the warmup would train on a rising learning rate only and
+    never reach the cosine decay."""
+    import yaml
+
+    train = yaml.safe_load(Path(config).read_text())["train"]
+    warmup = max(1, round(train["warmup_steps"] * max_steps / train["max_steps"]))
+    return {"train.max_steps": max_steps, "train.warmup_steps": warmup, "train.eval_batches": 1}
+
+
 def train_once(args, files: dict, config: Path, out: dict) -> str:
     """Fine-tune args.model on files["train"] (watching files["watch"]) with `config` into args.out,
     its cost in out["training_cost"]; --max-steps replaces the recipe's budget (a check of the script)."""
     from pocketlm.train.finetune import finetune
 
-    overrides = {"train.max_steps": args.max_steps, "train.eval_batches": 1} if args.max_steps else None
+    overrides = budget_overrides(config, args.max_steps) if args.max_steps else None
     _, out["training_cost"] = timed(lambda: finetune(args.model, files["train"], args.out, val_data=files["watch"],
                                                      config_path=config, overrides=overrides), args.threads)
     return args.out
