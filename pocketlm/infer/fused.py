@@ -61,7 +61,7 @@ class Head(nn.Module):
     SmolLM2 says "L'Étoile" rather than "Paris"), so the REFINED best are recomputed in fp32 from their
     weight rows: exactly what an fp32 head over the same weights gives for them (greedy, top-k/p and
     min-p look at those), the rest of the vocabulary stays within bf16 rounding. An fp32 head would
-    read twice (bf16) or four times (int8) the bytes; it was ~30% of a bf16 decode step. At int4 a tied
+    read twice (bf16) or four times (int8) the bytes; it was ~30% of a bf16 decode step. At int4/int8g a tied
     head recomputes them from the fp32 token table itself (`exact`: the embedding's, no copy), the file's
     own (Q8_0) values, not the int8 re-quantization's rows: on SmolLM2 Q4_1 those rows alone flipped
     ~2% of greedy choices against fp32 (BENCHMARKS.md, "int4 against fp32: which error")."""
@@ -84,10 +84,10 @@ class Head(nn.Module):
         if self.precision == "fp32":
             return logits
         top = logits.topk(REFINED, dim=-1).indices
-        exact = getattr(self, "rows", None)
-        rows = self.fast.rows(top) if exact is None else exact[top].float()
-        exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
-        return logits.scatter(-1, top, exact)
+        table = getattr(self, "rows", None)  # (int8/int8g without a tied fp32 table read their own int8 rows)
+        rows = self.fast.rows(top) if table is None else table[top].float()
+        refined = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter(-1, top, refined)
 
 
 
