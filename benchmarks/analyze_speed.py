@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from common import machine_info  # noqa: E402
 from pocketlm.analyze import label as label_module  # noqa: E402
 from pocketlm.analyze.label import analyze  # noqa: E402
+from pocketlm.data.sft import default_classification_instruction  # noqa: E402
 from pocketlm.infer.constrain import JsonSchema  # noqa: E402
 from pocketlm.infer.engine import Engine  # noqa: E402
 from pocketlm.infer.sampling import SamplingParams  # noqa: E402
@@ -77,7 +78,7 @@ def sample_rows(path: Path, n: int, seed: int, shots: int = 0) -> tuple[list[dic
 
 def instruction_for(labels: list[str], examples: list[dict]) -> str:
     """analyze's default instruction, then the few-shot examples (part of the shared prefix)."""
-    head = f"Classify the text. Answer with one of: {', '.join(labels)}."
+    head = default_classification_instruction(labels)
     shots = "".join(f"\n\nText: {e['instruction']}\nAnswer: {e['intent']}" for e in examples)
     return head + (f"\nExamples:{shots}\n\nNow the text to classify:" if examples else "")
 

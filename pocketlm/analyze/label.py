@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pocketlm.analyze.journal import Journal
 from pocketlm.analyze.table import Table, TableError, cell, read_table, write_table
+from pocketlm.data.sft import default_classification_instruction
 from pocketlm.errors import InputError
 from pocketlm.infer.engine import ContextLengthError, Engine
 from pocketlm.infer.constrain import Choice, JsonSchema, check_labels, compile_schema, load_schema
@@ -52,8 +53,7 @@ def analyze(path, *, model, text=None, prompt=None, labels=None, labels_from=Non
     system = system if system is not None else (spec.system if spec else None)
     if schema is None:
         labels = _labels(table, labels, labels_from, spec)
-        instruction = instruction or (spec.instruction if spec else None) or \
-            f"Classify the text. Answer with one of: {', '.join(labels)}."  # as `finetune` writes it, so its adapters fit
+        instruction = instruction or (spec.instruction if spec else None) or default_classification_instruction(labels)
         fields, schema_dict = ["label"], None
     else:
         schema_dict = load_schema(schema)

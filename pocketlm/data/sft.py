@@ -166,8 +166,13 @@ def _user_assistant(spec: TaskSpec, user: str, reply: str) -> list[dict]:
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
+def default_classification_instruction(labels) -> str:
+    """The instruction `finetune` trains classifiers under; `analyze` asks with it too, so their adapters fit."""
+    return f"Classify the text. Answer with one of: {', '.join(labels)}."
+
+
 def classification_prompt(spec: TaskSpec, text: str) -> str:
-    instruction = spec.instruction or f"Classify the text. Answer with one of: {', '.join(spec.label_names())}."
+    instruction = spec.instruction or default_classification_instruction(spec.label_names())
     return f"{instruction}\n\n{text}"
 
 
