@@ -20,6 +20,17 @@ def _export(args):
     from pocketlm.model import load_model
     from pocketlm.model.hf import export_hf
 
+    if args.format == "mmproj":
+        from pocketlm.model.mmproj import export_mmproj
+        from pocketlm.model.vision import load_vision_model
+
+        model, _ = load_vision_model(args.model)
+        out = export_mmproj(model, args.out, name=args.model_name or "pocketlm vision tower")
+        n = model.tokens_per_image
+        print(f"exported the vision tower of {args.model} (mmproj, clip/lfm2) -> {out}\n"
+              f"llama.cpp: llama-mtmd-cli -m LM.gguf --mmproj {out} --image-min-tokens {n} --image-max-tokens {n} "
+              f"(images of {model.vision_cfg.image_size}x{model.vision_cfg.image_size} go in unchanged)")
+        return
     model, tokenizer = load_model(args.model)
     export_hf(model, tokenizer, args.out)
     # the card carries the figures `pocketlm eval` wrote beside the source model
@@ -53,11 +64,14 @@ def register(sub):
     im.add_argument("--out", required=True, help="checkpoint directory to write")
     im.set_defaults(func=_import)
 
-    ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM)")
+    ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM), or a "
+                        "vision model's tower as a llama.cpp mmproj file")
     ex.add_argument("model", help="run, checkpoint, Hugging Face folder or .gguf file")
-    ex.add_argument("--format", choices=("hf",), default="hf")
-    ex.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists), with a "
-                    "README.md model card carrying the eval results found beside MODEL")
+    ex.add_argument("--format", choices=("hf", "mmproj"), default="hf",
+                    help="hf: the LM as a Hugging Face folder; mmproj: the vision encoder and projector as the "
+                    "GGUF file llama.cpp's multimodal tools load with --mmproj (a patch-stem vision model)")
+    ex.add_argument("--out", required=True, help="hf: folder to write (replaced atomically if it exists), with a "
+                    "README.md model card carrying the eval results found beside MODEL; mmproj: the .gguf file")
     ex.add_argument("--model-name", help="the name in the model card (default: the --out folder's name)")
     ex.set_defaults(func=_export)
 
