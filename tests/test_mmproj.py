@@ -132,3 +132,22 @@ def test_llama_cpp_computes_our_image_embeddings(tmp_path, channels):
     assert np.abs(ours).max() > 1.0  # (the bound means something)
     # without the token flags lfm2's preprocessing doubles a 32 px image: 64 tokens the model never saw
     assert llama_peer.mtmd_image_embeds(path, SMOLLM2, images[:1], tokens=None, threads=1)[0].shape == (64, 576)
+
+
+def test_the_hf_export_keeps_the_tower_beside_the_lm(tokenizer_dir, tmp_path):
+    """`export --format hf` of a vision model: vision.safetensors and the config's vision section go
+    into the folder, so --model reads it as the same vision model (transformers ignores both:
+    test_export.py checks its logits)."""
+    from pocketlm.model import load_model
+    from pocketlm.model.vision import VISION_WEIGHTS, vision_tower
+
+    tok = Tokenizer.load(tokenizer_dir)
+    model = tower(vocab_size=tok.vocab_size)
+    model.save(tmp_path / "vlm", tok)
+    assert main(["export", str(tmp_path / "vlm"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / VISION_WEIGHTS).exists()
+    lm, _ = load_model(tmp_path / "hf")
+    again = vision_tower(tmp_path / "hf", lm)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.image_embeds(pixels), model.image_embeds(pixels))

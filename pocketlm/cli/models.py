@@ -31,8 +31,17 @@ def _export(args):
               f"llama.cpp: llama-mtmd-cli -m LM.gguf --mmproj {out} --image-min-tokens {n} --image-max-tokens {n} "
               f"(images of {model.vision_cfg.image_size}x{model.vision_cfg.image_size} go in unchanged)")
         return
+
+    from pocketlm.model.speech import speech_tower
+    from pocketlm.model.vision import vision_tower
+
     model, tokenizer = load_model(args.model)
-    export_hf(model, tokenizer, args.out)
+    towers = []  # a vision or speech model's tower goes beside the LM, as in the checkpoint it came from
+    if (tower := vision_tower(args.model, model)) is not None:
+        towers.append((tower, tower.vision_cfg.to_dict()))
+    if (tower := speech_tower(args.model, model)) is not None:
+        towers.append((tower, tower.speech_cfg.to_dict()))
+    export_hf(model, tokenizer, args.out, towers=towers)
     # the card carries the figures `pocketlm eval` wrote beside the source model
     readme = card(args.out, results_from=args.model, model_name=args.model_name)
     print(f"exported {args.model} ({args.format}) -> {args.out} (model card: {readme.name})")
