@@ -151,3 +151,20 @@ def test_the_hf_export_keeps_the_tower_beside_the_lm(tokenizer_dir, tmp_path):
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(again.image_embeds(pixels), model.image_embeds(pixels))
+
+
+def test_the_hf_export_keeps_a_speech_tower_too(tokenizer_dir, tmp_path):
+    from pocketlm.model import load_model
+    from pocketlm.model.speech import SPEECH_WEIGHTS, SpeechConfig, SpeechLM, speech_tower
+
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = SpeechConfig(max_seconds=0.8, n_mels=32, width=48, depth=1, heads=2, tokens=2, projector_hidden=64)
+    model = SpeechLM(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=tok.vocab_size)), cfg).eval()
+    model.save(tmp_path / "slm", tok)
+    assert main(["export", str(tmp_path / "slm"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / SPEECH_WEIGHTS).exists()
+    again = speech_tower(tmp_path / "hf", load_model(tmp_path / "hf")[0])
+    mels = torch.randn(1, cfg.n_mels, cfg.frames, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.embeds(mels), model.embeds(mels))
