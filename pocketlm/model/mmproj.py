@@ -98,7 +98,10 @@ def export_mmproj(model: VisionLM, out, name: str = "pocketlm vision tower") -> 
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-    finally:
         w.close()
-    tmp.replace(out)
+        tmp.replace(out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return out
