@@ -20,8 +20,28 @@ def _export(args):
     from pocketlm.model import load_model
     from pocketlm.model.hf import export_hf
 
+    if args.format == "mmproj":
+        from pocketlm.model.mmproj import export_mmproj
+        from pocketlm.model.vision import load_vision_model
+
+        model, _ = load_vision_model(args.model)
+        out = export_mmproj(model, args.out, name=args.model_name or "pocketlm vision tower")
+        n = model.tokens_per_image
+        print(f"exported the vision tower of {args.model} (mmproj, clip/lfm2) -> {out}\n"
+              f"llama.cpp: llama-mtmd-cli -m LM.gguf --mmproj {out} --image-min-tokens {n} --image-max-tokens {n} "
+              f"(images of {model.vision_cfg.image_size}x{model.vision_cfg.image_size} go in unchanged)")
+        return
+
+    from pocketlm.model.speech import speech_tower
+    from pocketlm.model.vision import vision_tower
+
     model, tokenizer = load_model(args.model)
-    export_hf(model, tokenizer, args.out)
+    towers = []  # a vision or speech model's tower goes beside the LM, as in the checkpoint it came from
+    if (tower := vision_tower(args.model, model)) is not None:
+        towers.append((tower, tower.vision_cfg.to_dict()))
+    if (tower := speech_tower(args.model, model)) is not None:
+        towers.append((tower, tower.speech_cfg.to_dict()))
+    export_hf(model, tokenizer, args.out, towers=towers)
     # the card carries the figures `pocketlm eval` wrote beside the source model
     readme = card(args.out, results_from=args.model, model_name=args.model_name)
     print(f"exported {args.model} ({args.format}) -> {args.out} (model card: {readme.name})")
@@ -53,11 +73,14 @@ def register(sub):
     im.add_argument("--out", required=True, help="checkpoint directory to write")
     im.set_defaults(func=_import)
 
-    ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM)")
+    ex = sub.add_parser("export", help="write a model as a folder transformers loads (AutoModelForCausalLM), or a "
+                        "vision model's tower as a llama.cpp mmproj file")
     ex.add_argument("model", help="run, checkpoint, Hugging Face folder or .gguf file")
-    ex.add_argument("--format", choices=("hf",), default="hf")
-    ex.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists), with a "
-                    "README.md model card carrying the eval results found beside MODEL")
+    ex.add_argument("--format", choices=("hf", "mmproj"), default="hf",
+                    help="hf: the LM as a Hugging Face folder; mmproj: the vision encoder and projector as the "
+                    "GGUF file llama.cpp's multimodal tools load with --mmproj (a patch-stem vision model)")
+    ex.add_argument("--out", required=True, help="hf: folder to write (replaced atomically if it exists), with a "
+                    "README.md model card carrying the eval results found beside MODEL; mmproj: the .gguf file")
     ex.add_argument("--model-name", help="the name in the model card (default: the --out folder's name)")
     ex.set_defaults(func=_export)
 

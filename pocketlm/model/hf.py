@@ -268,18 +268,26 @@ def load_hf(folder, device="cpu", dtype=torch.float32) -> tuple[GPT, Tokenizer]:
     return model, tokenizer
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out) -> Path:
-    """Write a folder that transformers' Auto classes load with no custom code."""
+def export_hf(model: GPT, tokenizer: Tokenizer, out, towers=()) -> Path:
+    """Write a folder that transformers' Auto classes load with no custom code. `towers`: (tower,
+    config dict) pairs of a vision or speech model, whose encoder and projector go beside the LM
+    in their safetensors file, with their config section in config.json (transformers ignores
+    both; pocketlm's --model reads the folder as the multimodal model it was)."""
+    from pocketlm.model.vision import tower_state
+
     if tokenizer is None:
         raise CheckpointError("export needs the model's tokenizer, and this checkpoint has none")
     out = Path(out)
     config = config_to_hf(model.cfg, tokenizer)
+    config.update({tower.config_key: tower_config for tower, tower_config in towers})
     sd = state_to_hf(model)
     stops = tokenizer.stop_ids
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else tokenizer.eos_id,
                   "pad_token_id": config["pad_token_id"]}
     with atomic_dir(out) as tmp:
         save_file({k: v.float() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for tower, _ in towers:
+            save_file(tower_state(tower), str(tmp / tower.weights_file), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2))
         tok = Tokenizer(tokenizer.hf, {**tokenizer.config, "chat_template": tokenizer.chat_template,
