@@ -31,7 +31,7 @@ from pocketlm.infer import cstep
 from pocketlm.infer.batch import KVStore
 from pocketlm.infer.fused import ACTIVATIONS, inference_copy
 from pocketlm.infer.prefixes import PrefixCache
-from pocketlm.infer.processors import Processor, RepetitionPenalty, let_through
+from pocketlm.infer.processors import LogitBias, Processor, RepetitionPenalty, ReplyPenalties, let_through
 from pocketlm.infer.runner import Event, Runner
 from pocketlm.infer.sampling import SamplingParams, make_generator, sample_token
 from pocketlm.infer.textstream import OutputFilter, StreamDecoder, TextStream
@@ -191,6 +191,13 @@ class Engine(Runner):
         procs = list(processors)
         if params.repetition_penalty != 1.0:
             procs.insert(0, RepetitionPenalty(params.repetition_penalty, prompt_ids, cfg.vocab_size))
+        if params.frequency_penalty or params.presence_penalty:
+            procs.insert(0, ReplyPenalties(params.frequency_penalty, params.presence_penalty, cfg.vocab_size))
+        if params.logit_bias:
+            if max(params.logit_bias) >= cfg.vocab_size:
+                raise InputError(f"logit_bias: token id {max(params.logit_bias)} is outside this model's vocabulary "
+                                 f"[0, {cfg.vocab_size})")
+            procs.insert(0, LogitBias(params.logit_bias))
         req = Request(prompt_ids, params, on_event, procs, adapter_id, input_embeds)
         req._stream = TextStream(self.tokenizer, params.stop, output_filters)
         with self._cv:  # (an RLock) remove_adapter checks the queue under it

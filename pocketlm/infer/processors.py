@@ -62,6 +62,31 @@ class RepetitionPenalty(Processor):
         self.seen[token] = True
 
 
+class LogitBias(Processor):
+    """OpenAI's logit_bias: a fixed number added to some tokens' logits (±100 bans or forces one)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def process(self, logits):
+        return logits.index_add(-1, self.ids, self.values)
+
+
+class ReplyPenalties(Processor):
+    """OpenAI's frequency and presence penalties, on the tokens of the reply so far (not the prompt's)."""
+
+    def __init__(self, frequency: float, presence: float, vocab_size: int):
+        self.frequency, self.presence = frequency, presence
+        self.counts = torch.zeros(vocab_size)
+
+    def process(self, logits):
+        return logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+
+    def accept(self, token):
+        self.counts[token] += 1
+
+
 class BanTokens(Processor):
     """Never emit these tokens (their logits become -inf)."""
 

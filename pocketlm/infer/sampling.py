@@ -35,6 +35,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)            # strings that end the reply (not included)
     stop_token_ids: list[int] = field(default_factory=list)  # extra tokens that end it (beside the tokenizer's)
     ignore_eos: bool = False         # run past the tokenizer's end tokens (benchmarks want fixed lengths)
+    # OpenAI's three: a bias added to these tokens' logits, and penalties on the reply's own tokens
+    # (logit - frequency_penalty x count - presence_penalty x [count > 0]); applied before the rest
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -59,6 +64,13 @@ class SamplingParams:
         number("repetition_penalty", MIN_PENALTY, 100.0)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingError(f"seed: expected an integer, got {self.seed!r}")
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise SamplingError(f"logit_bias: keys are token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise SamplingError(f"logit_bias[{token}]: expected a number in [-100, 100], got {bias!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):

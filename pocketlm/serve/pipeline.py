@@ -113,6 +113,11 @@ def sampling(ctx: ServerContext, turn: Turn) -> SamplingParams:
                        f"{room} in this model's {ctx.engine.max_seq_len}-token context", param="max_tokens",
                        code="context_length_exceeded")
     try:
-        return turn.body.sampling(turn.max_tokens or room)
+        params = turn.body.sampling(turn.max_tokens or room)
     except SamplingError as e:
         raise APIError(422, str(e), code="invalid_value") from None
+    vocab = ctx.engine.model.cfg.vocab_size
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise APIError(422, f"logit_bias: token id {max(params.logit_bias)} is outside this model's vocabulary "
+                       f"[0, {vocab})", param="logit_bias", code="invalid_value")
+    return params

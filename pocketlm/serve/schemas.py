@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from pocketlm.infer.sampling import MIN_PENALTY, SamplingParams
+from pocketlm.infer.sampling import MIN_PENALTY, SamplingError, SamplingParams
 
 
 def _encodable(text: str) -> str:
@@ -132,6 +132,9 @@ class Generation(_Body):
     top_k: int = Field(0, ge=0, lt=2**31)                # not OpenAI's; the name vLLM uses
     min_p: float = Field(0.0, ge=0, le=1)                # idem
     repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=10)  # idem
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[Text, float] | None = None          # token id (a string in JSON) -> bias in [-100, 100]
     seed: Seed | None = None
     stop: Text | list[Text] | None = None
     ignore_eos: bool = False                             # vLLM's: run to max_tokens (benchmarks)
@@ -146,7 +149,17 @@ class Generation(_Body):
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
-                              stop=self.stop_list(), ignore_eos=self.ignore_eos)
+                              stop=self.stop_list(), ignore_eos=self.ignore_eos, logit_bias=self.token_biases(),
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids; a key that is not one is the client's error (400)."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise SamplingError(f"logit_bias: keys are token ids (e.g. \"50256\"), got {key!r}")
+            out[int(key)] = bias
+        return out
 
     def unsupported(self) -> str | None:
         """The first recognised field of OpenAI's API this request uses and this server lacks."""
