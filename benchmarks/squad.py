@@ -95,7 +95,8 @@ def train_once(args, files: dict, config: Path, out: dict) -> str:
 
     overrides = budget_overrides(config, args.max_steps) if args.max_steps else None
     _, out["training_cost"] = timed(lambda: finetune(args.model, files["train"], args.out, val_data=files["watch"],
-                                                     config_path=config, overrides=overrides), args.threads)
+                                                     config_path=config, overrides=overrides, resume=args.resume),
+                                    args.threads)
     return args.out
 
 
@@ -114,6 +115,8 @@ def arguments(run: str) -> argparse.ArgumentParser:
     ap.add_argument("--squad", default=str(SQUAD), help="the shared SQuAD v2 file")
     ap.add_argument("--limit", type=int, help="evaluate only the first N test questions")
     ap.add_argument("--skip-before", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue a killed run from its newest checkpoint in --out "
+                    "(training_cost then counts only this process's part)")
     ap.add_argument("--max-steps", type=int, help="replace the recipe's step budget (a quick check of the script)")
     ap.add_argument("--threads", type=int, default=2)
     return ap
