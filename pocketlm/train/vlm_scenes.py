@@ -107,6 +107,14 @@ def train_cell_encoder(vlm: VisionLM, images: np.ndarray, labels: torch.Tensor, 
 
 
 @torch.no_grad()
+def scene_features(vlm: VisionLM, images: np.ndarray, chunk: int = 500) -> torch.Tensor:
+    """The frozen encoder's token features of uint8 scenes, converted a chunk at a time (10,000 scenes
+    as floats at once would hold 0.5 GB more)."""
+    return torch.cat([encoder_features(vlm, prepare_images(images[i:i + chunk], vlm.vision_cfg))
+                      for i in range(0, len(images), chunk)])
+
+
+@torch.no_grad()
 def decode_scenes(heads: nn.ModuleDict, features: torch.Tensor) -> list[list[S.Thing]]:
     """The objects the stage-0 heads read off each scene's (cells, width) token features."""
     picks = {name: head(features).argmax(-1) for name, head in heads.items()}
@@ -240,7 +248,7 @@ def run_scenes(out, vision: VisionConfig, recipe, log=print) -> dict:
                                cpu_minutes=recipe.stage0_cpu_minutes, batch_size=recipe.stage0_batch,
                                lr=recipe.stage0_lr, seed=recipe.seed, log=log)
     mark("stage0")
-    feats = {k: encoder_features(vlm, prepare_images(d.images, vision)) for k, d in data.items()}
+    feats = {k: scene_features(vlm, d.images) for k, d in data.items()}
     result: dict = {"probe": {k: probe_figures(heads, feats[k], data[k]) for k in ("val", "test")}}
     mark("probe")
     scene_ids = torch.arange(recipe.scenes)
