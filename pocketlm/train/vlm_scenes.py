@@ -250,6 +250,9 @@ def run_scenes(out, vision: VisionConfig, recipe, log=print) -> dict:
     mark("stage0")
     feats = {k: scene_features(vlm, d.images) for k, d in data.items()}
     result: dict = {"probe": {k: probe_figures(heads, feats[k], data[k]) for k in ("val", "test")}}
+    for k, f in result["probe"].items():
+        log(f"stage 0 linear probe {k}: " + ", ".join(f"{g} {f[g]['accuracy']:.4f}" for g in (*KINDS, "held_out") if g in f)
+            + f", scenes decoded exactly {f['scenes_exact']:.4f}")
     mark("probe")
     scene_ids = torch.arange(recipe.scenes)
     for stage, steps, budget, rows in (
