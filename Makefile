@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 CORPUS := pocketlm/data/bundled/tinyshakespeare.txt
 
-.PHONY: install demo vlm speech test test-slow clean
+.PHONY: install demo vlm vlm-scenes speech test test-slow clean
 
 $(BIN)/pocketlm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 # chat-path accuracies (MNIST test, the Fashion-MNIST held-out split). Budgeted in CPU-minutes.
 vlm: install
 	TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-/tmp/pocketlm_ext} $(BIN)/python -m pocketlm.train.vlm_recipe --config configs/vlm.yaml --out runs/vlm
+
+# The scenes model (issue 16): configs/vlm_scenes.yaml (shapes on a 4x4 board; attribute, relation
+# and count questions through the chat path, the held-out blue triangle apart) into runs/vlm_scenes.
+vlm-scenes: install
+	TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-/tmp/pocketlm_ext} $(BIN)/python -m pocketlm.train.vlm_recipe --config configs/vlm_scenes.yaml --out runs/vlm_scenes
 
 # The speech model (issue 16): spoken digits synthesized with espeak-ng and flite (apt install
 # espeak-ng flite) into runs/spoken_digits, then every stage of configs/speech.yaml into runs/speech

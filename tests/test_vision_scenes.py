@@ -71,3 +71,25 @@ def test_the_answers_are_true_of_the_objects():
                 assert [t.colour for t in s.things if t.shape == words[-1]] == [q.answer]
     assert kinds["attribute"] == 300 and kinds["count"] == 300 and kinds["relation"] > 200
     assert {"0", "1", "2", "3"} <= set(counts)
+
+
+def test_answer_reads_every_template_off_the_objects():
+    asked = Counter()
+    for seed in range(300):
+        s = S.scene(seed)
+        for q in S.questions(s, seed=seed + 7):
+            asked[q.text.split()[0] + " " + q.text.split()[1]] += 1
+            assert S.answer(q.text, s.things) == q.answer, q
+        lost = s.things[1:]  # a decoded scene that missed an object: its questions may have no answer
+        for q in S.questions(s):
+            if s.things[0].name in q.text and q.kind != "count":
+                assert S.answer(q.text, lost) is None, q
+    assert set(asked) == {"What shape", "What colour", "Is the", "How many"}
+    with pytest.raises(ValueError, match="not one of the scene question templates"):
+        S.answer("Is it raining?", S.scene(1).things)
+
+
+def test_questions_about_the_held_out_pair_exist_only_in_test_scenes():
+    about = [q for i in range(400) for s in [S.scene(S.TEST_SEEDS.start + i)] for q in S.questions(s) if S.about_held_out(q, s)]
+    assert len(about) > 20 and any("blue triangle" in q.text for q in about)
+    assert not any(S.about_held_out(q, s) for s in map(S.scene, range(200)) for q in S.questions(s))

@@ -9,6 +9,7 @@ measures composition rather than recall.
     s = scene(12)                       # objects + an RGB uint8 image (SIZE x SIZE x 3)
     for q in questions(s, seed=12):     # [Question(kind="attribute", text=..., answer=...), ...]
         ...
+    answer(q.text, s.things)            # the answer read off any list of objects (a model's decoded scene)
 """
 
 from __future__ import annotations
@@ -144,3 +145,47 @@ def _count(s: Scene, rng: random.Random) -> Question:
         return Question("count", f"How many {shape}s are there?", str(sum(t.shape == shape for t in s.things)))
     colour = rng.choice(list(COLOURS))
     return Question("count", f"How many {colour} objects are there?", str(sum(t.colour == colour for t in s.things)))
+
+
+def answer(text: str, things: list[Thing]) -> str | None:
+    """The answer to a question of questions()'s templates, read off `things` (the true objects, or a
+    model's decoded ones), or None where the question names no single object among them."""
+    words = text.rstrip("?").split()
+    by_name = {t.name: t for t in things}
+    if text.startswith("How many "):
+        what = words[2].removesuffix("s")
+        return str(sum(t.shape == what or t.colour == what for t in things))
+    if text.startswith("What shape is the "):
+        found = [t.shape for t in things if t.colour == words[4]]
+        return found[0] if len(found) == 1 else None
+    if text.startswith("What colour is the object nearest the "):
+        a = by_name.get(" ".join(words[-2:]))
+        if a is None:
+            return None
+        d = sorted(((t.row - a.row) ** 2 + (t.col - a.col) ** 2, t.colour) for t in things if t is not a)
+        return d[0][1] if d and (len(d) == 1 or d[0][0] < d[1][0]) else None
+    if text.startswith("What colour is the "):
+        found = [t.colour for t in things if t.shape == words[-1]]
+        return found[0] if len(found) == 1 else None
+    if text.endswith(" small or large?"):
+        t = by_name.get(" ".join(words[2:4]))
+        return None if t is None else t.size
+    for rel in (" left of the ", " above the "):
+        if rel in text:
+            first, second = text[len("Is the "):-1].split(rel)
+            a, b = by_name.get(first), by_name.get(second)
+            if a is None or b is None:
+                return None
+            return "yes" if (a.col < b.col if "left" in rel else a.row < b.row) else "no"
+    raise InputError(f"{text!r}: not one of the scene question templates")
+
+
+def about_held_out(q: Question, s: Scene) -> bool:
+    """Whether the question's answer is read off the HELD_OUT object: it names it, or asks for the
+    colour of the only triangle / the shape of the only blue object, or counts triangles or blue
+    objects, in a scene that holds it."""
+    if not s.has_held_out:
+        return False
+    colour, shape = HELD_OUT
+    return (f"{colour} {shape}" in q.text or q.text in (f"What colour is the {shape}?", f"What shape is the {colour} object?",
+            f"How many {shape}s are there?", f"How many {colour} objects are there?"))

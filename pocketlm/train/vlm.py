@@ -94,11 +94,13 @@ class ChatRows:
         return ids, targets
 
 
-def tiny_text_model(vocab_texts: list[str], seed: int = 0, n_embd: int = 64) -> tuple[GPT, Tokenizer]:
+def tiny_text_model(vocab_texts: list[str], seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
+                    vocab_size: int = 320) -> tuple[GPT, Tokenizer]:
     """pocketlm's own GPT from scratch, with a byte-level BPE trained on the rows' texts."""
-    tok = Tokenizer.train(vocab_texts, vocab_size=320, min_frequency=1)
+    tok = Tokenizer.train(vocab_texts, vocab_size=vocab_size, min_frequency=1)
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=n_embd)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=128, n_layer=n_layer,
+                      n_head=n_head, n_embd=n_embd)
     return GPT(cfg), tok
 
 
@@ -189,7 +191,9 @@ def encoder_features(vlm: VisionLM, pixels, chunk: int = 500) -> torch.Tensor:
 def train_chat(vlm: VisionLM, tasks, *, steps: int, train_lm: bool, cpu_minutes: float = 0.0, batch_size: int = 32,
                lr: float = 3e-3, seed: int = 0, stage: str = "stage", log=print) -> list[float]:
     """Stages 1-2: the projector (and the LM when train_lm) on chat rows, given precomputed features:
-    tasks is a list of (ChatRows, features, labels), taking turns one batch a step."""
+    tasks is a list of (rows, features, labels), taking turns one batch a step; rows.batch(labels of the
+    sampled items) gives (ids with tokens_per_image holes (-1) a row, targets): ChatRows, or the
+    scenes' QuestionRows."""
     params = [*vlm.projector.parameters(), *(vlm.lm.parameters() if train_lm else [])]
     for p in vlm.lm.parameters():
         p.requires_grad_(train_lm)
@@ -200,7 +204,7 @@ def train_chat(vlm: VisionLM, tasks, *, steps: int, train_lm: bool, cpu_minutes:
         idx = torch.randint(0, len(features), (batch_size,), generator=g)
         ids, targets = rows.batch(labels[idx].tolist())
         embeds = torch.zeros(*ids.shape, vlm.lm.cfg.n_embd)
-        embeds[:, :len(rows.prompt)][:, torch.tensor(rows.prompt) < 0] = vlm.projector(features[idx])
+        embeds[ids < 0] = vlm.projector(features[idx]).flatten(0, 1)  # each row's holes, in order
         return vlm.lm(ids, targets, input_embeds=embeds)[1]
 
     vlm.lm.train()

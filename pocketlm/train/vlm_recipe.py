@@ -24,13 +24,15 @@ from pocketlm.config import ConfigError, read_sections
 from pocketlm.data import images as image_data
 from pocketlm.errors import PocketLMError
 from pocketlm.model.vision import VisionConfig, VisionLM, prepare_images
+from pocketlm.train import vlm_scenes
 from pocketlm.train.vlm import (CAPTION_PROMPT, TASKS, ChatRows, chat_accuracy, encoder_features, probe_accuracy,
                                 tiny_text_model, train_chat, train_encoder)
 
 
 @dataclass
 class Recipe:
-    sets: str = "mnist"            # comma-separated image sets (pocketlm.data.images.labelled_splits)
+    sets: str = "mnist"            # comma-separated image sets (pocketlm.data.images.labelled_splits),
+                                   # or "scenes" alone (pocketlm/train/vlm_scenes.py)
     seed: int = 0
     threads: int = 2
     stage0_steps: int = 1500
@@ -47,6 +49,12 @@ class Recipe:
     feature_limit: int = 12000     # training images per set whose features stages 1-2 use
     eval_limit: int = 0            # evaluate on the first N test images of each set (0: all)
     val_limit: int = 1000          # ... and on the first N validation images through the chat path
+    lm_layers: int = 2             # the tiny LM: layers, width, vocabulary
+    lm_width: int = 64
+    vocab_size: int = 320
+    scenes: int = 10000            # scenes only: training scenes, test scenes (val_limit: validation scenes),
+    test_scenes: int = 2000        # question sets drawn per training scene for stage 2
+    question_draws: int = 4
 
     @classmethod
     def from_dict(cls, values: dict) -> "Recipe":
@@ -62,9 +70,11 @@ class Recipe:
             except (TypeError, ValueError):
                 _bad(k, v, want)
         recipe = cls(**typed)
+        if "scenes" in recipe.set_names and recipe.set_names != ["scenes"]:
+            raise ConfigError(f"recipe.sets: 'scenes' trains alone (its own encoder and heads), got {recipe.sets!r}")
         for name in recipe.set_names:
-            if name not in TASKS:
-                raise ConfigError(f"recipe.sets: unknown image set {name!r}; valid: {', '.join(TASKS)}")
+            if name not in (*TASKS, "scenes"):
+                raise ConfigError(f"recipe.sets: unknown image set {name!r}; valid: {', '.join(TASKS)}, or scenes")
         return recipe
 
     @property
@@ -96,6 +106,8 @@ def load_recipe(path, overrides: dict | None = None) -> tuple[VisionConfig, Reci
 def run_recipe(out, vision: VisionConfig, recipe: Recipe, data_root=None, log=print) -> dict:
     """Every stage, the model saved to `out`, then the figures (also in out/results.json)."""
     torch.set_num_threads(recipe.threads)
+    if recipe.set_names == ["scenes"]:
+        return _saved(out, vlm_scenes.run_scenes(out, vision, recipe, log), vision, recipe)
     c0, t0 = time.process_time(), time.perf_counter()
     timings: dict[str, dict] = {}
 
@@ -151,12 +163,18 @@ def run_recipe(out, vision: VisionConfig, recipe: Recipe, data_root=None, log=pr
         figures["test_images"], figures["sample_replies"] = len(data[name]["test"][1]), replies[:5]
         mark(f"eval_{name}")
     result["timings"] = timings
+    return _saved(out, result, vision, recipe)
+
+
+def _saved(out, result: dict, vision: VisionConfig, recipe: Recipe) -> dict:
     result["config"] = {"vision": vision.to_dict(), "recipe": dataclasses.asdict(recipe)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (Path(out) / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def report(result: dict) -> str:
+    if "chat" in result:  # the scenes task's figures
+        return vlm_scenes.report(result)
     lines = [f"{'set':8s} {'probe val':>9s} {'probe test':>10s} {'chat val':>9s} {'chat test':>10s}  test images"]
     for name, f in result["sets"].items():
         lines.append(f"{name:8s} {f['probe_val']:9.4f} {f['probe_test']:10.4f} {f['chat_val']:9.4f} "
@@ -182,7 +200,7 @@ def main(argv=None):
     try:
         vision, recipe = load_recipe(args.config, overrides)
         result = run_recipe(args.out, vision, recipe)
-    except (image_data.ImageDataError, ConfigError) as e:
+    except (image_data.ImageDataError, ConfigError, vlm_scenes.SceneTaskError) as e:
         raise SystemExit(f"error: {e}") from None
     print(report(result))
     print(f"model saved to {args.out} (results.json beside it)")
