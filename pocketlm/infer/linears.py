@@ -178,11 +178,11 @@ class Int8GroupLinear(nn.Module):
         x = x.reshape(-1, shape[-1]).float()
         G, _, N = self.qweight.shape
         if x.size(0) <= 16:
-            xg = x.view(-1, G, GROUP).transpose(0, 1)  # (G, M, GROUP)
-            parts = torch.bmm(xg, self.qweight.float()) * self.scale[:, None, :]  # (G, M, N)
-            if self.zero is not None:  # + each group's zero times the sum of its inputs
-                parts = torch.baddbmm(parts, xg.sum(-1, keepdim=True), self.zero[:, None, :])
-            y = parts.sum(0)
+            xg = x.view(-1, G, GROUP)  # (M, G, GROUP)
+            parts = torch.bmm(xg.transpose(0, 1), self.qweight.float())  # (G, M, N)
+            y = (parts * self.scale[:, None, :]).sum(0)
+            if self.zero is not None:  # + each group's zero times the sum of its inputs: one (M, G) x (G, N)
+                y = torch.addmm(y, xg.sum(-1), self.zero)
         else:
             y = F.linear(x, self.dequantized())
         y = y.to(torch.bfloat16).view(*shape[:-1], N)
