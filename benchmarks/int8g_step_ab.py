@@ -9,12 +9,12 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import decode_step_ms  # noqa: E402
 from multi_lora import default_gguf  # noqa: E402
 
 import pocketlm.infer.linears as linears  # noqa: E402
@@ -44,16 +44,6 @@ times = {k: [] for k in copies}
 with torch.inference_mode():
     for _ in range(rounds):
         for name, m in copies.items():
-            store.free(0)
-            store.allocate()
-            ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
-            m(ids, batch=store.step(0, 1, ids))
-            nxt = torch.tensor([[9]])
-            for _ in range(4):  # warm-up
-                m(nxt, batch=store.step(0, 1, nxt))
-            t = time.perf_counter()
-            for _ in range(32):
-                m(nxt, batch=store.step(0, 1, nxt))
-            times[name].append(1000 * (time.perf_counter() - t) / 32)
+            times[name].append(decode_step_ms(m, m, store, steps=32, warmup=4))
 for name, v in times.items():
     print(f"{name:10s} ms/step", " ".join(f"{x:.1f}" for x in v), "median", f"{sorted(v)[len(v) // 2]:.1f}", flush=True)
