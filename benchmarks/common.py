@@ -55,3 +55,19 @@ def train_step(model, optimizers, x, forward, device_type: str = "cpu"):
             opt.step()
             opt.zero_grad(set_to_none=True)
     return step
+
+
+def decode_step_ms(model, decode, store, steps: int = 64, warmup: int = 8) -> float:
+    """ms per batch-1 decode step: an 8-token prefill in slot 0 of `store`, `warmup` steps, then `steps`
+    timed ones of `decode` (the engine's step: cstep.decoder's, or the model itself)."""
+    store.free(0)
+    store.allocate()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    model(ids, batch=store.step(0, 1, ids))
+    nxt = torch.tensor([[9]])
+    for _ in range(warmup):
+        decode(nxt, batch=store.step(0, 1, nxt))
+    t = time.perf_counter()
+    for _ in range(steps):
+        decode(nxt, batch=store.step(0, 1, nxt))
+    return 1000 * (time.perf_counter() - t) / steps

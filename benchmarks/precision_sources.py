@@ -1,10 +1,12 @@
-"""Which error source of int4 costs agreement with fp32 (issue 17): fp32 models of the same Q4_1 weights
-re-fitted with bf16 or fp16 scales, an int8 row-wise head, bf16 matrix inputs, scored as precision_agreement.py
-scores (teacher-forced along fp32's greedy reply). Slow: every variant runs in fp32 through the model's step.
+"""Which error source of int4 and int8g costs agreement with fp32 (issue 17): fp32 models of the same Q4_1
+weights re-fitted with bf16 or fp16 scales or as int8 groups, an int8 row-wise head, bf16 matrix inputs or
+KV cache, scored as precision_agreement.py scores (teacher-forced along fp32's greedy reply). Slow: every
+variant runs in fp32 through the model's step (minutes each on 2 loaded cores).
 
-    python benchmarks/precision_sources.py [PROMPTS]
+    python benchmarks/precision_sources.py [PROMPTS] [VARIANT,...]    (names: see VARIANTS; default all)
 """
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from precision_agreement import QUESTIONS, teacher_forced  # noqa: E402
 from pocketlm.infer.batch import KVStore  # noqa: E402
 from pocketlm.infer.fused import inference_copy  # noqa: E402
 from pocketlm.infer.generate import encode_chat  # noqa: E402
-from pocketlm.infer.linears import DenseLinear, GemvLinear  # noqa: E402
+from pocketlm.infer.linears import DenseLinear, GemvLinear, Int8GroupLinear  # noqa: E402
 from pocketlm.model import load_model  # noqa: E402
 
 G = 32
@@ -54,6 +56,13 @@ def int8row(w):
     q = torch.round(w / s32[:, None]).clamp(-127, 127)
     return q * s[:, None]
 
+def q8_0(w):
+    """int8g before its min/max fit: Q8_0's symmetric fit alone (scale max |w| / 127, fp32)."""
+    N, K = w.shape
+    g = w.view(N, K // G, G)
+    s = g.abs().amax(-1).clamp(min=1e-30) / 127
+    return (torch.round(g / s[..., None]).clamp(-127, 127) * s[..., None]).view(N, K)
+
 def variant(model, lin=None, head=None):
     m = copy.deepcopy(model)
     with torch.no_grad():
@@ -62,7 +71,7 @@ def variant(model, lin=None, head=None):
                 mod.weight.copy_(lin(mod.weight.float()))
     return m
 
-def run(name, m, prompts, refs, length, cfg, bf16_act=False, head_w=None):
+def run(name, m, prompts, refs, length, cfg, bf16_act=False, head_w=None, kv=torch.float32):
     ic = inference_copy(m, "fp32")
     if head_w is not None:
         ic.lm_head.fast.weight.copy_(head_w)  # only the head's logits; the token table stays exact
@@ -71,7 +80,7 @@ def run(name, m, prompts, refs, length, cfg, bf16_act=False, head_w=None):
         for n, mod in ic.named_modules():
             if isinstance(mod, (GemvLinear, DenseLinear)) and not n.startswith("lm_head"):
                 hooks.append(mod.register_forward_pre_hook(lambda mod, a: (a[0].to(torch.bfloat16).float(),)))
-    store = KVStore(cfg, 1, length, dtype=torch.float32)
+    store = KVStore(cfg, 1, length, dtype=kv)
     agree = total = 0; kl = []
     t = time.time()
     for p, (want, fed, _) in zip(prompts, refs):
@@ -91,11 +100,22 @@ with torch.inference_mode():
     refs = [teacher_forced(ref, store, p, None, 48, True) for p in prompts]
     hw = ref.lm_head.fast.weight.detach().float().clone()
     del ref
-    run("fp32 again (sanity)", model, prompts, refs, length, model.cfg)
-    run("scales/zeros bf16 (Int4Linear fit)", variant(model, lambda w: fit(w, torch.bfloat16)), prompts, refs, length, model.cfg)
-    run("scales/zeros fp16", variant(model, lambda w: fit(w, torch.float16)), prompts, refs, length, model.cfg)
-    run("head int8 row-wise", model, prompts, refs, length, model.cfg, head_w=int8row(hw))
-    run("activations bf16 (matrices' inputs)", model, prompts, refs, length, model.cfg, bf16_act=True)
-    run("weights bf16 (dense prefill copy)", variant(model, lambda w: fit(w, torch.bfloat16).to(torch.bfloat16).float()), prompts, refs, length, model.cfg)
-    run("all: bf16 s/z + int8 head + bf16 act", variant(model, lambda w: fit(w, torch.bfloat16)), prompts, refs, length, model.cfg, bf16_act=True, head_w=int8row(hw))
-    run("fp16 s/z + int8 head + bf16 act", variant(model, lambda w: fit(w, torch.float16)), prompts, refs, length, model.cfg, bf16_act=True, head_w=int8row(hw))
+    b16, f16 = torch.bfloat16, torch.float16
+    head8 = functools.cache(lambda: int8row(hw))  # made once, only where a variant asks for it
+    VARIANTS = {  # name: (label, layer weights, run's keywords)
+        "fp32": ("fp32 again (sanity)", None, {}),
+        "sz-bf16": ("scales/zeros bf16 (Int4Linear fit)", lambda w: fit(w, b16), {}),
+        "sz-fp16": ("scales/zeros fp16", lambda w: fit(w, f16), {}),
+        "head-int8": ("head int8 row-wise", None, {"head_w": head8}),
+        "act-bf16": ("activations bf16 (matrices' inputs)", None, {"bf16_act": True}),
+        "w-bf16": ("weights bf16 (dense prefill copy)", lambda w: fit(w, b16).to(b16).float(), {}),
+        "all-int4-old": ("all: bf16 s/z + int8 head + bf16 act", lambda w: fit(w, b16), {"bf16_act": True, "head_w": head8}),
+        "all-int4": ("fp16 s/z + int8 head + bf16 act", lambda w: fit(w, f16), {"bf16_act": True, "head_w": head8}),
+        "int8g-q8_0": ("int8g weights, Q8_0's symmetric fit alone", q8_0, {}),
+        "int8g": ("int8g weights (symmetric or min/max fit)", lambda w: Int8GroupLinear(w, None).dequantized(), {}),
+        "kv-bf16": ("KV cache bf16", None, {"kv": b16}),
+    }
+    for key in (sys.argv[2].split(",") if len(sys.argv) > 2 else VARIANTS):
+        label, lin, kw = VARIANTS[key]
+        kw = {k: v() if callable(v) else v for k, v in kw.items()}
+        run(label, model if lin is None else variant(model, lin), prompts, refs, length, model.cfg, **kw)

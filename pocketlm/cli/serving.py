@@ -100,7 +100,7 @@ def _add_engine_args(sp):
     sp.add_argument("--dtype", choices=("auto", "int8g", "int8", "int4", "bf16", "fp32"), default="auto",
                     help="weight precision (default auto: the faithful one; a Q4_0/Q4_1 GGUF runs int4, its own "
                          "blocks; a Q8_0 GGUF or a full-precision checkpoint runs int8g, int8 in groups of 32 with "
-                         "a scale each, as Q8_0). int8: one scale per row (lossier); int4 on other weights is "
+                         "a scale and a zero each, which hold Q8_0 blocks exactly). int8: one scale per row (lossier); int4 on other weights is "
                          "round-to-nearest 4-bit; bf16 decodes many streams at once fastest; fp32 is exact. "
                          "Activations bf16 except fp32; logits fp32 in all. See benchmarks/precision_agreement.py")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to start, faster decode)")

@@ -17,7 +17,8 @@ the LM head, so the kernel that reads the weights decides the speed (measured on
           (a widening kernel like int8's was tried: with a scale and zero per 32 weights it was slower
           than aten's up to 4 rows, 1.3x faster at 8). For other models it is round-to-nearest
           4-bit, lossier than int8. Its LM head is int8g, which holds a Q8_0 token table exactly.
-    int8g int8 weights in groups of 32, one scale each (GGUF Q8_0's layout), bf16 activations; aten
+    int8g int8 weights in groups of 32, a scale and a zero each (a Q8_0 block exactly, a Q4_1 block to
+          fp32 rounding, full-precision weights the finer of a symmetric and a min/max fit), bf16 activations; aten
           has no kernel for it, so a batched matmul over the groups (linears.Int8GroupLinear): exact,
           but ~4x the time of row-wise int8 at one row on an AVX2 CPU (the int8 -> fp32 widening).
           `--dtype auto`'s choice for Q8_0 files and full-precision checkpoints.

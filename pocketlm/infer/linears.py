@@ -120,13 +120,37 @@ class Int8Linear(nn.Module):
         return self.qweight[ids].float() * self.scale[ids, None].float()
 
 
+def best_fit(g: torch.Tensor, fits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of the groups g (..., GROUP) under the fit with the smallest largest error per group:
+    fits are (scale, offset, least code, most code), w = q * scale + offset; a tie keeps the earlier
+    fit. Returns the codes (fp32) and each group's scale and offset."""
+    best = None
+    for scale, offset, least, most in fits:
+        q = torch.round((g - offset[..., None]) / scale[..., None]).clamp(least, most)
+        err = (q * scale[..., None] + offset[..., None] - g).abs().amax(-1)
+        if best is None:
+            best = [q, scale, offset, err]
+        else:
+            better = err < best[3]
+            best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, offset, best[2]), torch.minimum(err, best[3])]
+    return best[0], best[1], best[2]
+
+
 class Int8GroupLinear(nn.Module):
-    """x W^T + b with W as int8 in groups of GROUP inputs, one scale per group (symmetric: w = q * scale,
-    GGUF Q8_0's layout, so a Q8_0 file's weights come back exactly: its scale is the block's
-    max |w| / 127, which is what this recomputes). No aten kernel takes a scale per group, so a decode
-    step's few rows take one batched matmul over the groups (fp32, exact) and the scales after; a
-    prompt's many rows dequantize the matrix once. Measured at one row on 2 cores (AVX2), per
-    SmolLM2 matrix: ~1-4x aten's row-wise int8 kernel's time, far faster than one
+    """x W^T + b with W as int8 codes in groups of GROUP inputs, a scale and a zero each (w = q * scale +
+    zero). Each group takes the better of two fits (the smaller largest error; a tie keeps the first):
+    symmetric (zero = 0, scale = max |w| / 127), GGUF Q8_0's block, so a Q8_0 file's weights come back
+    bit for bit; and min/max (scale = (max - min) / 255, the min at code -128), which holds a Q4_1
+    block's 16 levels (17 codes apart: its min and max are levels 0 and 15) to fp32 rounding, and
+    has a finer step than the symmetric fit on any group whose weights lean to one side. The symmetric
+    fit alone re-quantized SmolLM2's Q4_1 weights at 97.2% top-1 against fp32 of them (KL 0.0018;
+    BENCHMARKS.md, "int8g"). fp32 scales and zeros: with fp16 ones the codes of a Q4_1 block would
+    not be exact (4 bytes a group more than a Q8_0 block's 2; this path is bound by per-op cost, not
+    by the bytes it reads). No aten kernel takes a scale
+    per group, so a decode step's few rows take one batched matmul over the groups (fp32) and the
+    scales and zeros after; a prompt's many rows dequantize the matrix once. Measured at one row on 2
+    cores (AVX2), per SmolLM2 matrix: ~1-4x aten's row-wise int8 kernel's time, far faster than one
     torch._weight_int8pack_mm per group (a call per 32 inputs) or dequantizing per call."""
     takes_batch = False
 
@@ -135,10 +159,15 @@ class Int8GroupLinear(nn.Module):
         w = weight.detach().float()
         N, K = w.shape
         g = w.view(N, K // GROUP, GROUP)
-        scale = g.abs().amax(-1).clamp(min=1e-30) / 127
-        q = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("qweight", q.permute(1, 2, 0).contiguous())  # (groups, GROUP, N): bmm's right side
+        lo, hi = g.amin(-1), g.amax(-1)
+        symmetric = g.abs().amax(-1).clamp(min=1e-30) / 127
+        spread = (hi - lo).clamp(min=1e-30) / 255
+        q, scale, zero = best_fit(g, [(symmetric, torch.zeros_like(symmetric), -127, 127),
+                                      (spread, lo + 128 * spread, -128, 127)])  # (the min at code -128)
+        self.register_buffer("qweight", q.to(torch.int8).permute(1, 2, 0).contiguous())  # (groups, GROUP, N): bmm's right side
         self.register_buffer("scale", scale.t().contiguous())  # (groups, N), fp32
+        # (groups, N), fp32; None where every group is symmetric (a Q8_0 file's): no zero term to add
+        self.register_buffer("zero", zero.t().contiguous() if zero.any() else None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
         _attach_prefill(self, self.dequantized() if prefill else None, self.bias)
 
@@ -149,8 +178,11 @@ class Int8GroupLinear(nn.Module):
         x = x.reshape(-1, shape[-1]).float()
         G, _, N = self.qweight.shape
         if x.size(0) <= 16:
-            parts = torch.bmm(x.view(-1, G, GROUP).transpose(0, 1), self.qweight.float())  # (G, M, N)
+            xg = x.view(-1, G, GROUP)  # (M, G, GROUP)
+            parts = torch.bmm(xg.transpose(0, 1), self.qweight.float())  # (G, M, N)
             y = (parts * self.scale[:, None, :]).sum(0)
+            if self.zero is not None:  # + each group's zero times the sum of its inputs: one (M, G) x (G, N)
+                y = torch.addmm(y, xg.sum(-1), self.zero)
         else:
             y = F.linear(x, self.dequantized())
         y = y.to(torch.bfloat16).view(*shape[:-1], N)
@@ -159,12 +191,15 @@ class Int8GroupLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weights (N, K) in fp32."""
         G, _, N = self.qweight.shape
-        return (self.qweight.float() * self.scale[:, None, :]).permute(2, 0, 1).reshape(N, G * GROUP)
+        w = self.qweight.float() * self.scale[:, None, :]
+        w = w if self.zero is None else w + self.zero[:, None, :]
+        return w.permute(2, 0, 1).reshape(N, G * GROUP)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantized weight rows `ids`, in fp32."""
         flat = ids.reshape(-1)
         w = self.qweight[:, :, flat].float() * self.scale[:, None, flat]  # (G, GROUP, n)
+        w = w if self.zero is None else w + self.zero[:, None, flat]
         return w.permute(2, 0, 1).reshape(*ids.shape, -1)
 
 
@@ -197,17 +232,7 @@ class Int4Linear(nn.Module):
         scale = (big / -8).to(half).float()
         scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
         fits.append((scale, -8 * scale))  # Q4_0: d * (q - 8); -8 d is exact in fp16
-        best = None
-        for scale, low in fits:
-            q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
-            err = (q * scale[..., None] + low[..., None] - g).abs().amax(-1)
-            if best is None:
-                best = [q, scale, low, err]
-            else:
-                better = err < best[3]
-                best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
-                        torch.where(better, low, best[2]), torch.minimum(err, best[3])]
-        q, scale, low, _ = best
+        q, scale, low = best_fit(g, [(s, low, 0, 15) for s, low in fits])
         dense = (q * scale[..., None] + low[..., None]).view(N, K) if prefill else None
         q = q.to(torch.int32).view(N, K)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -260,7 +285,7 @@ def cpu_kind() -> str:
 
 
 KERNELS = {"int4": "int4 (groups of 32, scale and zero) via aten's int4pack kernel",
-           "int8g": "int8 (groups of 32, one scale each) via aten bmm over the groups",
+           "int8g": "int8 (groups of 32, a scale and a zero each) via aten bmm over the groups",
            "int8": "int8 (one scale per row) via {gemv}",
            "bf16": "bf16 via {gemv}", "fp32": "fp32 via {gemv}"}
 
