@@ -194,9 +194,7 @@ class Engine(Runner):
         if params.frequency_penalty or params.presence_penalty:
             procs.insert(0, ReplyPenalties(params.frequency_penalty, params.presence_penalty, cfg.vocab_size))
         if params.logit_bias:
-            if max(params.logit_bias) >= cfg.vocab_size:
-                raise InputError(f"logit_bias: token id {max(params.logit_bias)} is outside this model's vocabulary "
-                                 f"[0, {cfg.vocab_size})")
+            params.check_vocabulary(cfg.vocab_size)
             procs.insert(0, LogitBias(params.logit_bias))
         req = Request(prompt_ids, params, on_event, procs, adapter_id, input_embeds)
         req._stream = TextStream(self.tokenizer, params.stop, output_filters)

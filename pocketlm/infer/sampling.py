@@ -76,6 +76,12 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError(f"stop: expected non-empty strings, got {self.stop!r}")
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise SamplingError when logit_bias names a token the model does not have."""
+        if self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise SamplingError(f"logit_bias: token id {max(self.logit_bias)} is outside this model's vocabulary "
+                                f"[0, {vocab_size})")
+
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE

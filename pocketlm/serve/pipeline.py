@@ -114,10 +114,7 @@ def sampling(ctx: ServerContext, turn: Turn) -> SamplingParams:
                        code="context_length_exceeded")
     try:
         params = turn.body.sampling(turn.max_tokens or room)
+        params.check_vocabulary(ctx.engine.model.cfg.vocab_size)  # here, so it is a 422 and not the engine's error
     except SamplingError as e:
         raise APIError(422, str(e), code="invalid_value") from None
-    vocab = ctx.engine.model.cfg.vocab_size
-    if params.logit_bias and max(params.logit_bias) >= vocab:
-        raise APIError(422, f"logit_bias: token id {max(params.logit_bias)} is outside this model's vocabulary "
-                       f"[0, {vocab})", param="logit_bias", code="invalid_value")
     return params
